@@ -1,0 +1,1 @@
+"""The ``sparsemil`` command line (Typer). Heavy imports happen inside commands."""

@@ -1,0 +1,61 @@
+"""Entry point of the ``sparsemil`` console script.
+
+Sub-commands live in one module each (``mil``, ``prune``, ``wsi``, ``demo``); this module
+only assembles them and turns :class:`~sparsemil.errors.SparsemilError` into a one-line
+message on stderr with exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sparsemil.cli import demo, mil, prune, wsi
+from sparsemil.errors import SparsemilError
+
+app = typer.Typer(
+    name="sparsemil",
+    help="Multi-level MIL for whole-slide images, and how sparse a network can be pruned.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(mil.app, name="mil")
+app.add_typer(prune.app, name="prune")
+app.add_typer(wsi.app, name="wsi")
+app.command("demo")(demo.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (also used by the console script)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SparsemilError as err:
+        print(f"sparsemil: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        name = getattr(err, "filename", None) or ""
+        print(f"sparsemil: error: {err.strerror or err}: {name}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsemil: interrupted", file=sys.stderr)
+        return 130
+    except typer.Exit as exc:  # raised by commands that exit early
+        return int(exc.exit_code or 0)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

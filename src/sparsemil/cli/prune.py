@@ -1,0 +1,7 @@
+"""``sparsemil prune`` sub-commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="prune commands.", no_args_is_help=True)
