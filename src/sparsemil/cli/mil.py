@@ -1,4 +1,5 @@
 """``sparsemil mil`` sub-commands."""
+# NOTE TO DEVELOPERS: read /work/main/CONTRIBUTING.md (rules + cross-module API) before editing.
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """``sparsemil wsi`` sub-commands."""
+# NOTE TO DEVELOPERS: read /work/main/CONTRIBUTING.md (rules + cross-module API) before editing.
 
 from __future__ import annotations
 
