@@ -1,0 +1,612 @@
+"""Train/validation/test splits.
+
+Three CSV layouts are read (all documented in ``docs/data.md``):
+
+* the official MMIL/TransMIL split CSV -- columns ``train, train_label, val, val_label,
+  test, test_label`` of different lengths (blank cells pad the short ones; an unnamed
+  leading index column, as pandas writes it, is ignored). The CLAM ``splits_k.csv`` layout
+  (``train, val, test`` without label columns) is read by the same code;
+* a CLAM-style dataset CSV -- columns ``slide_id, label`` (``case_id`` and others ignored);
+  string labels become class indices by the *sorted-unique rule* (see
+  :func:`label_indices`) or by an explicit mapping;
+* the folds CSV written by :func:`write_folds_csv` -- ``slide_id, label, fold_0, ...,
+  fold_{k-1}`` with each cell ``train``, ``val``, ``test`` or blank (unused).
+
+:func:`stratified_kfold` makes seeded stratified k-fold splits (scikit-learn's
+``StratifiedKFold``) with a stratified validation part taken from each training part.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from sparsemil.data.bags import BagRef
+from sparsemil.errors import SparsemilError
+from sparsemil.utils.io import atomic_path
+
+PathLike = str | os.PathLike[str]
+
+SPLIT_NAMES = ("train", "val", "test")
+WSI_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+)
+"""Slide-file suffixes stripped from split/dataset CSV entries before looking for features."""
+
+
+class Fold(NamedTuple):
+    """Indices (int64, sorted) into a list of bags; unpacks as ``train, val, test``."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+class Folds(list):
+    """A ``list[Fold]`` that also carries the ``slide_ids`` (and ``labels``) it indexes."""
+
+    def __init__(
+        self,
+        folds: Sequence[Fold] = (),
+        slide_ids: Sequence[str] | None = None,
+        labels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(folds)
+        self.slide_ids = list(slide_ids) if slide_ids is not None else None
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- small helpers
+def _read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header (lower-cased, stripped) and (line number, cells) of the non-blank rows."""
+    if not path.exists():
+        raise SparsemilError(f"{what} {path} does not exist; fix: check the path")
+    if not path.is_file():
+        raise SparsemilError(f"{what} {path} is not a file; fix: point at a CSV file")
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError:
+        raise SparsemilError(f"{what} {path} is not a text CSV file; fix: point at a CSV") from None
+    except csv.Error as exc:
+        raise SparsemilError(f"{what} {path}: malformed CSV ({exc})") from None
+    if not rows:
+        raise SparsemilError(f"{what} {path} is empty; fix: it needs a header row and data rows")
+    header = [c.strip().lower() for c in rows[0][1]]
+    return header, rows[1:]
+
+
+def _cell(row: list[str], j: int) -> str:
+    return row[j].strip() if j < len(row) else ""
+
+
+def parse_int(cell: str) -> int | None:
+    """``int`` of an integer-valued cell (``"1"``, ``"1.0"``), else ``None``."""
+    s = cell.strip()
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return int(v) if np.isfinite(v) and v == int(v) else None
+
+
+def label_indices(
+    raw: Sequence[str], label_map: dict[str, int] | None = None
+) -> tuple[list[int], list[str] | None]:
+    """Class indices of raw label cells, and the class names (``None`` for integer labels).
+
+    Rule: with ``label_map``, each cell is looked up in it (missing -> ``KeyError``);
+    otherwise if every cell is an integer (``"1"``, ``"1.0"``) the integers are the labels;
+    otherwise the sorted unique strings are classes ``0..K-1`` (e.g. ``normal`` -> 0,
+    ``tumor`` -> 1). Strings are compared after stripping spaces.
+    """
+    cells = [c.strip() for c in raw]
+    if label_map is not None:
+        lm = {str(k).strip(): int(v) for k, v in label_map.items()}
+        out = []
+        for c in cells:
+            if c in lm:
+                out.append(lm[c])
+            elif parse_int(c) is not None and str(parse_int(c)) in lm:
+                out.append(lm[str(parse_int(c))])
+            else:
+                raise KeyError(c)
+        names: list[str | None] = [None] * (max(lm.values()) + 1 if lm else 0)
+        for k, v in lm.items():
+            if 0 <= v < len(names) and names[v] is None:
+                names[v] = k
+        return out, [n if n is not None else str(i) for i, n in enumerate(names)]
+    ints = [parse_int(c) for c in cells]
+    if all(v is not None for v in ints):
+        return [int(v) for v in ints], None  # type: ignore[arg-type]
+    classes = sorted(set(cells))
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[c] for c in cells], classes
+
+
+def bag_file_index(data_dir: PathLike, suffixes: Sequence[str]) -> dict[str, Path]:
+    """Map slide name -> feature file for the files directly in ``data_dir``, then in its
+    CLAM sub-folders ``h5_files``/``pt_files`` and other sub-folders (one level, e.g. the
+    DSMIL class folders). Earlier places win; the name is the file name minus the suffix.
+    """
+    data_dir = Path(data_dir)
+    suffixes = tuple(s.lower() for s in suffixes)
+    index: dict[str, Path] = {}
+
+    def add(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if e.is_file():
+                low = e.name.lower()
+                for s in suffixes:
+                    if low.endswith(s):
+                        index.setdefault(e.name[: -len(s)], Path(e.path))
+                        break
+
+    add(data_dir)
+    subdirs = sorted((p for p in data_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
+    preferred = [p for p in subdirs if p.name in ("h5_files", "pt_files")]
+    for p in preferred + [p for p in subdirs if p not in preferred]:
+        add(p)
+    return index
+
+
+def lookup_bag_file(index: dict[str, Path], slide: str) -> Path | None:
+    """The feature file of ``slide`` (a name, maybe with a WSI or feature suffix)."""
+    s = slide.strip()
+    if s in index:
+        return index[s]
+    low = s.lower()
+    for suf in WSI_SUFFIXES + (".h5", ".hdf5", ".pt", ".pth", ".csv"):
+        if low.endswith(suf) and s[: -len(suf)] in index:
+            return index[s[: -len(suf)]]
+    return None
+
+
+def slide_name(entry: str) -> str:
+    """A split/dataset CSV entry without a slide-file or feature-file suffix."""
+    s = entry.strip()
+    low = s.lower()
+    for suf in WSI_SUFFIXES + (".h5", ".hdf5", ".pt", ".pth", ".csv"):
+        if low.endswith(suf):
+            return s[: -len(suf)]
+    return s
+
+
+# --------------------------------------------------------------------------- split tables
+class SplitEntry(NamedTuple):
+    """One non-blank cell of a split CSV."""
+
+    slide: str
+    label: int | None
+    line: int
+    column: int  # 1-based
+
+
+def is_split_header(header: Sequence[str]) -> bool:
+    """True for the official/CLAM layout: a ``train`` column and a ``val`` or ``test`` one."""
+    h = [c.strip().lower() for c in header]
+    return "train" in h and ("val" in h or "test" in h)
+
+
+def is_folds_header(header: Sequence[str]) -> bool:
+    """True for the folds CSV layout of :func:`write_folds_csv`."""
+    h = [c.strip().lower() for c in header]
+    return "slide_id" in h and any(c.startswith("fold_") for c in h)
+
+
+def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
+    """Parse an official MMIL/TransMIL (or CLAM ``splits_k``) split CSV without touching data.
+
+    Returns ``{"train": [...], "val": [...], "test": [...]}`` (missing columns give empty
+    lists); labels are ``None`` when the CSV has no ``<split>_label`` column.
+    """
+    path = Path(csv_path)
+    header, rows = _read_table(path, "split CSV")
+    if not is_split_header(header):
+        raise SparsemilError(
+            f"split CSV {path}: header {','.join(header)!r} has no 'train' and 'val'/'test' "
+            f"columns; fix: use the official layout train,train_label,val,val_label,test,"
+            f"test_label (or CLAM's train,val,test with --label-csv)"
+        )
+    out: dict[str, list[SplitEntry]] = {k: [] for k in SPLIT_NAMES}
+    for name in SPLIT_NAMES:
+        if name not in header:
+            continue
+        j = header.index(name)
+        jl = header.index(f"{name}_label") if f"{name}_label" in header else None
+        for line, row in rows:
+            slide = _cell(row, j)
+            if not slide:
+                if jl is not None and _cell(row, jl):
+                    raise SparsemilError(
+                        f"split CSV {path}:{line}:{jl + 1}: {name}_label is set but {name} is "
+                        f"blank; fix: fill in the slide name or clear the label"
+                    )
+                continue
+            label = None
+            if jl is not None:
+                cell = _cell(row, jl)
+                label = parse_int(cell)
+                if label is None:
+                    raise SparsemilError(
+                        f"split CSV {path}:{line}:{jl + 1}: {name}_label {cell!r} of slide "
+                        f"{slide!r} is not an integer; fix: write integer class labels "
+                        f"0..n_classes-1"
+                    )
+            out[name].append(SplitEntry(slide, label, line, j + 1))
+    if not any(out.values()):
+        raise SparsemilError(f"split CSV {path} lists no slides; fix: fill in the split columns")
+    return out
+
+
+def read_official_split(
+    csv_path: PathLike,
+    data_dir: PathLike,
+    *,
+    suffixes: Sequence[str] = (".h5", ".pt"),
+    check_exists: bool = True,
+) -> dict[str, list[tuple[Path, int]]]:
+    """Resolve an official MMIL/TransMIL split CSV to feature files.
+
+    Each slide maps to ``<data_dir>/<slide>.h5`` (else ``.pt``; also looked up in CLAM's
+    ``h5_files``/``pt_files`` sub-folders; a WSI suffix such as ``.tif`` is dropped).
+
+    Returns:
+        ``{"train": [(path, label), ...], "val": [...], "test": [...]}``.
+
+    Raises:
+        SparsemilError: a row names a slide with no feature file (the message names the
+            split CSV, the row and the missing path), or the CSV has no label columns.
+    """
+    path = Path(csv_path)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SparsemilError(
+            f"data folder {data_dir} (for split CSV {path}) does not exist; fix: pass the folder "
+            f"holding the per-slide feature files"
+        )
+    table = read_split_table(path)
+    index = bag_file_index(data_dir, suffixes)
+    out: dict[str, list[tuple[Path, int]]] = {}
+    for name, entries in table.items():
+        out[name] = []
+        for e in entries:
+            if e.label is None:
+                raise SparsemilError(
+                    f"split CSV {path}: no {name}_label column; fix: use the official layout "
+                    f"with label columns, or give labels with a CLAM dataset CSV (--label-csv)"
+                )
+            f = lookup_bag_file(index, e.slide)
+            if f is None:
+                if check_exists:
+                    raise SparsemilError(
+                        f"split CSV {path}:{e.line}: {name} slide {e.slide!r} has no feature "
+                        f"file: {data_dir / (slide_name(e.slide) + suffixes[0])} does not exist; "
+                        f"fix: extract its features or remove the row"
+                    )
+                f = data_dir / (slide_name(e.slide) + suffixes[0])
+            out[name].append((f, e.label))
+    return out
+
+
+# --------------------------------------------------------------------------- CLAM dataset CSV
+class LabelRow(NamedTuple):
+    """One row of a CLAM-style dataset CSV after label mapping."""
+
+    slide_id: str
+    label: int
+    line: int
+
+
+def read_label_csv(
+    csv_path: PathLike, label_map: dict[str, int] | None = None
+) -> tuple[list[LabelRow], list[str] | None]:
+    """Parse a CLAM-style dataset CSV (``slide_id, label``; other columns ignored).
+
+    Returns the rows with class indices (see :func:`label_indices` for string labels) and
+    the class names (``None`` when the labels were integers).
+    """
+    path = Path(csv_path)
+    header, rows = _read_table(path, "dataset CSV")
+    missing = [c for c in ("slide_id", "label") if c not in header]
+    if missing:
+        raise SparsemilError(
+            f"dataset CSV {path}: no {' or '.join(repr(c) for c in missing)} column (header: "
+            f"{','.join(header)}); fix: use the CLAM layout with columns slide_id,label"
+        )
+    js, jl = header.index("slide_id"), header.index("label")
+    ids, raw, lines = [], [], []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        sid, lab = _cell(row, js), _cell(row, jl)
+        if not sid:
+            raise SparsemilError(f"dataset CSV {path}:{line}: blank slide_id; fix: fill it in")
+        if not lab:
+            raise SparsemilError(
+                f"dataset CSV {path}:{line}: slide {sid!r} has a blank label; fix: fill it in "
+                f"or remove the row"
+            )
+        if sid in seen:
+            raise SparsemilError(
+                f"dataset CSV {path}:{line}: slide {sid!r} repeats line {seen[sid]}; fix: list "
+                f"each slide once"
+            )
+        seen[sid] = line
+        ids.append(sid)
+        raw.append(lab)
+        lines.append(line)
+    if not ids:
+        raise SparsemilError(f"dataset CSV {path} has no rows; fix: list slide_id,label rows")
+    try:
+        labels, names = label_indices(raw, label_map)
+    except KeyError as exc:
+        bad = exc.args[0]
+        line = lines[[c.strip() for c in raw].index(bad)]
+        keys = ", ".join(sorted(map(str, (label_map or {}).keys())))
+        raise SparsemilError(
+            f"dataset CSV {path}:{line}: label {bad!r} is not in the label mapping ({keys}); "
+            f"fix: add it to the mapping"
+        ) from None
+    return [LabelRow(s, y, ln) for s, y, ln in zip(ids, labels, lines, strict=True)], names
+
+
+def read_clam_csv(
+    csv_path: PathLike,
+    data_dir: PathLike,
+    label_map: dict[str, int] | None = None,
+    *,
+    suffixes: Sequence[str] = (".h5", ".pt"),
+    check_exists: bool = True,
+) -> list[BagRef]:
+    """Resolve a CLAM-style dataset CSV (``slide_id, label``) to :class:`BagRef` s.
+
+    Each slide maps to ``<data_dir>/<slide_id>.h5`` (else ``.pt``, also in ``h5_files`` /
+    ``pt_files``). String labels follow :func:`label_indices` (sorted unique names -> 0..K-1)
+    unless ``label_map`` is given.
+    """
+    path = Path(csv_path)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SparsemilError(
+            f"data folder {data_dir} (for dataset CSV {path}) does not exist; fix: pass the "
+            f"folder holding the per-slide feature files"
+        )
+    rows, _ = read_label_csv(path, label_map)
+    index = bag_file_index(data_dir, suffixes)
+    refs = []
+    for r in rows:
+        f = lookup_bag_file(index, r.slide_id)
+        if f is None:
+            f = data_dir / (slide_name(r.slide_id) + suffixes[0])
+            if check_exists:
+                raise SparsemilError(
+                    f"dataset CSV {path}:{r.line}: slide {r.slide_id!r} has no feature file: "
+                    f"{f} does not exist; fix: extract its features or remove the row"
+                )
+        refs.append(BagRef(path=f, label=r.label, slide_id=r.slide_id))
+    return refs
+
+
+# --------------------------------------------------------------------------- k-fold
+def _val_subset(idx: np.ndarray, y: np.ndarray, frac: float, rng: np.random.Generator):
+    """Stratified subset of ``idx``: per class round(frac*n_c), >= 1 if n_c >= 2, < n_c."""
+    if frac <= 0:
+        return np.zeros(0, dtype=np.int64)
+    chosen = []
+    for c in np.unique(y[idx]):
+        members = idx[y[idx] == c]
+        n_c = members.size
+        k = int(round(frac * n_c))
+        if n_c >= 2:
+            k = min(max(k, 1), n_c - 1)
+        else:
+            k = 0
+        if k:
+            chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def stratified_kfold(
+    labels: Sequence[int] | np.ndarray,
+    n_splits: int,
+    seed: int,
+    val_fraction: float = 0.1,
+) -> list[Fold]:
+    """Seeded stratified k-fold splits with a stratified validation part.
+
+    The test parts are the folds of ``sklearn.model_selection.StratifiedKFold(n_splits,
+    shuffle=True, random_state=seed)``; from each fold's training part, each class gives
+    ``round(val_fraction * n_c)`` bags to validation (at least one when it has two or more,
+    never all), drawn with ``numpy.random.default_rng([seed, fold])``.
+
+    Returns:
+        ``n_splits`` :class:`Fold` s ``(train_idx, val_idx, test_idx)``: disjoint, covering
+        all bags, every bag in exactly one test part.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.size == 0:
+        raise SparsemilError(f"stratified_kfold needs a 1-D list of labels, got shape {y.shape}")
+    y = y.astype(np.int64)
+    if isinstance(n_splits, bool) or int(n_splits) != n_splits or n_splits < 2:
+        raise SparsemilError(
+            f"number of folds must be an integer >= 2, got {n_splits!r}; fix: --folds 2 or more"
+        )
+    n_splits = int(n_splits)
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise SparsemilError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    classes, counts = np.unique(y, return_counts=True)
+    if classes.size < 2:
+        raise SparsemilError(
+            f"all {y.size} bags have label {classes[0]}; stratified splits need at least two "
+            f"classes; fix: check the labels"
+        )
+    small = counts < n_splits
+    if small.any():
+        c, k = int(classes[small][0]), int(counts[small][0])
+        raise SparsemilError(
+            f"class {c} has only {k} bag{'s' if k != 1 else ''}, fewer than the {n_splits} "
+            f"folds; fix: use --folds {max(2, int(counts.min()))} or fewer, or add bags of "
+            f"class {c}"
+        )
+    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
+    folds = []
+    for f, (trval, test) in enumerate(skf.split(np.zeros((y.size, 1)), y)):
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, f])
+        val = _val_subset(np.asarray(trval, dtype=np.int64), y, float(val_fraction), rng)
+        train = np.setdiff1d(trval, val).astype(np.int64)
+        folds.append(Fold(np.sort(train), val, np.sort(np.asarray(test, dtype=np.int64))))
+    return folds
+
+
+def _check_folds(folds: Sequence[Fold], n: int, where: str) -> None:
+    for f, fold in enumerate(folds):
+        parts = [np.asarray(p, dtype=np.int64) for p in fold]
+        allidx = np.concatenate(parts)
+        if allidx.size and (allidx.min() < 0 or allidx.max() >= n):
+            raise SparsemilError(f"{where}: fold {f} has an index outside 0..{n - 1}")
+        if np.unique(allidx).size != allidx.size:
+            raise SparsemilError(f"{where}: fold {f} puts a bag in two of train/val/test")
+
+
+def write_folds_csv(
+    path: PathLike,
+    folds: Sequence[Fold],
+    slide_ids: Sequence[str],
+    labels: Sequence[int] | None = None,
+) -> Path:
+    """Write folds as ``slide_id[,label],fold_0,...`` with cells train/val/test/blank (atomic)."""
+    path = Path(path)
+    n = len(slide_ids)
+    if len(set(map(str, slide_ids))) != n:
+        raise SparsemilError(f"{path}: slide ids must be unique to write a folds CSV")
+    if labels is not None and len(labels) != n:
+        raise SparsemilError(f"{path}: {len(labels)} labels for {n} slide ids")
+    _check_folds(folds, n, str(path))
+    cells = np.full((n, len(folds)), "", dtype=object)
+    for f, fold in enumerate(folds):
+        for name, part in zip(SPLIT_NAMES, fold, strict=True):
+            cells[np.asarray(part, dtype=np.int64), f] = name
+    header = ["slide_id"] + (["label"] if labels is not None else [])
+    header += [f"fold_{f}" for f in range(len(folds))]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(header)
+        for i in range(n):
+            row = [str(slide_ids[i])] + ([str(int(labels[i]))] if labels is not None else [])
+            w.writerow(row + list(cells[i]))
+    return path
+
+
+def read_folds_csv(path: PathLike, slide_ids: Sequence[str] | None = None) -> Folds:
+    """Read a folds CSV written by :func:`write_folds_csv`.
+
+    Args:
+        slide_ids: when given, indices refer to this order (the data's), and every data
+            slide must be in the CSV and vice versa.
+
+    Returns:
+        :class:`Folds` (a ``list[Fold]``) with ``.slide_ids`` (and ``.labels`` if the CSV
+        has a ``label`` column).
+    """
+    path = Path(path)
+    header, rows = _read_table(path, "folds CSV")
+    if not is_folds_header(header):
+        raise SparsemilError(
+            f"folds CSV {path}: header {','.join(header)!r} lacks slide_id and fold_0..; fix: "
+            f"write it with write_folds_csv / `sparsemil mil cv`"
+        )
+    js = header.index("slide_id")
+    jl = header.index("label") if "label" in header else None
+    fold_cols = sorted(
+        (
+            (int(c[5:]), j)
+            for j, c in enumerate(header)
+            if c.startswith("fold_") and c[5:].isdigit()
+        ),
+    )
+    if [k for k, _ in fold_cols] != list(range(len(fold_cols))):
+        raise SparsemilError(f"folds CSV {path}: fold columns must be fold_0..fold_{{k-1}}")
+    ids: list[str] = []
+    labs: list[int] = []
+    assign: list[list[str]] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        sid = _cell(row, js)
+        if not sid:
+            raise SparsemilError(f"folds CSV {path}:{line}: blank slide_id; fix: fill it in")
+        if sid in seen:
+            raise SparsemilError(f"folds CSV {path}:{line}: slide {sid!r} repeats line {seen[sid]}")
+        seen[sid] = line
+        if jl is not None:
+            v = parse_int(_cell(row, jl))
+            if v is None:
+                raise SparsemilError(
+                    f"folds CSV {path}:{line}:{jl + 1}: label {_cell(row, jl)!r} is not an integer"
+                )
+            labs.append(v)
+        vals = []
+        for _, j in fold_cols:
+            v = _cell(row, j).lower()
+            if v not in ("", *SPLIT_NAMES):
+                raise SparsemilError(
+                    f"folds CSV {path}:{line}:{j + 1}: {v!r} is not train/val/test/blank"
+                )
+            vals.append(v)
+        ids.append(sid)
+        assign.append(vals)
+    order = list(range(len(ids)))
+    out_ids: list[str] = ids
+    if slide_ids is not None:
+        want = [str(s) for s in slide_ids]
+        pos = {s: i for i, s in enumerate(want)}
+        extra = [s for s in ids if s not in pos]
+        if extra:
+            raise SparsemilError(
+                f"folds CSV {path}:{seen[extra[0]]}: slide {extra[0]!r} is not in the data "
+                f"({len(extra)} such); fix: use the folds CSV written for this data set"
+            )
+        absent = [s for s in want if s not in seen]
+        if absent:
+            raise SparsemilError(
+                f"folds CSV {path} has no row for slide {absent[0]!r} ({len(absent)} such); fix: "
+                f"use the folds CSV written for this data set"
+            )
+        order = [pos[s] for s in ids]
+        out_ids = want
+    folds = []
+    for f in range(len(fold_cols)):
+        parts = {name: [] for name in SPLIT_NAMES}
+        for r, vals in enumerate(assign):
+            if vals[f]:
+                parts[vals[f]].append(order[r])
+        folds.append(Fold(*(np.sort(np.array(parts[k], dtype=np.int64)) for k in SPLIT_NAMES)))
+    labels = None
+    if jl is not None:
+        labels = np.zeros(len(out_ids), dtype=np.int64)
+        labels[np.array(order, dtype=np.int64)] = labs
+    return Folds(folds, out_ids, labels)
