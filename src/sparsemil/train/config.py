@@ -1,0 +1,207 @@
+"""Configuration of MIL training (YAML or JSON file; command-line flags override it).
+
+Defaults are the recipe the MMIL-Transformer paper never published (see ``docs/training.md``):
+AdamW, cosine schedule over ``max_epochs``, lr 2e-4, weight decay 1e-5, batch size 1 bag with
+gradient accumulation, early stopping on validation loss with CLAM's patience 20, not
+before epoch 50.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparsemil.errors import SparsemilError
+
+FORMATS = ("auto", "mil-csv", "clam", "split", "folder")
+
+
+@dataclass
+class MILTrainConfig:
+    """Everything a MIL training / CV / test run needs.
+
+    Data:
+        data: the bags -- a classic-MIL CSV (``mil-csv``; or a benchmark name ``musk1``,
+            ``musk2``, ``elephant``, ``ucsb_breast_cancer``), a CLAM dataset CSV
+            (``clam``: ``slide_id,label``), an official MMIL/TransMIL split CSV (``split``),
+            or a folder of per-slide files (``folder``, labels from ``labels``).
+        format: one of ``auto``, ``mil-csv``, ``clam``, ``split``, ``folder``.
+        data_dir: folder of the per-slide feature files (``clam`` / ``split``).
+        labels: CSV ``slide_id,label`` for ``folder``.
+        n_classes: number of bag classes.
+        standardize: z-score features with training-fold statistics (``None`` = yes for
+            ``mil-csv``, no for slide features).
+        val_fraction: share of the training bags held out for validation / early stopping
+            when the split does not define a validation set.
+        folds: number of CV folds; ``train`` without a split file trains on fold ``fold``.
+    Model:
+        model: ``mmil``, ``abmil``, ``transmil``, ``dsmil``, ``clam_sb`` or ``dtfdmil``.
+        model_kwargs: constructor options (e.g. ``{embed_dim: 128, num_subbags: 4}``).
+    Optimisation:
+        lr, weight_decay, max_epochs, min_lr (cosine floor), batch_size (bags per step per
+        process; >1 pads and masks), accumulate_grad_batches, l1 (loss += l1 * sum |theta|
+        over every ``.weight``/``.bias``), grad_clip (0 = off).
+    Early stopping:
+        early_stopping, patience, stop_start_epoch (no stop before this epoch), min_delta.
+    Evaluation:
+        num_test: repeated test passes (random grouping makes them differ).
+    Runtime:
+        seed, accelerator (``cpu``, ``gpu``, ``auto``), devices, num_nodes, strategy
+        (``auto``, ``ddp``, ...), precision, num_workers, progress, out.
+    """
+
+    # data
+    data: str | None = None
+    format: str = "auto"
+    data_dir: str | None = None
+    labels: str | None = None
+    n_classes: int = 2
+    standardize: bool | None = None
+    val_fraction: float = 0.1
+    folds: int = 10
+    fold: int = 0
+    # model
+    model: str = "mmil"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    min_lr: float = 0.0
+    max_epochs: int = 100
+    batch_size: int = 1
+    accumulate_grad_batches: int = 1
+    l1: float = 0.0
+    grad_clip: float = 0.0
+    # early stopping
+    early_stopping: bool = True
+    patience: int = 20
+    stop_start_epoch: int = 50
+    min_delta: float = 0.0
+    # evaluation
+    num_test: int = 1
+    # runtime
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_workers: int = 0
+    progress: bool = True
+    out: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> MILTrainConfig:
+        """Build from a mapping; unknown keys raise an error naming the nearest valid key."""
+        if not isinstance(d, dict):
+            raise SparsemilError(f"{source}: expected a mapping of options, got {type(d).__name__}")
+        names = cls.field_names()
+        for key in d:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(names)}"
+                raise SparsemilError(f"{source}: unknown key '{key}'; {hint}")
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def override(self, **flags: Any) -> MILTrainConfig:
+        """A copy with every flag that is not ``None`` replacing the config value."""
+        updates = {k: v for k, v in flags.items() if v is not None}
+        cfg = dataclasses.replace(self, **updates)
+        cfg.validate("command line")
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        """Type and range checks; raises :class:`SparsemilError` naming the field."""
+        from sparsemil.mil.factory import MODEL_NAMES
+
+        def bad(name: str, why: str) -> SparsemilError:
+            return SparsemilError(f"{source}: '{name}' {why}")
+
+        ints = {
+            "n_classes": 2, "folds": 2, "fold": 0, "max_epochs": 1, "batch_size": 1,
+            "accumulate_grad_batches": 1, "patience": 1, "stop_start_epoch": 0, "num_test": 1,
+            "devices": 1, "num_nodes": 1, "num_workers": 0, "seed": 0,
+        }  # fmt: skip
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, f"must be an integer (got {v!r})")
+            if v < lo:
+                raise bad(name, f"must be >= {lo} (got {v})")
+        floats = {"lr": (0.0, False), "weight_decay": (0.0, True), "min_lr": (0.0, True),
+                  "l1": (0.0, True), "grad_clip": (0.0, True), "min_delta": (0.0, True)}  # fmt: skip
+        for name, (lo, inclusive) in floats.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise bad(name, f"must be a number (got {v!r})")
+            if v < lo or (v == lo and not inclusive):
+                raise bad(name, f"must be {'>=' if inclusive else '>'} {lo} (got {v})")
+            setattr(self, name, float(v))
+        if not (0.0 <= float(self.val_fraction) < 1.0):
+            raise bad("val_fraction", f"must be in [0, 1) (got {self.val_fraction})")
+        if self.fold >= self.folds:
+            raise bad("fold", f"must be < folds={self.folds} (got {self.fold})")
+        if self.format not in FORMATS:
+            near = difflib.get_close_matches(str(self.format), FORMATS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise bad("format", f"must be one of {', '.join(FORMATS)}{hint} (got {self.format!r})")
+        if self.model not in MODEL_NAMES:
+            near = difflib.get_close_matches(str(self.model), MODEL_NAMES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise bad(
+                "model", f"must be one of {', '.join(MODEL_NAMES)}{hint} (got {self.model!r})"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise bad("model_kwargs", "must be a mapping of model options")
+        if self.model != "mmil" and self.n_classes != 2:
+            raise bad("n_classes", f"must be 2 for the binary torchmil baseline '{self.model}'")
+        if self.accelerator not in ("cpu", "gpu", "cuda", "mps", "auto"):
+            raise bad(
+                "accelerator", f"must be cpu, gpu, cuda, mps or auto (got {self.accelerator!r})"
+            )
+
+
+def load_config(path: str | os.PathLike[str]) -> MILTrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into :class:`MILTrainConfig`.
+
+    Relative ``data``/``data_dir``/``labels`` paths are resolved against the config's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SparsemilError(f"config {path} does not exist; pass a YAML or JSON file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - YAML/JSON parse errors
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SparsemilError(
+            f"config {path} is not valid YAML/JSON ({first}); fix the syntax"
+        ) from None
+    if raw is None:
+        raw = {}
+    cfg = MILTrainConfig.from_dict(raw, source=f"config {path}")
+    for key in ("data", "data_dir", "labels"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_absolute() and (path.parent / value).exists():
+            setattr(cfg, key, str(path.parent / value))
+    return cfg
