@@ -1,0 +1,71 @@
+"""Plots of the pruning sweep (matplotlib, Agg backend, atomic PNG writes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from sparsemil.prune.sweep import SweepResult
+from sparsemil.utils.io import atomic_path
+
+
+def plot_sweep(
+    sweep: SweepResult,
+    path: str | Path,
+    predicted_ratio: float | None = None,
+    actual: Mapping[str, float | None] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Accuracy (left axis) and losses relative to the dense loss (right axis) against ratio.
+
+    Args:
+        sweep: the sweep.
+        path: output PNG.
+        predicted_ratio: draws a dashed vertical line "predicted" when given.
+        actual: ``{criterion: ratio or None}``; a dotted line per defined criterion.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(sweep.ratios, kind="stable")
+    r = sweep.ratios[order]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(r, sweep.test_acc[order], c="tab:red", label="test accuracy")
+    if "train_acc" in sweep.extra:
+        ax.plot(r, sweep.extra["train_acc"][order], c="k", lw=0.8, label="train accuracy")
+    ax.set_xlabel("pruning ratio")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    for key, colour, label in (
+        ("test_loss", "tab:blue", "test loss"),
+        ("train_loss", "tab:green", "train loss"),
+    ):
+        vals = getattr(sweep, key)[order]
+        base = sweep.dense.get(key, vals[0] if len(vals) else 1.0)
+        if np.isfinite(vals).any() and base:
+            ax2.plot(r, vals / base, c=colour, lw=1, label=f"{label} / dense")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("loss / dense loss (log)")
+    colours = {"drop_1pt": "tab:purple", "official": "tab:orange", "train_loss_eps": "tab:olive"}
+    for name, val in (actual or {}).items():
+        if val is not None:
+            ax.axvline(val, ls=":", c=colours.get(name, "grey"), label=f"actual ({name}) {val:.3f}")
+    if predicted_ratio is not None:
+        ax.axvline(predicted_ratio, ls="--", c="tab:cyan", label=f"predicted {predicted_ratio:.3f}")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
