@@ -1,0 +1,538 @@
+"""MMIL-Transformer (Multiple MIL Transformer, Zhang et al. 2023), torchmil-compatible.
+
+Architecture (as the official hustvl/MMIL-Transformer code):
+
+1. optional input projection ``proj: Linear(C, D)`` (official ``fc1``);
+2. + ``absolute_pos_embed``: one learnable D-vector added to every instance (the
+   official "absolute position embedding" is a single broadcast vector; kept);
+3. grouping of the instances into ``num_subbags`` sub-bags (see :mod:`.grouping`);
+4. ``num_msg`` message tokens prepended to every sub-bag, and one global ``msgcls`` token;
+5. ``num_layers`` x [sub-bag self-attention (weights shared by all sub-bags) with
+   residual -> attention over ``[msgcls; all message tokens]`` (own weights) with residual,
+   the updated message tokens written back into their sub-bags];
+6. ``logits = classifier(msgcls)``.
+
+All sub-bags of all bags in a batch go through one batched attention call (zero-padded,
+key-padding mask); there is no Python loop over sub-bags. In the last layer only the
+message tokens' outputs are used, so only their queries are computed (exact, O(N)).
+See ``docs/mmil.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchmil.models import MILModel
+
+from sparsemil.errors import SparsemilError
+from sparsemil.mil import grouping as grp
+from sparsemil.mil.attention import MultiHeadAttention, check_mode
+
+_ROW_CHUNK = 16384  # rows per chunk of the NaN/Inf check (bounded temporary memory)
+
+
+class MMILLayer(nn.Module):
+    """One MMIL layer: sub-bag attention + message-token attention (official BasicLayer)."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64) -> None:
+        super().__init__()
+        self.subbag_attn = MultiHeadAttention(dim, heads, dim_head)
+        self.msg_attn = MultiHeadAttention(dim, heads, dim_head)
+
+
+class _Layout:
+    """Index bookkeeping of the padded sub-bag batch ``(S, T = m + Lmax, D)``.
+
+    Attributes (torch tensors unless noted):
+        rows: ``(K,)`` rows of the projected valid-instance matrix, sorted by sub-bag.
+        dst: ``(K,)`` flat row in the ``(S * T, D)`` buffer of each of those instances.
+        orig: ``(K,)`` flat index ``b * N + n`` into the input, for attention maps.
+        identity_rows: bool (python), ``rows == arange(K)``.
+        sizes: ``(S,)`` instances per sub-bag; S, T, lmax: ints.
+        key_mask: ``(S, T)`` bool or None (None when every sub-bag has ``lmax``).
+        msg_dst: ``(S * m,)`` flat row of each message token in the ``(B * Tm, D)``
+            message sequence (``Tm = 1 + Gmax * m``, row ``b * Tm`` is ``msgcls``).
+        msg_key_mask: ``(B, Tm)`` bool or None. subbag_bag: ``(S,)`` bag of each sub-bag.
+    """
+
+    def __init__(
+        self, ids_per_bag: list[np.ndarray], valid_per_bag: list[np.ndarray], n: int, m: int, device
+    ):
+        gid_parts, row_parts, orig_parts = [], [], []
+        g_per_bag, row_off, gid_off = [], 0, 0
+        for b, (ids, valid) in enumerate(zip(ids_per_bag, valid_per_bag, strict=True)):
+            keep = ids >= 0
+            g = int(ids[keep].max()) + 1
+            gid_parts.append(ids[keep] + gid_off)
+            row_parts.append(np.flatnonzero(keep) + row_off)
+            orig_parts.append(b * n + valid[keep])
+            g_per_bag.append(g)
+            row_off += ids.shape[0]
+            gid_off += g
+        gid = np.concatenate(gid_parts)
+        rows = np.concatenate(row_parts)
+        orig = np.concatenate(orig_parts)
+        order = np.argsort(gid, kind="stable")
+        gid, rows, orig = gid[order], rows[order], orig[order]
+        s = gid_off
+        sizes = np.bincount(gid, minlength=s)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pos = np.arange(gid.shape[0]) - starts[gid]
+        lmax = int(sizes.max())
+        t = m + lmax
+        self.S, self.T, self.lmax, self.m = s, t, lmax, m
+        self.B = len(ids_per_bag)
+        self.identity_rows = bool(
+            rows.shape[0] == row_off and np.array_equal(rows, np.arange(row_off))
+        )
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+        self.rows = as_t(rows)
+        self.dst = as_t(gid * t + m + pos)
+        self.inst_flat = as_t(gid * lmax + pos)  # flat index into (S, lmax)
+        self.orig = as_t(orig)
+        self.sizes = as_t(sizes)
+        self.key_mask = None
+        if (sizes != lmax).any():
+            self.key_mask = torch.arange(t, device=device)[None, :] < (self.sizes + m)[:, None]
+        g_arr = np.asarray(g_per_bag)
+        gmax = int(g_arr.max())
+        tm = 1 + gmax * m
+        self.Tm, self.gmax = tm, gmax
+        bag = np.repeat(np.arange(self.B), g_arr)
+        local = np.arange(s) - np.repeat(np.concatenate([[0], np.cumsum(g_arr)[:-1]]), g_arr)
+        msg_rows = (bag * tm + 1 + local * m)[:, None] + np.arange(m)[None, :]
+        self.msg_dst = as_t(msg_rows.reshape(-1))
+        self.subbag_bag = as_t(bag)
+        self.subbag_local = as_t(local)
+        self.msg_key_mask = None
+        if (g_arr != gmax).any():
+            lens = torch.from_numpy(1 + g_arr * m).to(device)
+            self.msg_key_mask = torch.arange(tm, device=device)[None, :] < lens[:, None]
+
+
+class MMILTransformer(MILModel):
+    """MMIL-Transformer for bags ``X (B, N, C)`` -> logits ``(B, n_classes)``.
+
+    Args:
+        in_dim: C, instance feature dimension.
+        n_classes: number of bag classes.
+        embed_dim: D, model width.
+        num_subbags: number of sub-bags G per bag (``min(N, G)`` for bags with N < G).
+        num_msg: message tokens per sub-bag (>= 1).
+        num_layers: L.
+        grouping: ``random`` | ``sequential`` | ``kmeans_embed`` | ``kmeans_coords`` |
+            ``precomputed`` (official aliases ``seq``, ``embed``, ``coords``, ``idx``).
+            A plain attribute: may be reassigned at run time.
+        mask_ratio: fraction of sub-bags dropped (in the first layer, hence for the whole
+            pass) during training; at least one sub-bag is always kept.
+        attention: ``exact`` or ``nystrom`` for the sub-bag self-attention.
+        max_subbag_size: randomly keep at most this many instances per sub-bag
+            (None = keep all; the official code caps at 4300).
+        project: use the input projection C -> D (else C must equal D).
+        ape: add the learnable broadcast position vector.
+        seed: seeds the model's own numpy Generator (random grouping, sub-bag masking,
+            capping) and, if given, the parameter initialisation (without touching the
+            global RNG state). None = fresh OS entropy.
+        heads, dim_head: attention layout (official 8 x 64, regardless of D).
+        num_landmarks, pinv_iterations: Nystroem options.
+        kmeans_seed: ``random_state`` of the k-means groupings (official 0).
+        twice_differentiable: use matmul+softmax attention instead of the SDPA kernel
+            when autograd is on, so double backward (Hessian-vector products) works.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        embed_dim: int = 512,
+        num_subbags: int = 10,
+        num_msg: int = 1,
+        num_layers: int = 2,
+        grouping: str = "random",
+        mask_ratio: float = 0.0,
+        attention: str = "exact",
+        max_subbag_size: int | None = None,
+        project: bool = True,
+        ape: bool = True,
+        seed: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        num_landmarks: int = 256,
+        pinv_iterations: int = 6,
+        kmeans_seed: int = 0,
+        twice_differentiable: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, v, lo in (
+            ("in_dim", in_dim, 1),
+            ("n_classes", n_classes, 1),
+            ("embed_dim", embed_dim, 1),
+            ("num_subbags", num_subbags, 1),
+            ("num_msg", num_msg, 1),
+            ("num_layers", num_layers, 1),
+            ("heads", heads, 1),
+            ("dim_head", dim_head, 1),
+            ("num_landmarks", num_landmarks, 1),
+            ("pinv_iterations", pinv_iterations, 0),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or int(v) < lo:
+                raise SparsemilError(
+                    f"MMILTransformer: {name} must be an integer >= {lo} (got {v!r})"
+                )
+        if not isinstance(project, bool) or not isinstance(ape, bool):
+            raise SparsemilError("MMILTransformer: project and ape must be True or False")
+        if not project and int(in_dim) != int(embed_dim):
+            raise SparsemilError(
+                f"MMILTransformer: project=False feeds features in as they are, so in_dim "
+                f"({in_dim}) must equal embed_dim ({embed_dim})"
+            )
+        if max_subbag_size is not None and (
+            isinstance(max_subbag_size, bool) or int(max_subbag_size) < 1
+        ):
+            raise SparsemilError(f"max_subbag_size must be None or >= 1 (got {max_subbag_size})")
+        grp.num_kept(1, mask_ratio)  # validates mask_ratio
+        grouping = grp.check_strategy(grouping)
+        check_mode(attention)
+        self._init_kwargs = {
+            "in_dim": int(in_dim),
+            "n_classes": int(n_classes),
+            "embed_dim": int(embed_dim),
+            "num_subbags": int(num_subbags),
+            "num_msg": int(num_msg),
+            "num_layers": int(num_layers),
+            "grouping": grouping,
+            "mask_ratio": float(mask_ratio),
+            "attention": attention,
+            "max_subbag_size": None if max_subbag_size is None else int(max_subbag_size),
+            "project": project,
+            "ape": ape,
+            "seed": None if seed is None else int(seed),
+            "heads": int(heads),
+            "dim_head": int(dim_head),
+            "num_landmarks": int(num_landmarks),
+            "pinv_iterations": int(pinv_iterations),
+            "kmeans_seed": int(kmeans_seed),
+            "twice_differentiable": bool(twice_differentiable),
+        }
+        k = self._init_kwargs
+        self.in_dim, self.n_classes, self.embed_dim = k["in_dim"], k["n_classes"], k["embed_dim"]
+        self.num_subbags, self.num_msg, self.num_layers = (
+            k["num_subbags"],
+            k["num_msg"],
+            k["num_layers"],
+        )
+        self.grouping = grouping
+        self.mask_ratio = k["mask_ratio"]
+        self.attention = attention
+        self.max_subbag_size = k["max_subbag_size"]
+        self.num_landmarks, self.pinv_iterations = k["num_landmarks"], k["pinv_iterations"]
+        self.kmeans_seed = k["kmeans_seed"]
+        self.twice_differentiable = k["twice_differentiable"]
+        self.max_chunk_bytes = 256 * 2**20  # q/k/v memory per attention call at inference
+        self._full_last_layer = False  # testing/benchmark: run the full last layer
+        self.criterion = nn.CrossEntropyLoss()
+        self.reseed(seed)
+
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            d = self.embed_dim
+            self.proj = nn.Linear(self.in_dim, d) if project else None
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(d)) if ape else None
+            # distinct, randomly initialised message tokens (official: one zero vector)
+            self.msg_tokens = nn.Parameter(torch.randn(self.num_msg, d) * 0.02)
+            self.msgcls_token = nn.Parameter(torch.randn(d))
+            self.layers = nn.ModuleList(
+                MMILLayer(d, k["heads"], k["dim_head"]) for _ in range(self.num_layers)
+            )
+            self.classifier = nn.Linear(d, self.n_classes)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able kwargs that rebuild this model: ``MMILTransformer(**model.config)``."""
+        cfg = dict(self._init_kwargs)
+        cfg.update(
+            grouping=self.grouping,
+            mask_ratio=self.mask_ratio,
+            attention=self.attention,
+            max_subbag_size=self.max_subbag_size,
+            num_landmarks=self.num_landmarks,
+            pinv_iterations=self.pinv_iterations,
+            kmeans_seed=self.kmeans_seed,
+            twice_differentiable=self.twice_differentiable,
+        )
+        return cfg
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the model's own Generator (random grouping, masking, capping)."""
+        self._rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_official(
+        cls, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], **overrides: Any
+    ) -> MMILTransformer:
+        """Build from an official checkpoint's state_dict and official config.
+
+        ``config`` uses the official argparse names (type, mode, in_chans, num_subbags,
+        embed_dim, num_msg, ape, n_classes, num_layers); ``overrides`` are extra
+        MMILTransformer kwargs (e.g. ``max_subbag_size=4300`` to mimic the official cap).
+        """
+        from sparsemil.mil.official import convert_official_state_dict, official_config_to_kwargs
+
+        kwargs = official_config_to_kwargs(config)
+        kwargs.update(overrides)
+        ours = convert_official_state_dict(state_dict, kwargs)
+        model = cls(**kwargs)
+        model.load_state_dict(ours, strict=True)
+        return model
+
+    # ------------------------------------------------------------------ validation
+    def _check_inputs(self, X, mask, coords, group_ids, grouping):
+        if not isinstance(X, torch.Tensor):
+            raise SparsemilError(
+                f"X must be a torch.Tensor of shape (B, N, C), got {type(X).__name__}"
+            )
+        squeeze = X.ndim == 2
+        if squeeze:
+            X = X.unsqueeze(0)
+            mask = None if mask is None else torch.as_tensor(mask).reshape(1, -1)
+            coords = None if coords is None else torch.as_tensor(coords).unsqueeze(0)
+            group_ids = None if group_ids is None else torch.as_tensor(group_ids).reshape(1, -1)
+        if X.ndim != 3:
+            raise SparsemilError(f"X must have shape (B, N, C), got {tuple(X.shape)}")
+        b, n, c = X.shape
+        if b == 0:
+            raise SparsemilError("X is an empty batch (B = 0)")
+        if n == 0:
+            raise SparsemilError("empty bag: X has N = 0 instances")
+        if c != self.in_dim:
+            raise SparsemilError(
+                f"X has feature dimension {c}, but the model expects in_dim = {self.in_dim}"
+            )
+        param = self.msgcls_token
+        if not X.is_floating_point() or X.dtype != param.dtype:
+            X = X.to(param.dtype)
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=X.device)
+            if tuple(mask.shape) != (b, n):
+                raise SparsemilError(
+                    f"mask must have shape (B, N) = {(b, n)}, got {tuple(mask.shape)}"
+                )
+            mask = mask.bool()
+            empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise SparsemilError(f"empty bag: mask selects no instance in bag(s) {empty}")
+            if bool(mask.all()):
+                mask = None
+        for start in range(0, n, max(1, _ROW_CHUNK // b)):
+            chunk = X[:, start : start + max(1, _ROW_CHUNK // b)]
+            bad = ~torch.isfinite(chunk).all(dim=-1)
+            if mask is not None:
+                bad &= mask[:, start : start + chunk.shape[1]]
+            if bool(bad.any()):
+                bi, ni = (bad.nonzero()[0] + torch.tensor([0, start], device=bad.device)).tolist()
+                raise SparsemilError(f"X contains NaN or Inf (bag {bi}, instance {ni})")
+        if grouping == "kmeans_coords":
+            if coords is None:
+                raise SparsemilError("grouping 'kmeans_coords' needs coords of shape (B, N, 2)")
+            coords = torch.as_tensor(coords)
+            if tuple(coords.shape) != (b, n, 2):
+                raise SparsemilError(
+                    f"coords must have shape (B, N, 2) = {(b, n, 2)}, got {tuple(coords.shape)}"
+                )
+        if grouping == "precomputed":
+            if group_ids is None:
+                raise SparsemilError("grouping 'precomputed' needs group_ids of shape (B, N)")
+            group_ids = torch.as_tensor(group_ids)
+            if tuple(group_ids.shape) != (b, n):
+                raise SparsemilError(
+                    f"group_ids must have shape (B, N) = {(b, n)}, got {tuple(group_ids.shape)}"
+                )
+        return X, mask, coords, group_ids
+
+    # ------------------------------------------------------------------ grouping
+    def _group(self, b, valid, h_rows, coords, group_ids, grouping):
+        """Group ids (numpy, -1 = in no sub-bag) of bag ``b``'s valid instances."""
+        nb = valid.shape[0]
+        if grouping == "sequential":
+            ids = grp.sequential_groups(nb, self.num_subbags)
+        elif grouping == "random":
+            ids = grp.random_groups(nb, self.num_subbags, self._rng)
+        elif grouping == "kmeans_embed":
+            ids = grp.kmeans_groups(
+                h_rows.detach().cpu().numpy(), self.num_subbags, self.kmeans_seed
+            )
+        elif grouping == "kmeans_coords":
+            ids = grp.kmeans_groups(
+                coords[b].detach().cpu().numpy()[valid], self.num_subbags, self.kmeans_seed
+            )
+        else:
+            ids = grp.precomputed_groups(group_ids[b].detach().cpu().numpy()[valid])
+        if self.training and self.mask_ratio > 0:
+            ids = grp.drop_groups(ids, self.mask_ratio, self._rng)
+        return grp.cap_group_sizes(ids, self.max_subbag_size, self._rng)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        X: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        return_att: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Bag logits.
+
+        Args:
+            X: ``(B, N, C)`` instance features (``(N, C)`` is read as one bag).
+            mask: ``(B, N)`` bool/0-1, True = real instance (padded batches), or None.
+            coords: ``(B, N, 2)`` instance coordinates (``kmeans_coords`` grouping).
+            group_ids: ``(B, N)`` integer sub-bag ids (``precomputed`` grouping).
+            return_att: also return per-instance attention scores.
+
+        Returns:
+            logits ``(B, n_classes)``, or ``(logits, att (B, N))`` where ``att[b, n]`` =
+            (last layer, mean over heads and message tokens) attention of instance n's
+            sub-bag message tokens to n, times the msgcls token's attention to that
+            sub-bag's message tokens; 0 for padded/dropped instances.
+        """
+        grouping = grp.check_strategy(self.grouping)
+        mode = check_mode(self.attention)
+        X, mask, coords, group_ids = self._check_inputs(X, mask, coords, group_ids, grouping)
+        b, n, c = X.shape
+        m, d = self.num_msg, self.embed_dim
+        grad = torch.is_grad_enabled()
+        math_path = grad and self.twice_differentiable
+
+        # valid instances of every bag, then the projection of exactly those rows
+        if mask is None:
+            valid_per_bag = [np.arange(n)] * b
+            xv = X.reshape(b * n, c)
+        else:
+            mask_np = mask.cpu().numpy()
+            valid_per_bag = [np.flatnonzero(mask_np[i]) for i in range(b)]
+            xv = X.reshape(b * n, c)[mask.reshape(-1)]
+        h = self.proj(xv) if self.proj is not None else (xv if grad else xv.clone())
+        if self.absolute_pos_embed is not None:
+            h = h + self.absolute_pos_embed if grad else h.add_(self.absolute_pos_embed)
+        del xv
+
+        ids_per_bag, off = [], 0
+        for i in range(b):  # per bag (grouping is per bag), never per sub-bag
+            nb = valid_per_bag[i].shape[0]
+            ids_per_bag.append(
+                self._group(i, valid_per_bag[i], h[off : off + nb], coords, group_ids, grouping)
+            )
+            off += nb
+        lay = _Layout(ids_per_bag, valid_per_bag, n, m, X.device)
+        s, t = lay.S, lay.T
+
+        # padded sub-bag batch x (S, T, D): message tokens, then the sub-bag's instances
+        src = h if lay.identity_rows else h.index_select(0, lay.rows)
+        if grad:
+            inst = (
+                h.new_zeros(s * lay.lmax, d).index_copy(0, lay.inst_flat, src).view(s, lay.lmax, d)
+            )
+            x = torch.cat([self.msg_tokens.expand(s, m, d), inst], dim=1)
+            del inst
+        else:
+            x = h.new_zeros(s * t, d)
+            x.index_copy_(0, lay.dst, src)
+            x = x.view(s, t, d)
+            x[:, :m] = self.msg_tokens
+        del h, src
+
+        cls = self.msgcls_token.expand(b, d)
+        p_inst = p_msg = None
+        for li, layer in enumerate(self.layers):
+            last = li == self.num_layers - 1 and not self._full_last_layer
+            # 1) sub-bag self-attention (all sub-bags in one batched call)
+            if last:
+                o, p_inst = layer.subbag_attn.query_attention(
+                    x, m, lay.key_mask, need_weights=return_att
+                )
+                msgs = x[:, :m] + o
+            elif grad:
+                x = x + layer.subbag_attn(
+                    x, lay.key_mask, mode, self.num_landmarks, self.pinv_iterations, math_path
+                )
+                msgs = x[:, :m]
+            else:
+                layer.subbag_attn.residual_(
+                    x,
+                    lay.key_mask,
+                    mode,
+                    self.num_landmarks,
+                    self.pinv_iterations,
+                    self.max_chunk_bytes,
+                )
+                msgs = x[:, :m]
+            # 2) attention over [msgcls; every sub-bag's message tokens] of each bag
+            seq = torch.cat([cls[:, None, :], X.new_zeros(b, lay.Tm - 1, d)], dim=1).reshape(
+                b * lay.Tm, d
+            )
+            seq = seq.index_copy(0, lay.msg_dst, msgs.reshape(s * m, d)).view(b, lay.Tm, d)
+            if last:
+                o, p_msg = layer.msg_attn.query_attention(
+                    seq, 1, lay.msg_key_mask, need_weights=return_att
+                )
+                cls = seq[:, 0] + o[:, 0]
+                break
+            seq = seq + layer.msg_attn(seq, lay.msg_key_mask, math_path=math_path)
+            cls = seq[:, 0]
+            new_msgs = seq.reshape(b * lay.Tm, d).index_select(0, lay.msg_dst).view(s, m, d)
+            if grad:
+                x = torch.cat([new_msgs, x[:, m:]], dim=1)
+            else:
+                x[:, :m] = new_msgs
+        logits = self.classifier(cls)
+        if not return_att:
+            return logits
+        if p_inst is None:
+            raise SparsemilError("return_att needs the message-query path of the last layer")
+        return logits, self._attention_map(p_inst, p_msg, lay, b, n)
+
+    @staticmethod
+    def _attention_map(p_inst, p_msg, lay: _Layout, b: int, n: int) -> torch.Tensor:
+        m = lay.m
+        inst = p_inst.mean(dim=(1, 2))[:, m:]  # (S, lmax): msg tokens -> instances
+        msg = p_msg.mean(dim=1)[:, 0, 1:]  # (B, Tm - 1): msgcls -> message tokens
+        per_sub = msg.reshape(b, lay.gmax, m).sum(-1)[lay.subbag_bag, lay.subbag_local]  # (S,)
+        score = (inst * per_sub[:, None]).reshape(-1).index_select(0, lay.inst_flat)
+        att = score.new_zeros(b * n).index_copy(0, lay.orig, score)
+        return att.view(b, n)
+
+    # ------------------------------------------------------------------ torchmil API
+    def compute_loss(
+        self,
+        Y: torch.Tensor,
+        X: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(logits (B, n_classes), {"CrossEntropyLoss": loss})`` for labels ``Y (B,)``."""
+        logits = self.forward(X, mask=mask, coords=coords, group_ids=group_ids)
+        y = torch.as_tensor(Y, device=logits.device).reshape(-1).long()
+        if y.shape[0] != logits.shape[0]:
+            raise SparsemilError(f"Y has {y.shape[0]} labels for {logits.shape[0]} bags")
+        return logits, {"CrossEntropyLoss": self.criterion(logits, y)}
+
+    def predict(
+        self,
+        X: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        return_inst_pred: bool = False,
+        group_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, n_classes)`` (and attention scores ``(B, N)``), without autograd."""
+        with torch.no_grad():
+            return self.forward(
+                X, mask=mask, coords=coords, group_ids=group_ids, return_att=return_inst_pred
+            )
