@@ -1,0 +1,13 @@
+"""Slide files to CLAM/Trident-style feature h5 files, and attention heatmaps.
+
+Modules: :mod:`~sparsemil.wsi.slide` (open slides, magnification -> level and read size),
+:mod:`~sparsemil.wsi.tissue` (Otsu on HSV saturation + morphology),
+:mod:`~sparsemil.wsi.patching` (level-0 patch grid filtered by tissue fraction),
+:mod:`~sparsemil.wsi.backbones` (ResNet-50 truncated after layer3, tiny conv, TorchScript),
+:mod:`~sparsemil.wsi.extract` (DataLoader over patches, h5 writing, batches, resume, shards),
+:mod:`~sparsemil.wsi.heatmap` (per-instance attention drawn over a slide thumbnail).
+
+Submodules import torch/openslide lazily where possible; import them directly.
+"""
+
+__all__ = ["backbones", "extract", "heatmap", "patching", "slide", "tissue"]

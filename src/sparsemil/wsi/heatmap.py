@@ -1,0 +1,330 @@
+"""Attention heatmaps: per-instance MIL scores drawn over a slide thumbnail.
+
+Scores
+------
+The model runs once on the whole bag ``X (1, N, C)``:
+
+- models whose ``forward`` takes ``coords`` (sparsemil's ``MMILTransformer``) are called as
+  ``model(X, coords=coords (1, N, 2), return_att=True)`` and return ``(logits, att (1, N))``;
+  MMIL's ``att`` is the message-token -> instance attention of each sub-bag combined with
+  the global token's attention over the message tokens (see ``sparsemil.mil.mmil``);
+- other models (the torchmil baselines such as ABMIL) as ``model(X, return_att=True)``,
+  returning ``(Y_pred, att (1, N))`` -- ABMIL's ``att`` are its attention logits before the
+  softmax, a monotone transform of the attention weights.
+
+Extra leading axes of ``att`` (e.g. heads) are averaged. The scores are then normalised
+to [0, 1]: ``"rank"`` (default, as CLAM's heatmaps: percentile rank, robust to the very
+skewed attention of MIL models; ties share their mean rank) or ``"minmax"``.
+
+Picture
+-------
+The thumbnail's longest side is ``thumb_size`` pixels (default 1024; never more than the
+level-0 size), the other side follows the aspect ratio (rounded). Each patch's footprint is
+filled with its colour (``cmap``) blended at ``alpha`` over the thumbnail; areas without
+patches show the plain thumbnail. A colour bar is drawn *inside* the picture at the right
+edge, so **the PNG has exactly the thumbnail's size**.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsemil.errors import SparsemilError
+
+
+@dataclass
+class HeatmapResult:
+    """What :func:`attention_heatmap` computed.
+
+    Attributes:
+        png: the written PNG.
+        size: (width, height) of the PNG = the thumbnail.
+        scores: (N,) raw per-instance scores.
+        normalized: (N,) scores mapped to [0, 1].
+        logits: model output for the bag (first element of the model's output), as numpy.
+        probabilities: (n_classes,) bag probabilities (sigmoid of a single logit, else softmax).
+    """
+
+    png: Path
+    size: tuple[int, int]
+    scores: np.ndarray
+    normalized: np.ndarray
+    logits: np.ndarray
+    probabilities: np.ndarray
+
+
+def _takes_coords(model: torch.nn.Module) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "coords" in params
+
+
+def bag_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) binary logits -> (B, 2) via sigmoid; (B, K) -> softmax; (B, 1) as binary."""
+    if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
+        p = torch.sigmoid(logits.reshape(-1))
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=-1)
+
+
+def instance_scores(
+    model: torch.nn.Module,
+    features: np.ndarray | torch.Tensor,
+    coords: np.ndarray | torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-instance attention of ``model`` on one bag.
+
+    Args:
+        model: a MIL model with ``forward(X, ..., return_att=True) -> (out, att)``.
+        features: (N, C) instance features.
+        coords: (N, 2) level-0 patch positions (passed to models that take ``coords``).
+
+    Returns:
+        ``(scores (N,) float64, output (1, ...) tensor on CPU)``.
+    """
+    X = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    if X.dim() != 2 or X.shape[0] == 0:
+        raise SparsemilError(f"features must be (N, C) with N >= 1, got {tuple(X.shape)}")
+    n = X.shape[0]
+    model = model.to(device).eval()
+    X = X.unsqueeze(0).to(device)
+    with torch.inference_mode():
+        if _takes_coords(model) and coords is not None:
+            C = torch.as_tensor(np.asarray(coords), dtype=torch.float32).unsqueeze(0).to(device)
+            out = model(X, coords=C, return_att=True)
+        else:
+            out = model(X, return_att=True)
+    if not isinstance(out, (tuple, list)) or len(out) < 2:
+        raise SparsemilError(
+            f"{type(model).__name__}(X, return_att=True) did not return (output, attention)"
+        )
+    logits, att = out[0], out[1]
+    att = torch.as_tensor(att).detach().float().cpu()
+    if att.shape[-1] != n:
+        raise SparsemilError(
+            f"{type(model).__name__} attention has shape {tuple(att.shape)}; expected (1, {n})"
+        )
+    att = att.reshape(-1, n).mean(dim=0)
+    return att.double().numpy(), torch.as_tensor(logits).detach().float().cpu()
+
+
+def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
+    """Map scores to [0, 1] by percentile rank (``"rank"``) or min-max (``"minmax"``).
+
+    A single instance or constant scores give 0.5 everywhere.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        return s
+    if method == "rank":
+        from scipy.stats import rankdata
+
+        if s.size == 1 or np.ptp(s) == 0:
+            return np.full_like(s, 0.5)
+        return (rankdata(s, method="average") - 1.0) / (s.size - 1.0)
+    if method == "minmax":
+        span = np.ptp(s)
+        if span == 0:
+            return np.full_like(s, 0.5)
+        return (s - s.min()) / span
+    raise SparsemilError(f"--norm {method!r}: choose rank or minmax")
+
+
+def thumbnail_size(dimensions: tuple[int, int], thumb_size: int) -> tuple[int, int]:
+    """(w, h) of the thumbnail: longest side ``min(thumb_size, longest level-0 side)``."""
+    w0, h0 = dimensions
+    ds = max(max(w0, h0) / float(thumb_size), 1.0)
+    return max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
+
+
+def render_heatmap(
+    thumb: np.ndarray,
+    scale: tuple[float, float],
+    coords: np.ndarray,
+    values: np.ndarray,
+    patch_size_level0: int,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    label: str = "attention (percentile)",
+    colorbar: bool = True,
+) -> np.ndarray:
+    """RGB picture (h, w, 3) uint8 of ``values`` in [0, 1] drawn over ``thumb``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    h, w = thumb.shape[:2]
+    cm = colormaps[cmap]
+    colors = cm(np.clip(values, 0, 1))[:, :3]
+    over = np.zeros((h, w, 3), np.float64)
+    cover = np.zeros((h, w), bool)
+    sx, sy = scale
+    for (x, y), c in zip(np.asarray(coords, np.float64), colors, strict=True):
+        x0, y0 = int(round(x / sx)), int(round(y / sy))
+        x1 = max(x0 + 1, int(round((x + patch_size_level0) / sx)))
+        y1 = max(y0 + 1, int(round((y + patch_size_level0) / sy)))
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if x1 > x0 and y1 > y0:
+            over[y0:y1, x0:x1] = c
+            cover[y0:y1, x0:x1] = True
+    img = thumb.astype(np.float64) / 255.0
+    a = alpha * cover[..., None]
+    img = img * (1 - a) + over * a
+    if not colorbar:
+        return (img * 255).round().clip(0, 255).astype(np.uint8)
+    dpi = 100
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(img, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    font = float(np.clip(min(w, h) / 45.0, 5, 12))
+    bar_w = max(6.0, 0.025 * w) / w
+    bar_h = 0.35
+    left = 1 - bar_w - (4.2 * font + 6) / w
+    bottom = 0.06
+    cax = fig.add_axes((left, bottom, bar_w, bar_h))
+    cb = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cm), cax=cax)
+    cb.set_ticks([0, 0.5, 1])
+    cb.ax.tick_params(labelsize=font, length=2, pad=1)
+    cb.set_label(label, fontsize=font, labelpad=2)
+    cb.ax.patch.set_alpha(1.0)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((h, w, 3), 255, np.uint8)
+    hh, ww = min(h, rgba.shape[0]), min(w, rgba.shape[1])
+    out[:hh, :ww] = rgba[:hh, :ww]
+    return out
+
+
+def patch_size_level0_from_attrs(attrs, level_downsamples=None) -> int:
+    """Patch side in level-0 pixels from h5 ``coords`` attributes (ours, CLAM's or Trident's)."""
+    if "patch_size_level0" in attrs:
+        return int(np.asarray(attrs["patch_size_level0"]).ravel()[0])
+    if "patch_size" in attrs:
+        ps = float(np.asarray(attrs["patch_size"]).ravel()[0])
+        if "downsample" in attrs:
+            ds = float(np.asarray(attrs["downsample"]).ravel()[0])
+        elif "patch_level" in attrs and level_downsamples is not None:
+            ds = float(level_downsamples[int(np.asarray(attrs["patch_level"]).ravel()[0])])
+        else:
+            ds = 1.0
+        return int(round(ps * ds))
+    raise SparsemilError(
+        "h5 coords have neither patch_size_level0 nor patch_size attributes; cannot place patches"
+    )
+
+
+def attention_heatmap(
+    slide_path: str | os.PathLike[str],
+    features: np.ndarray,
+    coords: np.ndarray,
+    model: torch.nn.Module,
+    out_png: str | os.PathLike[str],
+    patch_size: int,
+    thumb_size: int = 1024,
+    normalize: str = "rank",
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    device: str | torch.device = "cpu",
+) -> HeatmapResult:
+    """Run ``model`` on the bag and draw its per-instance scores over the slide thumbnail.
+
+    Args:
+        slide_path: the slide the bag was extracted from.
+        features: (N, C) instance features.
+        coords: (N, 2) int level-0 top-left patch corners (x, y).
+        model: MIL model (see the module doc for the calling convention).
+        out_png: output PNG path (written atomically).
+        patch_size: patch side in **level-0** pixels (h5 ``coords.attrs["patch_size_level0"]``).
+        thumb_size: longest side of the thumbnail / PNG in pixels.
+        normalize: ``"rank"`` or ``"minmax"``.
+
+    Returns:
+        :class:`HeatmapResult`; the PNG is ``thumbnail_size(slide.dimensions, thumb_size)``.
+    """
+    from PIL import Image
+
+    from sparsemil.utils.io import atomic_path
+    from sparsemil.wsi.slide import open_slide, read_thumbnail, share_mode
+
+    coords = np.asarray(coords)
+    features = np.asarray(features)
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+        raise SparsemilError(
+            f"coords must be (N, 2) matching features (N={features.shape[0]}), got {coords.shape}"
+        )
+    if thumb_size < 16:
+        raise SparsemilError(f"--thumb-size {thumb_size}: must be at least 16 pixels")
+    if not 0.0 <= alpha <= 1.0:
+        raise SparsemilError(f"--alpha {alpha}: must be within 0..1")
+    if int(patch_size) < 1:
+        raise SparsemilError(f"patch_size {patch_size}: must be a positive level-0 size")
+    scores, logits = instance_scores(model, features, coords, device=device)
+    values = normalize_scores(scores, normalize)
+    slide = open_slide(slide_path)
+    try:
+        w0, h0 = slide.dimensions
+        tw, th = thumbnail_size((w0, h0), thumb_size)
+        thumb, scale = read_thumbnail(slide, max(w0 / tw, h0 / th), path=slide_path)
+    finally:
+        slide.close()
+    label = "attention (percentile)" if normalize == "rank" else "attention (min-max)"
+    picture = render_heatmap(thumb, scale, coords, values, int(patch_size), alpha, cmap, label)
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+        share_mode(tmp)
+    probs = bag_probabilities(logits.reshape(1, -1) if logits.dim() > 1 else logits.reshape(1))
+    return HeatmapResult(
+        png=out_png,
+        size=(picture.shape[1], picture.shape[0]),
+        scores=scores,
+        normalized=values,
+        logits=logits.numpy(),
+        probabilities=probs[0].numpy(),
+    )
+
+
+def read_h5_bag(h5_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(features (N, C) float32, coords (N, 2) int64, coords attrs)`` of a CLAM/Trident h5."""
+    import h5py
+
+    h5_path = Path(h5_path)
+    if not h5_path.is_file():
+        raise SparsemilError(f"--h5 {h5_path}: no such file")
+    try:
+        with h5py.File(h5_path, "r") as f:
+            for key in ("features", "coords"):
+                if key not in f:
+                    raise SparsemilError(
+                        f"--h5 {h5_path}: no '{key}' dataset (expected CLAM/Trident layout)"
+                    )
+            feats = np.asarray(f["features"][()], dtype=np.float32)
+            coords = np.asarray(f["coords"][()])
+            attrs = dict(f["coords"].attrs)
+    except OSError as err:
+        raise SparsemilError(f"--h5 {h5_path}: not a readable HDF5 file ({err})") from None
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    if feats.ndim != 2 or coords.ndim != 2 or coords.shape != (feats.shape[0], 2):
+        raise SparsemilError(
+            f"--h5 {h5_path}: features {feats.shape} and coords {coords.shape} are not (N, C), (N, 2)"
+        )
+    return feats, coords.astype(np.int64), attrs

@@ -1,0 +1,350 @@
+"""Open whole-slide images and work out magnification, read level and read size.
+
+Everything here is OpenSlide-based (``openslide-python`` with the ``openslide-bin`` wheel).
+
+Resolution of level 0
+---------------------
+The level-0 magnification ``mag0`` is taken, in this order, from
+
+1. the slide's ``openslide.mpp-x`` / ``openslide.mpp-y`` (their mean);
+2. the slide's ``openslide.objective-power``;
+3. the user's ``--mpp`` (micrometres per level-0 pixel), used only for slides that record
+   neither -- so one ``--mpp`` can accompany a mixed batch.
+
+A micrometre-per-pixel value is turned into a magnification with the usual convention
+``mag = 10 / mpp`` (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to the nearest standard
+objective (1.25, 2.5, 5, 10, 20, 40, 60, 80, 100x) when within 10 % of it, so a scanner's
+0.499 um/px counts as 20x and patches are exactly 256 px rather than 256.5. With none of the
+three the slide is refused with a one-line message asking for ``--mpp``.
+
+Patch geometry
+--------------
+For a target magnification ``mag`` and an output patch of ``patch_size`` pixels,
+``downsample = mag0 / mag`` (level-0 pixels per output pixel, never below 1: no upsampling)
+and ``patch_size_level0 = round(patch_size * downsample)``. Patches are read at the
+deepest pyramid level whose downsample does not exceed ``downsample`` by more than 1 %
+(so an Aperio level at 2.0005 serves a 2x request), ``read_size =
+round(patch_size_level0 / level_downsample)`` pixels at that level, and resized to
+``patch_size`` when the two differ. One-level slides simply read at level 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsemil.errors import SparsemilError
+
+#: File suffixes picked up when ``--slide`` is a folder (OpenSlide's vendor formats and
+#: generic tiled TIFF). DICOM is left out on purpose: one DICOM slide is many ``.dcm``
+#: files; pass one of them explicitly.
+SLIDE_EXTENSIONS: tuple[str, ...] = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+)
+
+#: Standard objective magnifications that an MPP-derived magnification snaps to.
+STANDARD_MAGNIFICATIONS: tuple[float, ...] = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
+
+_LEVEL_TOLERANCE = 1.01  # a level may exceed the wanted downsample by 1 %
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _describe_format_failure(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as err:  # pragma: no cover - permission races
+        return f"{path}: cannot read the file ({err.strerror})"
+    if head[:4] in _TIFF_MAGICS or path.suffix.lower() in SLIDE_EXTENSIONS:
+        return (
+            f"{path}: corrupt or truncated slide file: OpenSlide cannot parse it "
+            "(re-copy or re-download the file)"
+        )
+    return (
+        f"{path}: not a slide file that OpenSlide can read "
+        f"(supported: {', '.join(SLIDE_EXTENSIONS)} and DICOM)"
+    )
+
+
+def open_slide(path: str | os.PathLike[str]):
+    """Open ``path`` with OpenSlide and check it can be read.
+
+    Returns an ``openslide.OpenSlide``. Raises :class:`SparsemilError` with a one-line
+    message for a missing file, a folder, a non-slide file or a corrupt/truncated slide.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise SparsemilError(f"{path}: no such slide file")
+    if path.is_dir():
+        raise SparsemilError(f"{path}: is a folder, not a slide file")
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SparsemilError(_describe_format_failure(path)) from None
+    except openslide.OpenSlideError as err:
+        raise SparsemilError(f"{path}: corrupt slide file: {_one_line(err)}") from None
+    except OSError as err:
+        raise SparsemilError(f"{path}: cannot open the file ({err.strerror or err})") from None
+    w, h = slide.dimensions
+    if slide.level_count < 1 or w <= 0 or h <= 0:
+        slide.close()
+        raise SparsemilError(f"{path}: slide has no image data (level 0 is {w}x{h})")
+    return slide
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def read_error(path: str | os.PathLike[str], err: BaseException) -> SparsemilError:
+    """The one-line error for a slide whose pixel data fail to decode."""
+    return SparsemilError(
+        f"{path}: corrupt slide file: cannot decode its pixels ({_one_line(err)})"
+    )
+
+
+def share_mode(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the usual permissions (0666 & ~umask); temporary files start as 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def list_slides(source: str | os.PathLike[str]) -> list[Path]:
+    """The slide files named by ``source``.
+
+    A file is returned as is (whatever its suffix: it is checked when opened). A folder
+    gives its regular, non-hidden files with a suffix in :data:`SLIDE_EXTENSIONS`,
+    sorted by name (not recursive).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise SparsemilError(f"{source}: no such slide file or folder (--slide)")
+    if source.is_file():
+        return [source]
+    slides = [
+        p
+        for p in source.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS
+    ]
+    return sorted(slides, key=lambda p: p.name)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """Parse ``--shard K/N`` (0 <= K < N). ``None`` means no sharding."""
+    if text is None or text == "":
+        return None
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise SparsemilError(f"--shard {text!r}: expected K/N with integers, e.g. 0/4") from None
+    if n < 1 or not 0 <= k < n:
+        raise SparsemilError(f"--shard {text!r}: need N >= 1 and 0 <= K < N, e.g. 0/4 ... 3/4")
+    return k, n
+
+
+def shard_slides(slides: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """Every N-th slide starting at K (``slides[K::N]``) of the sorted list."""
+    if shard is None:
+        return list(slides)
+    k, n = shard
+    return list(slides)[k::n]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Level-0 resolution of a slide.
+
+    Attributes:
+        mag0: level-0 magnification used for all geometry (snapped, see module doc).
+        mpp0: micrometres per level-0 pixel as found (user, file, or ``10 / objective``).
+        source: where it came from: ``"openslide.mpp-x"``,
+            ``"openslide.objective-power"`` or ``"--mpp"``.
+    """
+
+    mag0: float
+    mpp0: float
+    source: str
+
+
+def magnification_from_mpp(mpp: float) -> float:
+    """``10 / mpp`` snapped to a standard objective when within 10 %."""
+    raw = 10.0 / mpp
+    best = min(STANDARD_MAGNIFICATIONS, key=lambda m: abs(m - raw) / m)
+    return best if abs(best - raw) / best <= 0.10 else raw
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def resolve_resolution(slide, path: str | os.PathLike[str], mpp: float | None = None) -> Resolution:
+    """Level-0 magnification from ``openslide.mpp-x``, the objective power, or ``mpp``.
+
+    ``mpp`` (the CLI's ``--mpp``) is only used for slides that record neither, so one
+    value can be given for a whole batch without overriding slides that know their size.
+    """
+    props = slide.properties
+    mx = _positive_float(props.get("openslide.mpp-x"))
+    my = _positive_float(props.get("openslide.mpp-y"))
+    if mx is not None:
+        v = (mx + my) / 2 if my is not None else mx
+        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="openslide.mpp-x")
+    power = _positive_float(props.get("openslide.objective-power"))
+    if power is not None:
+        return Resolution(mag0=power, mpp0=10.0 / power, source="openslide.objective-power")
+    if mpp is not None:
+        v = _positive_float(mpp)
+        if v is None:
+            raise SparsemilError(f"--mpp {mpp!r}: must be a positive number of micrometres/pixel")
+        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="--mpp")
+    raise SparsemilError(
+        f"{path}: the slide records neither its pixel size (openslide.mpp-x) nor its "
+        "objective power (openslide.objective-power); pass --mpp with the micrometres per "
+        "level-0 pixel (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)"
+    )
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How one output patch maps onto the slide.
+
+    Attributes:
+        target_mag: magnification the features are extracted at.
+        patch_size: output patch side in pixels (at ``target_mag``).
+        downsample: level-0 pixels per output pixel (``mag0 / target_mag``).
+        patch_size_level0: patch side in level-0 pixels (grid step as well).
+        level: pyramid level the patches are read from.
+        level_downsample: that level's downsample.
+        read_size: patch side in pixels at ``level`` (resized to ``patch_size`` if different).
+        mag0: level-0 magnification.
+    """
+
+    target_mag: float
+    patch_size: int
+    downsample: float
+    patch_size_level0: int
+    level: int
+    level_downsample: float
+    read_size: int
+    mag0: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def best_level(level_downsamples: Sequence[float], downsample: float) -> int:
+    """Deepest level whose downsample is at most ``downsample`` (1 % tolerance)."""
+    ok = [i for i, d in enumerate(level_downsamples) if d <= downsample * _LEVEL_TOLERANCE]
+    return max(ok, key=lambda i: level_downsamples[i]) if ok else 0
+
+
+def patch_geometry(
+    slide, resolution: Resolution, target_mag: float, patch_size: int, path: str | os.PathLike[str]
+) -> PatchGeometry:
+    """Read level and read size for ``patch_size`` pixels at ``target_mag``."""
+    if not (_positive_float(target_mag)):
+        raise SparsemilError(f"--mag {target_mag!r}: must be a positive magnification, e.g. 20")
+    if int(patch_size) < 8:
+        raise SparsemilError(f"--patch-size {patch_size}: must be at least 8 pixels")
+    ds = resolution.mag0 / float(target_mag)
+    if ds < 1.0 - 1e-6:
+        raise SparsemilError(
+            f"{path}: cannot extract at {target_mag:g}x from a slide whose level 0 is "
+            f"{resolution.mag0:g}x (from {resolution.source}); choose --mag {resolution.mag0:g} "
+            "or lower"
+        )
+    ds = max(ds, 1.0)
+    ps0 = int(round(patch_size * ds))
+    downs = [float(d) for d in slide.level_downsamples]
+    level = best_level(downs, ds)
+    read_size = max(1, int(round(ps0 / downs[level])))
+    return PatchGeometry(
+        target_mag=float(target_mag),
+        patch_size=int(patch_size),
+        downsample=ds,
+        patch_size_level0=ps0,
+        level=level,
+        level_downsample=downs[level],
+        read_size=read_size,
+        mag0=resolution.mag0,
+    )
+
+
+def to_rgb(region) -> np.ndarray:
+    """RGBA PIL image from ``read_region`` -> (H, W, 3) uint8, transparent parts white."""
+    a = np.asarray(region)
+    if a.ndim == 3 and a.shape[2] == 4:
+        rgb = a[..., :3].astype(np.uint16)
+        alpha = a[..., 3:4].astype(np.uint16)
+        # OpenSlide returns un-premultiplied RGBA; transparent = outside the scanned area.
+        out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+        return out.astype(np.uint8)
+    return np.ascontiguousarray(a[..., :3]).astype(np.uint8)
+
+
+def read_thumbnail(
+    slide, downsample: float, path: str | os.PathLike[str] = "", chunk: int = 4096
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """An RGB image of the whole slide at roughly ``downsample`` level-0 pixels per pixel.
+
+    Reads the deepest level not coarser than ``downsample`` in chunks of ``chunk`` pixels
+    (so a one-level slide of any size needs no full-resolution buffer) and resizes each
+    chunk into place.
+
+    Returns:
+        image: (h, w, 3) uint8, with ``w = max(1, round(W0 / downsample))`` and likewise h.
+        scale: (sx, sy) level-0 pixels per image pixel along x and y (``W0 / w``, ``H0 / h``).
+    """
+    from PIL import Image
+
+    w0, h0 = slide.dimensions
+    downsample = max(float(downsample), 1.0)
+    tw, th = max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample)))
+    downs = [float(d) for d in slide.level_downsamples]
+    level = best_level(downs, downsample)
+    lw, lh = slide.level_dimensions[level]
+    ld = downs[level]
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    try:
+        for ly in range(0, lh, chunk):
+            for lx in range(0, lw, chunk):
+                cw, ch = min(chunk, lw - lx), min(chunk, lh - ly)
+                x0, x1 = (lx * tw) // lw, ((lx + cw) * tw) // lw
+                y0, y1 = (ly * th) // lh, ((ly + ch) * th) // lh
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                region = slide.read_region((int(lx * ld), int(ly * ld)), level, (cw, ch))
+                tile = Image.fromarray(to_rgb(region))
+                if tile.size != (x1 - x0, y1 - y0):
+                    tile = tile.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+                out[y0:y1, x0:x1] = np.asarray(tile)
+    except Exception as err:
+        import openslide
+
+        if isinstance(err, openslide.OpenSlideError):
+            raise read_error(path, err) from None
+        raise
+    return out, (w0 / tw, h0 / th)
