@@ -375,7 +375,11 @@ def read_mil_csv(path: PathLike) -> list[Bag]:
         lab = _parse_int_label(row[0])
         if lab is None:
             shown = row[0] if len(row[0]) <= 30 else row[0][:27] + "..."
-            hint = " (the file must have no header row)" if line == first_line else ""
+            hint = (
+                " (the file must have no header row)"
+                if line == first_line and not _is_number(row[0])
+                else ""
+            )
             raise SparsemilError(
                 f"{path}:{line}:1: bag label {shown!r} is not an integer{hint}; fix: column 1 "
                 f"must hold integer class labels 0..n_classes-1 ({_MIL_LAYOUT})"

@@ -1,0 +1,234 @@
+"""Splits: seeded stratified k-fold, folds CSVs, official MMIL/TransMIL and CLAM CSVs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.model_selection import StratifiedKFold
+
+from sparsemil.data import (
+    Bag,
+    load_bag_source,
+    read_clam_csv,
+    read_folds_csv,
+    read_mil_csv,
+    read_official_split,
+    stratified_kfold,
+    write_folds_csv,
+)
+from sparsemil.errors import SparsemilError
+
+
+@pytest.fixture(scope="module")
+def musk1_bags(mil_csv_dir: Path) -> list[Bag]:
+    return read_mil_csv(mil_csv_dir / "musk1.csv")
+
+
+def test_stratified_kfold_on_musk1(musk1_bags: list[Bag]):
+    y = np.array([b.label for b in musk1_bags])
+    folds = stratified_kfold(y, n_splits=10, seed=0, val_fraction=0.1)
+    assert len(folds) == 10
+    tests = np.concatenate([f.test for f in folds])
+    assert np.array_equal(np.sort(tests), np.arange(92))  # every bag tested exactly once
+    # the test parts are exactly scikit-learn's StratifiedKFold(shuffle, seed)
+    skf = StratifiedKFold(10, shuffle=True, random_state=0).split(np.zeros((92, 1)), y)
+    for fold, (_, te) in zip(folds, skf, strict=True):
+        assert np.array_equal(fold.test, np.sort(te))
+    for train, val, test in folds:
+        assert np.intersect1d(train, val).size == 0 and np.intersect1d(train, test).size == 0
+        assert np.intersect1d(val, test).size == 0
+        assert train.size + val.size + test.size == 92
+        # stratified: 47/92 positives -> 4 or 5 of the ~9 test bags, val has both classes
+        assert abs(y[test].mean() - 47 / 92) < 0.1
+        assert set(y[val]) == {0, 1}
+        for c in (0, 1):  # documented rule: round(val_fraction * n_c) of each class
+            n_c = int((y[np.concatenate([train, val])] == c).sum())
+            assert int((y[val] == c).sum()) == round(0.1 * n_c)
+    again = stratified_kfold(y.tolist(), 10, 0)
+    assert all(
+        np.array_equal(a, b)
+        for fa, fb in zip(folds, again, strict=True)
+        for a, b in zip(fa, fb, strict=True)
+    )
+    other = stratified_kfold(y, 10, seed=1)
+    assert any(not np.array_equal(fa.test, fb.test) for fa, fb in zip(folds, other, strict=True))
+    no_val = stratified_kfold(y, 5, seed=0, val_fraction=0.0)
+    assert all(f.val.size == 0 and f.train.size + f.test.size == 92 for f in no_val)
+
+
+def test_stratified_kfold_too_few_members():
+    y = [0, 0, 0] + [1] * 10
+    with pytest.raises(SparsemilError) as e:
+        stratified_kfold(y, n_splits=5, seed=0)
+    msg = str(e.value)
+    assert "class 0 has only 3 bags, fewer than the 5 folds" in msg and "--folds 3" in msg
+    with pytest.raises(SparsemilError, match="integer >= 2"):
+        stratified_kfold(y, n_splits=1, seed=0)
+    with pytest.raises(SparsemilError, match="at least two classes"):
+        stratified_kfold([1] * 6, n_splits=2, seed=0)
+
+
+def test_folds_csv_roundtrip(tmp_path: Path, musk1_bags: list[Bag]):
+    y = [b.label for b in musk1_bags]
+    ids = [b.slide_id for b in musk1_bags]
+    folds = stratified_kfold(y, 4, seed=3)
+    p = write_folds_csv(tmp_path / "folds.csv", folds, ids, labels=y)
+    with open(p, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["slide_id", "label", "fold_0", "fold_1", "fold_2", "fold_3"]
+    assert len(rows) == 93 and all(r[2] in ("train", "val", "test") for r in rows[1:])
+    back = read_folds_csv(p)
+    assert back.slide_ids == ids and back.labels.tolist() == y
+    for a, b in zip(folds, back, strict=True):
+        for pa, pb in zip(a, b, strict=True):
+            assert np.array_equal(pa, pb)
+    # indices follow the data's order when slide_ids are given
+    rev = ids[::-1]
+    back_rev = read_folds_csv(p, slide_ids=rev)
+    assert sorted(rev[i] for i in back_rev[0].test) == sorted(ids[i] for i in folds[0].test)
+    with pytest.raises(SparsemilError, match=r"has no row for slide 'extra'"):
+        read_folds_csv(p, slide_ids=ids + ["extra"])
+    # load_bag_source reproduces the folds from the CSV
+    src = load_bag_source("musk1", split_csv=p)
+    assert len(src.splits) == 4 and np.array_equal(src.splits[2].val, folds[2].val)
+
+
+def _write_columns(path: Path, columns: dict[str, list], index_col: bool = True) -> Path:
+    """Write columns of different lengths, padding with blank cells (like pandas does)."""
+    n = max(len(v) for v in columns.values())
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(([""] if index_col else []) + list(columns))
+        for i in range(n):
+            row = [str(i)] if index_col else []
+            w.writerow(row + [str(v[i]) if i < len(v) else "" for v in columns.values()])
+    return path
+
+
+def _h5_dir(tmp_path: Path, bags: list[Bag], names: list[str]) -> Path:
+    d = tmp_path / "h5"
+    d.mkdir(exist_ok=True)
+    for b, name in zip(bags, names, strict=True):
+        with h5py.File(d / f"{name}.h5", "w") as f:
+            f["features"] = b.features
+            f["coords"] = np.zeros((b.n_instances, 2), dtype=np.int64)
+    return d
+
+
+def _official_split(tmp_path: Path, bags: list[Bag]) -> tuple[Path, Path, list[str]]:
+    names = [f"{'tumor' if b.label else 'normal'}_{i:03d}" for i, b in enumerate(bags)]
+    d = _h5_dir(tmp_path, bags, names)
+    tr, va, te = range(0, 8), range(8, 10), range(10, 13)
+    split = _write_columns(
+        tmp_path / "fold0.csv",
+        {
+            "train": [names[i] for i in tr],
+            # pandas writes float labels when a column is padded with NaN
+            "train_label": [float(bags[i].label) for i in tr],
+            "val": [names[i] for i in va],
+            "val_label": [float(bags[i].label) for i in va],
+            "test": [names[i] + ".tif" for i in te],  # slide file names are accepted too
+            "test_label": [float(bags[i].label) for i in te],
+        },
+    )
+    return split, d, names
+
+
+def test_official_split_csv(tmp_path: Path, musk1_bags: list[Bag]):
+    bags = musk1_bags[40:53]
+    split, d, names = _official_split(tmp_path, bags)
+    got = read_official_split(split, d)
+    assert [len(got[k]) for k in ("train", "val", "test")] == [8, 2, 3]
+    assert got["train"][0] == (d / f"{names[0]}.h5", bags[0].label)
+    assert got["test"][2] == (d / f"{names[12]}.h5", bags[12].label)
+    assert [lab for _, lab in got["val"]] == [bags[8].label, bags[9].label]
+    # as a bag source: the split defines the bags and one predefined fold
+    src = load_bag_source(d, split_csv=split)
+    assert src.format == "h5" and len(src) == 13 and src.slide_ids == names
+    (fold,) = src.splits
+    assert fold.train.tolist() == list(range(8)) and fold.test.tolist() == [10, 11, 12]
+    assert src.labels.tolist() == [b.label for b in bags]
+
+
+def test_official_split_missing_file(tmp_path: Path, musk1_bags: list[Bag]):
+    bags = musk1_bags[40:53]
+    split, d, names = _official_split(tmp_path, bags)
+    (d / f"{names[9]}.h5").unlink()  # val row 2 -> line 3 of the CSV
+    for call in (
+        lambda: read_official_split(split, d),
+        lambda: load_bag_source(d, split_csv=split),
+    ):
+        with pytest.raises(SparsemilError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert f"split CSV {split}:3: val slide '{names[9]}' has no feature file" in msg
+        assert f"{d / names[9]}.h5 does not exist" in msg
+
+
+def test_split_csv_with_overlapping_train_and_test(tmp_path: Path, musk1_bags: list[Bag]):
+    ids = [b.slide_id for b in musk1_bags]
+    split = _write_columns(
+        tmp_path / "leak.csv",
+        {"train": ids[:50], "val": ids[50:60], "test": ids[45:]},
+        index_col=False,
+    )
+    with pytest.raises(SparsemilError, match=r"slide '46' is in both train and test \(5 such\)"):
+        load_bag_source("musk1", split_csv=split)
+    bad = _write_columns(tmp_path / "unknown.csv", {"train": ids[:5] + ["999"], "test": ids[5:8]})
+    with pytest.raises(
+        SparsemilError, match=r"unknown\.csv:7: train slide '999' is not in the data"
+    ):
+        load_bag_source("musk1", split_csv=bad)
+
+
+def test_clam_dataset_csv_string_labels(tmp_path: Path, musk1_bags: list[Bag]):
+    bags = musk1_bags[44:50]  # 3 musk, 3 non-musk
+    names = [f"slide-{i}" for i in range(6)]
+    d = _h5_dir(tmp_path, bags, names)
+    cls = {0: "normal_tissue", 1: "tumor_tissue"}
+    lab = tmp_path / "tumor_vs_normal.csv"
+    lab.write_text(
+        "case_id,slide_id,label\n"
+        + "".join(
+            f"p{i},{n},{cls[b.label]}\n" for i, (n, b) in enumerate(zip(names, bags, strict=True))
+        )
+    )
+    refs = read_clam_csv(lab, d)
+    # sorted-unique rule: normal_tissue -> 0, tumor_tissue -> 1
+    assert [r.label for r in refs] == [b.label for b in bags]
+    assert [r.slide_id for r in refs] == names and refs[0].path == d / "slide-0.h5"
+    flipped = read_clam_csv(lab, d, label_map={"tumor_tissue": 0, "normal_tissue": 1})
+    assert [r.label for r in flipped] == [1 - b.label for b in bags]
+    with pytest.raises(
+        SparsemilError, match=r"tumor_vs_normal\.csv:\d: label '\w+' is not in the label mapping"
+    ):
+        read_clam_csv(lab, d, label_map={"tumor_tissue": 1})
+    (d / "slide-4.h5").unlink()
+    with pytest.raises(
+        SparsemilError,
+        match=rf"{lab}:6: slide 'slide-4' has no feature file: .*slide-4\.h5 does not exist",
+    ):
+        read_clam_csv(lab, d)
+
+
+def test_clam_splits_csv_with_label_csv(tmp_path: Path, musk1_bags: list[Bag]):
+    """CLAM's splits_k.csv (train,val,test without labels) + the dataset CSV for labels."""
+    bags = musk1_bags[40:50]
+    names = [f"s{i}" for i in range(10)]
+    d = _h5_dir(tmp_path, bags, names)
+    lab = tmp_path / "ds.csv"
+    lab.write_text(
+        "slide_id,label\n" + "".join(f"{n},{b.label}\n" for n, b in zip(names, bags, strict=True))
+    )
+    split = _write_columns(
+        tmp_path / "splits_0.csv", {"train": names[:6], "val": names[6:8], "test": names[8:]}
+    )
+    src = load_bag_source(d, "h5", split_csv=split, label_csv=lab)
+    assert src.splits[0].val.tolist() == [6, 7] and src.splits[0].test.tolist() == [8, 9]
+    with pytest.raises(SparsemilError, match="no train_label column"):
+        read_official_split(split, d)
