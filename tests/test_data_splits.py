@@ -232,3 +232,12 @@ def test_clam_splits_csv_with_label_csv(tmp_path: Path, musk1_bags: list[Bag]):
     assert src.splits[0].val.tolist() == [6, 7] and src.splits[0].test.tolist() == [8, 9]
     with pytest.raises(SparsemilError, match="no train_label column"):
         read_official_split(split, d)
+
+
+def test_dataset_csv_saved_by_excel_with_bom(tmp_path: Path, musk1_bags: list[Bag]):
+    bags = musk1_bags[45:49]
+    d = _h5_dir(tmp_path, bags, [f"s{i}" for i in range(4)])
+    lab = tmp_path / "excel.csv"
+    text = "slide_id,label\r\n" + "".join(f"s{i},{b.label}\r\n" for i, b in enumerate(bags))
+    lab.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [r.label for r in read_clam_csv(lab, d)] == [b.label for b in bags]

@@ -215,7 +215,7 @@ def read_pt(path: PathLike, label: int = -1, slide_id: str | None = None) -> Bag
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) for every non-blank row."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             for row in reader:
                 if not row or all(not c.strip() for c in row):

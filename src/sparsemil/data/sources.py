@@ -109,7 +109,7 @@ class BagSource:
 def _first_csv_rows(path: Path, k: int = 2) -> list[list[str]]:
     out: list[list[str]] = []
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             for row in csv.reader(fh):
                 if row and any(c.strip() for c in row):
                     out.append(row)
@@ -184,7 +184,7 @@ def guess_format(data: PathLike) -> tuple[str, str]:
 def _dsmil_listing(path: Path) -> list[BagRef]:
     """DSMIL's bag-list CSV: column 0 = per-slide CSV path, column 1 = integer label."""
     refs: list[BagRef] = []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         for i, row in enumerate(reader):
             if not row or all(not c.strip() for c in row):
@@ -241,8 +241,13 @@ def _folds_from_split_csv(
 ) -> list[Fold]:
     """Predefined folds (indices into ``bags``) from a split or folds CSV."""
     ids = [b.slide_id for b in bags]
-    with open(split_csv, newline="") as fh:
-        first = next((r for r in csv.reader(fh) if r and any(c.strip() for c in r)), [])
+    try:
+        with open(split_csv, newline="", encoding="utf-8-sig") as fh:
+            first = next((r for r in csv.reader(fh) if r and any(c.strip() for c in r)), [])
+    except (UnicodeDecodeError, csv.Error):
+        raise SparsemilError(
+            f"split CSV {split_csv} is not a text CSV file; fix: check --split-csv"
+        ) from None
     if is_folds_header(first):
         return list(read_folds_csv(split_csv, slide_ids=ids))
     table = read_split_table(split_csv)
@@ -427,7 +432,7 @@ def load_bag_source(
 
     labels = np.array([int(b.label) for b in bags], dtype=np.int64)
     if n_classes is None:
-        n_classes = len(class_names) if class_names else max(2, int(labels.max(initial=0)) + 1)
+        n_classes = max(2, len(class_names) if class_names else int(labels.max(initial=0)) + 1)
     validate_bags(bags, int(n_classes), source=str(path), deep=deep)
     dim = _dim_of(bags[0])
     return BagSource(

@@ -78,7 +78,7 @@ def _read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[
     if not path.is_file():
         raise SparsemilError(f"{what} {path} is not a file; fix: point at a CSV file")
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
     except UnicodeDecodeError:
@@ -263,7 +263,7 @@ def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
 
 
 def read_official_split(
-    csv_path: PathLike,
+    csv: PathLike,
     data_dir: PathLike,
     *,
     suffixes: Sequence[str] = (".h5", ".pt"),
@@ -281,7 +281,7 @@ def read_official_split(
         SparsemilError: a row names a slide with no feature file (the message names the
             split CSV, the row and the missing path), or the CSV has no label columns.
     """
-    path = Path(csv_path)
+    path = Path(csv)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise SparsemilError(
@@ -374,7 +374,7 @@ def read_label_csv(
 
 
 def read_clam_csv(
-    csv_path: PathLike,
+    csv: PathLike,
     data_dir: PathLike,
     label_map: dict[str, int] | None = None,
     *,
@@ -387,7 +387,7 @@ def read_clam_csv(
     ``pt_files``). String labels follow :func:`label_indices` (sorted unique names -> 0..K-1)
     unless ``label_map`` is given.
     """
-    path = Path(csv_path)
+    path = Path(csv)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise SparsemilError(
@@ -513,7 +513,7 @@ def write_folds_csv(
             cells[np.asarray(part, dtype=np.int64), f] = name
     header = ["slide_id"] + (["label"] if labels is not None else [])
     header += [f"fold_{f}" for f in range(len(folds))]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(header)
         for i in range(n):
