@@ -151,3 +151,19 @@ def test_load_bag_source_validates_mil_csv(tmp_path: Path, mil_csv_dir: Path):
     q.write_text("\n".join(nan) + "\n")
     with pytest.raises(SparsemilError, match=r"has 1 non-finite feature values \(1 NaN, 0 Inf\)"):
         load_bag_source(q)
+
+
+def test_small_h5_folder_values_checked_up_front(tmp_path: Path, musk1_bags: list[Bag]):
+    d = tmp_path / "feats"
+    d.mkdir()
+    feats = musk1_bags[0].features.copy()
+    feats[1, 1] = np.inf
+    _h5(d / "a.h5", musk1_bags[47].features)
+    _h5(d / "b.h5", feats)
+    lab = tmp_path / "labels.csv"
+    lab.write_text("slide_id,label\na,0\nb,1\n")
+    with pytest.raises(
+        SparsemilError, match=r"bag 'b' \(.*b\.h5\) has 1 non-finite .*\(0 NaN, 1 Inf\)"
+    ):
+        load_bag_source(d, label_csv=lab)
+    assert len(load_bag_source(d, label_csv=lab, deep=False)) == 2  # shapes only

@@ -49,6 +49,8 @@ from sparsemil.errors import SparsemilError
 PathLike = str | os.PathLike[str]
 
 FORMATS = ("auto", "mil-csv", "h5", "pt", "dsmil-csv")
+DEEP_CHECK_BYTES = 1 << 30
+"""Folders of ``.h5`` files up to this total size get their values checked up front."""
 _SUFFIXES = {"h5": (".h5", ".hdf5"), "pt": (".pt", ".pth"), "dsmil-csv": (".csv",)}
 
 
@@ -328,7 +330,7 @@ def load_bag_source(
     label_csv: PathLike | None = None,
     *,
     label_map: dict[str, int] | None = None,
-    deep: bool = False,
+    deep: bool | None = None,
 ) -> BagSource:
     """Read/index the bags named by ``data``, attach splits, validate everything.
 
@@ -342,8 +344,9 @@ def load_bag_source(
             of class names when labels were strings.
         label_csv: a CLAM-style dataset CSV (``slide_id, label``) for folder formats.
         label_map: explicit ``{label string: class index}`` for ``label_csv`` labels.
-        deep: also read every ``.h5`` array now to check for NaN/Inf (otherwise checked
-            when each bag is loaded).
+        deep: also read every ``.h5`` array now to check for NaN/Inf. ``None`` (default):
+            only when the ``.h5`` files total at most :data:`DEEP_CHECK_BYTES`; beyond that
+            only shapes are read now and values are checked as each bag is loaded.
     """
     fmt = str(format).strip().lower()
     if fmt not in FORMATS:
@@ -433,6 +436,8 @@ def load_bag_source(
     labels = np.array([int(b.label) for b in bags], dtype=np.int64)
     if n_classes is None:
         n_classes = max(2, len(class_names) if class_names else int(labels.max(initial=0)) + 1)
+    if deep is None:
+        deep = _h5_bytes(bags) <= DEEP_CHECK_BYTES
     validate_bags(bags, int(n_classes), source=str(path), deep=deep)
     dim = _dim_of(bags[0])
     return BagSource(
@@ -454,3 +459,14 @@ def _dim_of(item: Bag | BagRef) -> int:
     from sparsemil.data.readers import bag_info
 
     return bag_info(item.path)[1]
+
+
+def _h5_bytes(bags: list) -> int:
+    total = 0
+    for b in bags:
+        if isinstance(b, BagRef) and Path(b.path).suffix.lower() in (".h5", ".hdf5"):
+            try:
+                total += Path(b.path).stat().st_size
+            except OSError:
+                pass  # reported by validate_bags
+    return total
