@@ -182,15 +182,16 @@ def save_sparse(
             :func:`load_checkpoint` can rebuild the model from this file alone.
 
     Returns:
-        ``{"dense_bytes", "sparse_bytes"}``: sizes of the same state dict serialised as a dense
-        safetensors file and of the written compressed file.
+        ``{"dense_bytes", "sparse_bytes"}``: the size of the dense checkpoint of the same model
+        and ``meta`` (what :func:`save_checkpoint` writes) and of the written compressed file.
     """
     state = _contiguous_state(model)
     tensors, layout = sparse_state_dict(state)
-    metadata = {SPARSE_KEY: json.dumps(layout)}
+    dense_meta = {}
     if meta is not None:
-        metadata[CHECKPOINT_KEY] = json.dumps(dict(meta), default=_json_default)
-    dense_bytes = len(st_save(state, metadata=metadata))
+        dense_meta[CHECKPOINT_KEY] = json.dumps(dict(meta), default=_json_default)
+    metadata = {SPARSE_KEY: json.dumps(layout), **dense_meta}
+    dense_bytes = len(st_save(state, metadata=dense_meta or None))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return {"dense_bytes": dense_bytes, "sparse_bytes": Path(path).stat().st_size}
