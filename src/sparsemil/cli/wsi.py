@@ -73,7 +73,8 @@ def extract(
         slide, out, cfg, backbone_name=backbone, weights=weights, shard=parse_shard(shard)
     )
     if any(r.status == "failed" for r in results):
-        raise typer.Exit(1)
+        # SystemExit (not typer.Exit) so the status survives standalone_mode=False in main()
+        raise SystemExit(1)
 
 
 @app.command("heatmap")

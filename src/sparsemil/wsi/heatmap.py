@@ -280,7 +280,7 @@ def attention_heatmap(
     try:
         w0, h0 = slide.dimensions
         tw, th = thumbnail_size((w0, h0), thumb_size)
-        thumb, scale = read_thumbnail(slide, max(w0 / tw, h0 / th), path=slide_path)
+        thumb, scale = read_thumbnail(slide, path=slide_path, size=(tw, th))
     finally:
         slide.close()
     label = "attention (percentile)" if normalize == "rank" else "attention (min-max)"

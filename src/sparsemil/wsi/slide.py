@@ -65,19 +65,33 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _describe_format_failure(path: Path) -> str:
+    """Why OpenSlide refused ``path``: a damaged slide, or no slide at all (by content)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
+            head = fh.read(132)
     except OSError as err:  # pragma: no cover - permission races
         return f"{path}: cannot read the file ({err.strerror})"
-    if head[:4] in _TIFF_MAGICS or path.suffix.lower() in SLIDE_EXTENSIONS:
+    if not head:
+        return f"{path}: empty file, not a slide"
+    slide_like = (
+        head[:4] in _TIFF_MAGICS
+        or head.startswith(b"SQLite format 3")  # Sakura .svslide
+        or head.startswith(b"ZISRAWFILE")  # Zeiss .czi
+        or head[128:132] == b"DICM"  # DICOM
+    )
+    if slide_like:
         return (
             f"{path}: corrupt or truncated slide file: OpenSlide cannot parse it "
             "(re-copy or re-download the file)"
         )
+    if path.suffix.lower() in (".mrxs", ".vms", ".vmu"):
+        return (
+            f"{path}: OpenSlide cannot open this {path.suffix} slide: its companion files "
+            "are missing or damaged (they must sit next to it, as the scanner wrote them)"
+        )
     return (
-        f"{path}: not a slide file that OpenSlide can read "
-        f"(supported: {', '.join(SLIDE_EXTENSIONS)} and DICOM)"
+        f"{path}: not a slide file: its content is no format OpenSlide reads "
+        f"({', '.join(SLIDE_EXTENSIONS)}, DICOM)"
     )
 
 
@@ -306,23 +320,38 @@ def to_rgb(region) -> np.ndarray:
 
 
 def read_thumbnail(
-    slide, downsample: float, path: str | os.PathLike[str] = "", chunk: int = 4096
+    slide,
+    downsample: float | None = None,
+    path: str | os.PathLike[str] = "",
+    chunk: int = 4096,
+    size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """An RGB image of the whole slide at roughly ``downsample`` level-0 pixels per pixel.
 
-    Reads the deepest level not coarser than ``downsample`` in chunks of ``chunk`` pixels
+    Reads the deepest level not coarser than the downsample in chunks of ``chunk`` pixels
     (so a one-level slide of any size needs no full-resolution buffer) and resizes each
     chunk into place.
 
+    Args:
+        downsample: level-0 pixels per image pixel (at least 1).
+        size: exact (w, h) of the image instead of ``downsample``.
+
     Returns:
-        image: (h, w, 3) uint8, with ``w = max(1, round(W0 / downsample))`` and likewise h.
+        image: (h, w, 3) uint8, with ``w = max(1, round(W0 / downsample))`` and likewise h
+            (or ``size``).
         scale: (sx, sy) level-0 pixels per image pixel along x and y (``W0 / w``, ``H0 / h``).
     """
     from PIL import Image
 
     w0, h0 = slide.dimensions
-    downsample = max(float(downsample), 1.0)
-    tw, th = max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample)))
+    if size is not None:
+        tw, th = max(1, int(size[0])), max(1, int(size[1]))
+        downsample = max(min(w0 / tw, h0 / th), 1.0)
+    else:
+        if downsample is None:
+            raise ValueError("read_thumbnail needs downsample or size")
+        downsample = max(float(downsample), 1.0)
+        tw, th = max(1, int(round(w0 / downsample))), max(1, int(round(h0 / downsample)))
     downs = [float(d) for d in slide.level_downsamples]
     level = best_level(downs, downsample)
     lw, lh = slide.level_dimensions[level]
