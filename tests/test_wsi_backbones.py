@@ -18,6 +18,7 @@ from sparsemil.wsi.backbones import (
     is_torchscript,
 )
 
+
 @contextlib.contextmanager
 def _no_onednn():
     """oneDNN's first-call kernel setup costs seconds for 53 conv shapes: not needed here."""
