@@ -19,6 +19,7 @@ from sparsemil.prune.sweep import (
     SweepResult,
     actual_ratio,
     actual_ratios,
+    pruned_counts_and_distances,
     pruning_sweep,
     vision_evaluator,
     vision_sweep,
@@ -82,6 +83,8 @@ def test_sweep_equals_naive_loop(trained) -> None:
     assert res.extra["train_acc"].tolist() == [r["train_acc"] for r in naive]
     assert res.num_pruned.tolist() == [r["num_pruned"] for r in naive]
     np.testing.assert_allclose(res.distance, [r["distance"] for r in naive], rtol=1e-6)
+    counts, dists = pruned_counts_and_distances(model, ratios)
+    assert counts.tolist() == res.num_pruned.tolist() and dists.tolist() == res.distance.tolist()
     # the model is back at w* afterwards
     for k, v in model.state_dict().items():
         assert torch.equal(v, w_star[k]), k

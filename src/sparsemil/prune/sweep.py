@@ -164,6 +164,29 @@ def _check_params(params: Sequence[ParamRef]) -> list[torch.Tensor]:
     return tensors
 
 
+def pruned_counts_and_distances(
+    model: nn.Module,
+    ratios: Sequence[float] | np.ndarray,
+    params: Sequence[ParamRef] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Number of pruned weights and ``||w* - w_rho||_2`` for each ratio, without evaluating.
+
+    Same rule and the same numbers as :func:`pruning_sweep` (one sort; the model is not
+    modified). Useful for R(rho) on a finer grid than the sweep's, e.g. for a bisection.
+    """
+    params = list(params) if params is not None else prunable_parameters(model)
+    tensors = _check_params(params)
+    with torch.no_grad():
+        mags = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
+        sorted_np = torch.sort(mags).values.double().cpu().numpy()
+    n_w = sorted_np.size
+    ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
+    ks = np.array([num_to_prune(r, n_w) for r in ratios], dtype=np.int64)
+    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
+    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
+    return n_pruned, np.sqrt(cum_sq[n_pruned])
+
+
 def pruning_sweep(
     model: nn.Module,
     evaluate: Callable[[nn.Module], Mapping[str, float]],
