@@ -1,8 +1,404 @@
-"""``sparsemil mil`` sub-commands."""
-# NOTE TO DEVELOPERS: read /work/main/CONTRIBUTING.md (rules + cross-module API) before editing.
+"""``sparsemil mil`` sub-commands: train, cv, test, predict, benchmark.
+
+Options given on the command line override the ``--config`` file; heavy imports (torch,
+Lightning) happen inside the commands.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="mil commands.", no_args_is_help=True)
+from sparsemil.errors import SparsemilError
+
+app = typer.Typer(
+    help="Multiple-instance learning: train, cross-validate, test and apply MIL models "
+    "(MMIL-Transformer and the torchmil baselines abmil, transmil, dsmil, clam_sb, dtfdmil).",
+    no_args_is_help=True,
+)
+
+MODELS_HELP = "mmil | abmil | transmil | dsmil | clam_sb | dtfdmil"
+
+# Shared options (Typer OptionInfo objects may be reused as defaults).
+O_CONFIG = typer.Option(None, "--config", "-c", help="YAML/JSON config (flags override it).")
+O_DATA = typer.Option(
+    None,
+    "--data",
+    help="Bags: classic-MIL CSV or benchmark name (musk1, musk2, elephant, ucsb_breast_cancer), CLAM dataset CSV, or official split CSV.",
+)
+O_FORMAT = typer.Option(None, "--format", help="auto | mil-csv | clam | split.")
+O_DATA_DIR = typer.Option(
+    None, "--data-dir", help="Folder of per-slide .h5/.pt feature files (clam/split formats)."
+)
+O_NCLS = typer.Option(None, "--n-classes", help="Number of bag classes (default 2).")
+O_MODEL = typer.Option(None, "--model", "-m", help=MODELS_HELP)
+O_MKW = typer.Option(
+    None, "--model-kwargs", help="Model options as JSON, e.g. '{\"embed_dim\": 128}'."
+)
+O_SEED = typer.Option(
+    None, "--seed", help="Seed of splits, initialisation and training (default 0)."
+)
+O_FOLDS = typer.Option(None, "--folds", help="Number of CV folds (default 10).")
+O_EPOCHS = typer.Option(None, "--max-epochs", help="Maximum epochs (default 100).")
+O_LR = typer.Option(None, "--lr", help="AdamW learning rate (default 2e-4).")
+O_WD = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 1e-5).")
+O_BS = typer.Option(
+    None, "--batch-size", help="Bags per step per process (default 1; >1 pads + masks)."
+)
+O_ACC = typer.Option(
+    None, "--accumulate-grad-batches", help="Gradient accumulation steps (default 1)."
+)
+O_L1 = typer.Option(
+    None,
+    "--l1",
+    help="L1 strength: loss += l1 * sum|theta| over all weights and biases (default 0).",
+)
+O_PAT = typer.Option(None, "--patience", help="Early-stopping patience in epochs (default 20).")
+O_START = typer.Option(
+    None, "--stop-start-epoch", help="No early stop before this epoch (default 50)."
+)
+O_ES = typer.Option(
+    None,
+    "--early-stopping/--no-early-stopping",
+    help="Early stopping on validation loss (default on).",
+)
+O_VAL = typer.Option(
+    None, "--val-fraction", help="Share of training bags held out for validation (default 0.1)."
+)
+O_STD = typer.Option(
+    None,
+    "--standardize/--no-standardize",
+    help="z-score features with training statistics (default: on for mil-csv).",
+)
+O_NTEST = typer.Option(
+    None,
+    "--num-test",
+    help="Repeated test passes (random grouping), reported as mean ± std (default 1).",
+)
+O_ACCEL = typer.Option(None, "--accelerator", help="cpu | gpu | auto (default cpu).")
+O_DEV = typer.Option(
+    None, "--devices", help="Processes/GPUs per machine; >1 runs DDP (gloo on CPU)."
+)
+O_NODES = typer.Option(
+    None, "--num-nodes", help="Machines for DDP (launch with torchrun or SLURM)."
+)
+O_STRAT = typer.Option(
+    None, "--strategy", help="Lightning strategy (default auto; ddp when devices > 1)."
+)
+O_PROG = typer.Option(None, "--progress/--no-progress", help="Progress bars (default on).")
+O_OUT = typer.Option(None, "--out", "-o", help="Output folder.")
+O_RESUME = typer.Option(
+    False, "--resume", help="Continue a killed run in --out from its last finished epoch."
+)
+
+
+def _config(config: Path | None, **flags: Any) -> Any:
+    from sparsemil.train.config import MILTrainConfig, load_config
+
+    cfg = load_config(config) if config is not None else MILTrainConfig()
+    mkw = flags.pop("model_kwargs", None)
+    if mkw is not None:
+        try:
+            parsed = json.loads(mkw)
+        except json.JSONDecodeError as err:
+            raise SparsemilError(
+                f"--model-kwargs is not valid JSON ({err.msg}); e.g. '{{\"embed_dim\": 128}}'"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise SparsemilError(
+                "--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 128}'"
+            )
+        flags["model_kwargs"] = (
+            {**cfg.model_kwargs, **parsed} if flags.get("model") in (None, cfg.model) else parsed
+        )
+    if flags.get("model") not in (None, cfg.model) and "model_kwargs" not in flags:
+        flags["model_kwargs"] = {}  # options of the config's model do not apply to another
+    return cfg.override(**flags)
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    return f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+
+@app.command("train")
+def train(
+    config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
+    data_dir: str | None = O_DATA_DIR, n_classes: int | None = O_NCLS, model: str | None = O_MODEL,
+    model_kwargs: str | None = O_MKW, seed: int | None = O_SEED, folds: int | None = O_FOLDS,
+    fold: int | None = typer.Option(None, "--fold", help="Without a split CSV: train on fold FOLD of --folds (default 0)."),
+    max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
+    batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
+    patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
+    val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
+    accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
+    strategy: str | None = O_STRAT, progress: bool | None = O_PROG, out: str | None = O_OUT,
+    resume: bool = O_RESUME,
+) -> None:  # fmt: skip
+    """Train one model (checkpoints, early stopping, CSV logs) and test it on the split's
+    test part. Writes OUT/model.safetensors, OUT/metrics.json and OUT/predictions.csv."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    cfg = _config(config, **flags)
+    from sparsemil.train.data import holdout_fold, load_mil_data
+    from sparsemil.train.evaluate import write_predictions_csv
+    from sparsemil.train.trainer import fit_fold, global_rank, preflight, prepare_out_dir
+    from sparsemil.utils.io import atomic_write_json
+
+    data = load_mil_data(cfg)
+    split = holdout_fold(data, cfg)
+    preflight(cfg, data)
+    run_dir = prepare_out_dir(cfg.out or "runs/mil-train", resume, "metrics.json")
+    result = fit_fold(cfg, data, split, run_dir, resume=resume)
+    if global_rank() != 0 or result is None:
+        return
+    rows = result.pop("predictions", [])
+    metrics = {
+        **{m: v for m, v in (result.get("test_time") or {}).items()},
+        **result,
+        "predictions": rows,
+    }
+    write_predictions_csv(run_dir / "predictions.csv", rows)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    typer.echo(
+        f"model: {run_dir / 'model.safetensors'} (best epoch {result['best_epoch']}, {result['epochs_done']} epochs)"
+    )
+    if "metrics" in result:
+        tt = result["test_time"]
+        typer.echo(
+            f"test ({result['n_test']} bags, {cfg.num_test} pass(es)): accuracy {_fmt(tt['accuracy'])}, AUC {_fmt(tt['auc'])}"
+        )
+    typer.echo(f"metrics: {run_dir / 'metrics.json'}")
+
+
+@app.command("cv")
+def cv(
+    config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
+    data_dir: str | None = O_DATA_DIR, n_classes: int | None = O_NCLS, model: str | None = O_MODEL,
+    model_kwargs: str | None = O_MKW, seed: int | None = O_SEED, folds: int | None = O_FOLDS,
+    max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
+    batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
+    patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
+    val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
+    accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
+    strategy: str | None = O_STRAT, progress: bool | None = O_PROG, out: str | None = O_OUT,
+    resume: bool = O_RESUME,
+) -> None:  # fmt: skip
+    """Stratified k-fold cross-validation. Writes OUT/metrics.json (accuracy, auc, ... as
+    {mean, std} over folds; per-fold results; predictions), OUT/predictions.csv, OUT/folds.csv."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    cfg = _config(config, **flags)
+    from sparsemil.train.cv import run_cv
+
+    out_dir = cfg.out or "runs/mil-cv"
+    m = run_cv(cfg, out_dir, resume=resume)
+    if m is None:
+        return
+    typer.echo(
+        f"{cfg.model} on {Path(m['protocol']['data']).stem}, {cfg.folds}-fold CV (seed {cfg.seed}): "
+        f"accuracy {_fmt(m['accuracy'])}, AUC {_fmt(m['auc'])}, balanced accuracy "
+        f"{_fmt(m['balanced_accuracy'])}, F1 {_fmt(m['f1'])}"
+    )
+    typer.echo(f"metrics: {Path(out_dir) / 'metrics.json'}")
+
+
+def _load_for_eval(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    from sparsemil.mil.checkpoint import load_mil_checkpoint
+
+    return load_mil_checkpoint(checkpoint)
+
+
+@app.command("test")
+def test(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="model.safetensors written by `mil train`."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="Labelled bags (same forms as `mil train --data`)."
+    ),
+    format: str = typer.Option("auto", "--format", help="auto | mil-csv | clam | split."),
+    data_dir: str | None = O_DATA_DIR,
+    part: str = typer.Option(
+        "auto",
+        "--part",
+        help="auto (test part of a split CSV, else all bags) | all | train | val | test.",
+    ),
+    num_test: int = typer.Option(
+        1, "--num-test", help="Repeated passes (random grouping): mean ± std."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the test passes."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder for metrics.json and predictions.csv."
+    ),
+) -> None:
+    """Evaluate a trained checkpoint on labelled bags: accuracy, balanced accuracy, AUC, F1
+    (mean ± std over --num-test passes) and per-slide predictions."""
+    from torch.utils.data import DataLoader
+
+    from sparsemil.data.bags import collate_bags
+    from sparsemil.train.config import MILTrainConfig
+    from sparsemil.train.data import MILDataset, Standardizer, load_mil_data
+    from sparsemil.train.evaluate import (
+        evaluate_predictions,
+        predict_bags,
+        prediction_rows,
+        write_predictions_csv,
+    )
+    from sparsemil.utils.io import atomic_write_json
+
+    if num_test < 1:
+        raise SparsemilError(f"--num-test must be >= 1 (got {num_test})")
+    if part not in ("auto", "all", "train", "val", "test"):
+        raise SparsemilError(f"--part must be auto, all, train, val or test (got {part!r})")
+    model, meta = _load_for_eval(checkpoint)
+    cfg = MILTrainConfig(
+        data=data, format=format, data_dir=data_dir, n_classes=int(meta["n_classes"])
+    )
+    cfg.validate("command line")
+    d = load_mil_data(cfg)
+    if d.in_dim != int(meta["in_dim"]):
+        raise SparsemilError(
+            f"{data}: bags have {d.in_dim} features but checkpoint {checkpoint} expects {meta['in_dim']}; use features from the same encoder"
+        )
+    if part == "auto":
+        idx = d.split["test"] if d.split and d.split.get("test") else list(range(len(d.bags)))
+    elif part == "all":
+        idx = list(range(len(d.bags)))
+    else:
+        if not d.split:
+            raise SparsemilError(f"--part {part} needs a split CSV (--format split) as --data")
+        idx = d.split.get(part) or []
+    if not idx:
+        raise SparsemilError(f"{data}: the selected part ({part}) has no bags")
+    std = Standardizer.from_meta(meta.get("standardize"))
+    loader = DataLoader(
+        MILDataset(d.bags, idx, std), batch_size=1, shuffle=False, collate_fn=collate_bags
+    )
+    pred = predict_bags(model, loader, num_test=num_test, seed=seed)
+    ev = evaluate_predictions(pred, d.n_classes)
+    rows = prediction_rows(pred)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions_csv(out / "predictions.csv", rows)
+    metrics = {**ev["test_time"], "ensemble": ev["ensemble"], "passes": ev["passes"], "n_bags": len(idx),
+               "checkpoint": str(checkpoint), "data": d.source, "num_test": num_test, "predictions": rows}  # fmt: skip
+    atomic_write_json(out / "metrics.json", metrics)
+    typer.echo(
+        f"{len(idx)} bags, {num_test} pass(es): accuracy {_fmt(ev['test_time']['accuracy'])}, AUC {_fmt(ev['test_time']['auc'])}"
+    )
+    typer.echo(f"metrics: {out / 'metrics.json'}")
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="model.safetensors written by `mil train`."
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="A per-slide feature file (.h5/.pt/.csv), a folder of them, or a classic-MIL CSV with --format mil-csv.",
+    ),
+    format: str = typer.Option(
+        "auto", "--format", help="auto (file or folder of per-slide files) | mil-csv."
+    ),
+    num_test: int = typer.Option(1, "--num-test", help="Passes to average (random grouping)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the passes."),
+    out: Path = typer.Option(..., "--out", "-o", help="Predictions CSV to write."),
+) -> None:
+    """Predict bag probabilities for new slides (labels not needed); writes a CSV with one
+    row per slide: slide_id, predicted class, probability per class."""
+    from torch.utils.data import DataLoader
+
+    from sparsemil.data.bags import BagRef, collate_bags
+    from sparsemil.data.readers import BAG_SUFFIXES, read_mil_csv
+    from sparsemil.train.data import MILDataset, Standardizer
+    from sparsemil.train.evaluate import predict_bags, prediction_rows, write_predictions_csv
+
+    if num_test < 1:
+        raise SparsemilError(f"--num-test must be >= 1 (got {num_test})")
+    if format not in ("auto", "mil-csv"):
+        raise SparsemilError(f"--format must be auto or mil-csv for predict (got {format!r})")
+    model, meta = _load_for_eval(checkpoint)
+    if not data.exists():
+        raise SparsemilError(f"data path {data} does not exist; fix --data")
+    if format == "mil-csv":
+        bags: list[Any] = list(read_mil_csv(data))
+    elif data.is_dir():
+        files = sorted(p for p in data.iterdir() if p.suffix.lower() in BAG_SUFFIXES)
+        if not files:
+            raise SparsemilError(f"{data} holds no .h5/.pt/.csv feature files")
+        bags = [BagRef(path=p, label=-1, slide_id=p.stem) for p in files]
+    else:
+        bags = [BagRef(path=data, label=-1, slide_id=data.stem)]
+    checked = []
+    for b in bags:  # validate every bag before predicting
+        bag = b.load() if isinstance(b, BagRef) else b
+        if bag.n_instances == 0:
+            raise SparsemilError(f"bag {bag.where()} is empty; remove it")
+        if bag.dim != int(meta["in_dim"]):
+            raise SparsemilError(
+                f"bag {bag.where()} has {bag.dim} features but the checkpoint expects {meta['in_dim']}"
+            )
+        checked.append(b)
+    std = Standardizer.from_meta(meta.get("standardize"))
+    loader = DataLoader(
+        MILDataset(checked, list(range(len(checked))), std),
+        batch_size=1,
+        shuffle=False,
+        collate_fn=collate_bags,
+    )
+    pred = predict_bags(model, loader, num_test=num_test, seed=seed)
+    rows = [{k: v for k, v in r.items() if k != "label"} for r in prediction_rows(pred)]
+    write_predictions_csv(out, rows)
+    typer.echo(f"{len(rows)} predictions: {out}")
+
+
+@app.command("benchmark")
+def benchmark(
+    datasets: str = typer.Option(
+        "musk1,musk2,elephant,ucsb_breast_cancer",
+        "--datasets",
+        help="Comma-separated benchmark names.",
+    ),
+    models: str = typer.Option(
+        "mmil,abmil,transmil,dsmil,clam_sb,dtfdmil", "--models", help="Comma-separated models."
+    ),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated training seeds."),
+    folds: int = typer.Option(10, "--folds", help="CV folds."),
+    max_epochs: int | None = typer.Option(
+        None, "--max-epochs", help="Override the benchmark recipe's epochs."
+    ),
+    out: Path = typer.Option(
+        Path("runs/mil-benchmark"), "--out", "-o", help="Run folder (resumable)."
+    ),
+    table: Path = typer.Option(
+        Path("docs/results/mil_benchmarks.md"), "--table", help="Markdown table to (re)write."
+    ),
+    progress: bool = typer.Option(
+        False, "--progress/--no-progress", help="Per-epoch progress bars."
+    ),
+) -> None:
+    """Cross-validate every model on the classic MIL benchmarks and (re)write the Markdown
+    table. Finished (dataset, model, seed) runs are reused, so an interrupted benchmark
+    continues where it stopped; the table is rewritten after every finished run."""
+    from sparsemil.train.benchmark import run_benchmark
+
+    def split(s: str) -> list[str]:
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    try:
+        seed_list = [int(s) for s in split(seeds)]
+    except ValueError:
+        raise SparsemilError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
+    run_benchmark(
+        split(datasets),
+        split(models),
+        seed_list,
+        folds,
+        out,
+        table,
+        max_epochs=max_epochs,
+        progress=progress,
+    )
+    typer.echo(f"table: {table}")

@@ -119,6 +119,8 @@ def predict_bags(
     for t in range(int(num_test)):
         probs_t, loss_t = [], []
         with _seeded(seed * 1000 + t):
+            if hasattr(model, "reseed"):  # MMIL: its own generator drives random grouping
+                model.reseed(seed * 1000 + t)
             for batch in loader:
                 x = batch["X"].to(device)
                 kwargs: dict[str, Any] = {}

@@ -152,9 +152,15 @@ class MILModule(L.LightningModule):
     # ------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sparsemil_rng"] = _get_rng_state()
+        gen = getattr(self.model, "_rng", None)  # MMIL's own generator (grouping, masking)
+        if isinstance(gen, np.random.Generator):
+            checkpoint["sparsemil_model_rng"] = gen.bit_generator.state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("sparsemil_rng")
+        gen = getattr(self.model, "_rng", None)
+        if isinstance(gen, np.random.Generator) and "sparsemil_model_rng" in checkpoint:
+            gen.bit_generator.state = checkpoint["sparsemil_model_rng"]
 
 
 def _get_rng_state() -> dict[str, Any]:

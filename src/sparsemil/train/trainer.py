@@ -252,6 +252,39 @@ def _trainer_kwargs(cfg: MILTrainConfig) -> dict[str, Any]:
     }
 
 
+def preflight(cfg: MILTrainConfig, data: MILData) -> None:
+    """Checks that need the data: build the model once (bad ``model_kwargs`` fail here, not
+    after a fold has trained) and check batch-size support and class count."""
+    model = build_mil_model(
+        cfg.model, data.in_dim, data.n_classes, **default_model_kwargs(cfg, data)
+    )
+    check_batch_support(model, cfg.model, cfg.batch_size)
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SparsemilError(
+            "--accelerator gpu was requested but no CUDA device is visible; use --accelerator cpu"
+        )
+
+
+def prepare_out_dir(out: str | os.PathLike[str], resume: bool, marker: str) -> Path:
+    """Create ``out``; refuse a folder that already holds a run unless ``resume``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SparsemilError(f"--out {out} exists and is not a folder; choose another path")
+    if not resume and not is_launched_child() and out.is_dir():
+        taken = [
+            p.name
+            for p in out.iterdir()
+            if p.name in (marker, "last.ckpt", "config.json") or p.name.startswith("fold_")
+        ]
+        if taken:
+            raise SparsemilError(
+                f"--out {out} already holds a run ({taken[0]}); pass --resume to continue it or "
+                "choose a new --out folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def merge_epoch_logs(logs: Path, out: Path) -> None:
     """Concatenate the CSV logs of every attempt (first run, resumes) into ``out``; rows of
     an epoch that a later attempt re-ran (killed mid-epoch) are taken from the later one."""
