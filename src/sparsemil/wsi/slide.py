@@ -311,6 +311,8 @@ def to_rgb(region) -> np.ndarray:
     """RGBA PIL image from ``read_region`` -> (H, W, 3) uint8, transparent parts white."""
     a = np.asarray(region)
     if a.ndim == 3 and a.shape[2] == 4:
+        if a[..., 3].min() == 255:  # fully scanned: no compositing needed (the usual case)
+            return np.ascontiguousarray(a[..., :3])
         rgb = a[..., :3].astype(np.uint16)
         alpha = a[..., 3:4].astype(np.uint16)
         # OpenSlide returns un-premultiplied RGBA; transparent = outside the scanned area.
