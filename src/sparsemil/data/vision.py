@@ -170,9 +170,10 @@ def _standardise_images(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.nda
     mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
     std[std == 0] = 1.0
+    mean, std = mean.astype(np.float32), std.astype(np.float32)  # keep float32 memory
     return (
-        ((x_train - mean) / std).astype(np.float32),
-        ((x_test - mean) / std).astype(np.float32),
+        ((x_train - mean) / std).astype(np.float32, copy=False),
+        ((x_test - mean) / std).astype(np.float32, copy=False),
     )
 
 
