@@ -186,6 +186,10 @@ def test_bad_options_are_one_line_errors(wsi_dir, tmp_path, capsys):
     ]:
         rc, _, err = _run(capsys, "--slide", slide, "--out", str(tmp_path), *extra)
         assert rc in (1, 2) and pat in err, (extra, err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = _run(capsys, "--slide", str(empty), "--out", str(tmp_path))
+    assert rc == 2 and "no slide files in this folder" in err
 
 
 def test_readers_of_the_data_package_read_our_h5(cmu_h5):

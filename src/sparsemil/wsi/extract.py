@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from sparsemil.errors import SparsemilError
 from sparsemil.wsi.backbones import Backbone
 from sparsemil.wsi.slide import (
+    SLIDE_EXTENSIONS,
     PatchGeometry,
     list_slides,
     open_slide,
@@ -491,10 +492,20 @@ def run_extract(
             print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
     cfg.validate()
-    slides = shard_slides(list_slides(slide), shard)
+    everything = list_slides(slide)
+    if not everything:
+        raise SparsemilError(
+            f"--slide {slide}: no slide files in this folder (looked for "
+            f"{', '.join(SLIDE_EXTENSIONS)}); pass a slide file or a folder of slides"
+        )
+    slides = shard_slides(everything, shard)
     if not slides:
-        where = f" in shard {shard[0]}/{shard[1]}" if shard else ""
-        log(f"sparsemil: warning: no slide files{where} under {slide}", True)
+        assert shard is not None
+        log(
+            f"sparsemil: warning: shard {shard[0]}/{shard[1]} has no slides "
+            f"({len(everything)} slide(s) under {slide})",
+            True,
+        )
         return []
     pending = [s for s in slides if not output_paths(s, Path(out_dir))[0].exists()]
     backbone = (
