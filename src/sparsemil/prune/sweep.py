@@ -226,21 +226,25 @@ def pruning_sweep(
     cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
     distance = np.sqrt(cum_sq[n_pruned])
 
-    # Map sorted position -> (param index, flat index within that param).
+    # For each parameter: the sorted positions of its entries (ascending) and their flat indices
+    # in that order, so the entries whose sorted position lies in [lo, hi) are one slice.
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    order_cpu = order.cpu()
-    pid_sorted = torch.from_numpy(np.searchsorted(offsets, order_cpu.numpy(), side="right") - 1)
-    local_sorted = order_cpu - torch.from_numpy(offsets[:-1])[pid_sorted]
+    order_np = order.cpu().numpy()
+    pid_sorted = np.searchsorted(offsets, order_np, side="right") - 1
+    positions, locals_ = [], []
+    for p, t in enumerate(tensors):
+        pos = np.nonzero(pid_sorted == p)[0]  # ascending sorted positions of param p
+        positions.append(pos)
+        locals_.append(torch.from_numpy(order_np[pos] - offsets[p]).to(t.device))
     flats = [t.data.view(-1) for t in tensors]
     saved_flat = [s.view(-1) for s in saved]
 
     def set_range(lo: int, hi: int, zero: bool) -> None:
-        if hi <= lo:
-            return
-        seg_pid = pid_sorted[lo:hi]
-        seg_loc = local_sorted[lo:hi]
-        for p in torch.unique(seg_pid).tolist():
-            idx = seg_loc[seg_pid == p].to(flats[p].device)
+        for p, pos in enumerate(positions):
+            a, b = np.searchsorted(pos, (lo, hi))
+            if b <= a:
+                continue
+            idx = locals_[p][a:b]
             if zero:
                 flats[p].index_fill_(0, idx, 0.0)
             else:
@@ -257,7 +261,7 @@ def pruning_sweep(
                 target = int(n_pruned[i])
                 if target > current:
                     set_range(current, target, zero=True)
-                else:
+                elif target < current:
                     set_range(target, current, zero=False)
                 current = target
                 out = evaluate(model)
