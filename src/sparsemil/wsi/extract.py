@@ -32,6 +32,7 @@ gets a warning and its PNG but no h5.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -234,8 +235,8 @@ def _progress_enabled(progress: bool | None) -> bool:
 def plan_patches(path: Path, cfg: ExtractConfig):
     """Open the slide, resolve its resolution, detect tissue and choose patches.
 
-    Returns ``(resolution, geometry, tissue, coords_all, coords)`` where ``coords`` is
-    ``coords_all`` capped at ``cfg.max_patches``.
+    Returns ``(resolution, geometry, tissue, coords_all, coords, level_dimensions,
+    level_downsamples)`` where ``coords`` is ``coords_all`` capped at ``cfg.max_patches``.
     """
     from sparsemil.wsi.patching import cap_patches, tissue_patches
 
@@ -326,7 +327,7 @@ def write_h5(
 
 
 def _clean_stale_temps(out_dir: Path, stem: str) -> None:
-    for p in out_dir.glob(f".{stem}.*.tmp.h5"):
+    for p in out_dir.glob(f".{glob.escape(stem)}.*.tmp.h5"):
         try:
             p.unlink()
         except OSError:

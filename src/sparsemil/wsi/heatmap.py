@@ -22,7 +22,8 @@ The thumbnail's longest side is ``thumb_size`` pixels (default 1024; never more 
 level-0 size), the other side follows the aspect ratio (rounded). Each patch's footprint is
 filled with its colour (``cmap``) blended at ``alpha`` over the thumbnail; areas without
 patches show the plain thumbnail. A colour bar is drawn *inside* the picture at the right
-edge, so **the PNG has exactly the thumbnail's size**.
+edge, so **the PNG has exactly the thumbnail's size**. Rendering uses matplotlib's Agg
+canvas directly (no pyplot, no global backend change).
 """
 
 from __future__ import annotations
@@ -158,9 +159,6 @@ def render_heatmap(
     colorbar: bool = True,
 ) -> np.ndarray:
     """RGB picture (h, w, 3) uint8 of ``values`` in [0, 1] drawn over ``thumb``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
