@@ -1,0 +1,96 @@
+"""Model factory (MMIL + torchmil baselines), probabilities and safetensors checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsemil.errors import SparsemilError
+from sparsemil.mil.checkpoint import (
+    load_mil_checkpoint,
+    read_mil_checkpoint_meta,
+    save_mil_checkpoint,
+)
+from sparsemil.mil.factory import MODEL_NAMES, bag_probabilities, build_mil_model
+from sparsemil.train.module import model_inputs
+
+SMALL = {
+    "mmil": {"embed_dim": 32, "num_subbags": 2, "grouping": "sequential"},
+    "transmil": {"att_dim": 32},
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_trains_through_compute_loss(name):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = build_mil_model(name, 12, 2, **SMALL.get(name, {}))
+    x = torch.randn(1, 7, 12)
+    batch = {"X": x, "Y": torch.tensor([1]), "mask": torch.ones(1, 7, dtype=torch.bool)}
+    out, losses = model.compute_loss(
+        batch["Y"], batch["X"], **model_inputs(model, batch, "compute_loss")
+    )
+    probs = bag_probabilities(out)
+    assert probs.shape == (1, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+    loss = sum(losses.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_bag_probabilities_binary_and_multiclass():
+    p = bag_probabilities(torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(p[:, 1], torch.sigmoid(torch.tensor([0.0, 2.0])))
+    torch.testing.assert_close(p[:, 0], 1 - p[:, 1])
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    e = torch.exp(logits)
+    torch.testing.assert_close(bag_probabilities(logits), e / e.sum())
+
+
+def test_factory_rejects_bad_names_and_options():
+    with pytest.raises(SparsemilError, match="did you mean 'dsmil'"):
+        build_mil_model("dsmill", 8)
+    with pytest.raises(SparsemilError, match="binary only"):
+        build_mil_model("abmil", 8, n_classes=3)
+    with pytest.raises(SparsemilError, match="did you mean 'att_dim'"):
+        build_mil_model("abmil", 8, att_dimm=3)
+
+
+@pytest.mark.parametrize("name", ["abmil", "mmil", "clam_sb"])
+def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path, name):
+    torch.manual_seed(1)
+    kw = SMALL.get(name, {})
+    model = build_mil_model(name, 10, 2, **kw).eval()
+    path = save_mil_checkpoint(
+        tmp_path / "m.safetensors", model, name, kw, {"in_dim": 10, "note": "x"}
+    )
+    loaded, meta = load_mil_checkpoint(path)
+    assert meta["model"] == name and meta["note"] == "x" and meta["in_dim"] == 10
+    x = torch.randn(2, 9, 10)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.predict(x, mask=mask, return_inst_pred=False),
+            model.predict(x, mask=mask, return_inst_pred=False),
+        )
+    # the file is plain safetensors: tensors + JSON metadata, nothing pickled
+    assert json.loads(json.dumps(read_mil_checkpoint_meta(path)))["model_kwargs"] == kw
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(SparsemilError, match="does not exist"):
+        load_mil_checkpoint(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(SparsemilError, match="not a readable safetensors"):
+        load_mil_checkpoint(junk)
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bare))
+    with pytest.raises(SparsemilError, match="no 'sparsemil' metadata"):
+        load_mil_checkpoint(bare)
