@@ -293,9 +293,22 @@ def test_compute_loss_predict_and_wrapper():
     assert torch.allclose(out, logits, atol=1e-6)
 
 
-def test_hessian_vector_product_with_twice_differentiable():
+def test_flash_path_is_not_twice_differentiable_without_the_flag():
+    model = small(grouping="sequential")
+    model.math_attention_bytes = 0  # force the SDPA kernel, as for a large bag
+    loss = model.compute_loss(torch.tensor([1]), _bag(20))[1]["CrossEntropyLoss"]
+    (g,) = torch.autograd.grad(loss, [model.layers[0].subbag_attn.to_qkv.weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(g.sum(), [model.layers[0].subbag_attn.to_qkv.weight])
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_hessian_vector_product(flag):
+    """Double backward: forced by the flag, automatic for small sub-bags."""
     torch.manual_seed(0)
-    model = small(grouping="sequential", twice_differentiable=True).double()
+    model = small(grouping="sequential", twice_differentiable=flag).double()
+    if flag:
+        model.math_attention_bytes = 0
     x, y = _bag(20).double(), torch.tensor([1])
     params = [p for p in model.parameters()]
     v = [torch.randn_like(p) for p in params]

@@ -233,6 +233,7 @@ class MMILTransformer(MILModel):
         self.kmeans_seed = k["kmeans_seed"]
         self.twice_differentiable = k["twice_differentiable"]
         self.max_chunk_bytes = 256 * 2**20  # q/k/v memory per attention call at inference
+        self.math_attention_bytes = 64 * 2**20  # autograd: explicit scores up to this size
         self._full_last_layer = False  # testing/benchmark: run the full last layer
         self.criterion = nn.CrossEntropyLoss()
         self.reseed(seed)
@@ -409,7 +410,6 @@ class MMILTransformer(MILModel):
         b, n, c = X.shape
         m, d = self.num_msg, self.embed_dim
         grad = torch.is_grad_enabled()
-        math_path = grad and self.twice_differentiable
 
         # valid instances of every bag, then the projection of exactly those rows
         if mask is None:
@@ -449,6 +449,8 @@ class MMILTransformer(MILModel):
             x[:, :m] = self.msg_tokens
         del h, src
 
+        sub_math = self._math_path(grad, s, t)
+        msg_math = self._math_path(grad, b, lay.Tm)
         cls = self.msgcls_token.expand(b, d)
         p_inst = p_msg = None
         for li, layer in enumerate(self.layers):
@@ -461,7 +463,7 @@ class MMILTransformer(MILModel):
                 msgs = x[:, :m] + o
             elif grad:
                 x = x + layer.subbag_attn(
-                    x, lay.key_mask, mode, self.num_landmarks, self.pinv_iterations, math_path
+                    x, lay.key_mask, mode, self.num_landmarks, self.pinv_iterations, sub_math
                 )
                 msgs = x[:, :m]
             else:
@@ -485,7 +487,7 @@ class MMILTransformer(MILModel):
                 )
                 cls = seq[:, 0] + o[:, 0]
                 break
-            seq = seq + layer.msg_attn(seq, lay.msg_key_mask, math_path=math_path)
+            seq = seq + layer.msg_attn(seq, lay.msg_key_mask, math_path=msg_math)
             cls = seq[:, 0]
             new_msgs = seq.reshape(b * lay.Tm, d).index_select(0, lay.msg_dst).view(s, m, d)
             if grad:
@@ -498,6 +500,18 @@ class MMILTransformer(MILModel):
         if p_inst is None:
             raise SparsemilError("return_att needs the message-query path of the last layer")
         return logits, self._attention_map(p_inst, p_msg, lay, b, n)
+
+    def _math_path(self, grad: bool, rows: int, t: int) -> bool:
+        """Matmul+softmax attention (twice differentiable) instead of the SDPA kernel?
+
+        Only with autograd on, and either forced (``twice_differentiable``) or when the
+        score matrices are small (<= ``math_attention_bytes``), where it is as fast and
+        lets double backward (Hessian-vector products) work without any flag.
+        """
+        if not grad:
+            return False
+        size = rows * self.layers[0].subbag_attn.heads * t * t * self.msgcls_token.element_size()
+        return self.twice_differentiable or size <= self.math_attention_bytes
 
     @staticmethod
     def _attention_map(p_inst, p_msg, lay: _Layout, b: int, n: int) -> torch.Tensor:
