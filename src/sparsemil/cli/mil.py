@@ -88,6 +88,11 @@ O_NODES = typer.Option(
 O_STRAT = typer.Option(
     None, "--strategy", help="Lightning strategy (default auto; ddp when devices > 1)."
 )
+O_THREADS = typer.Option(
+    None,
+    "--threads",
+    help="torch threads per process (0 = default; 1 is fastest for small models).",
+)
 O_PROG = typer.Option(None, "--progress/--no-progress", help="Progress bars (default on).")
 O_OUT = typer.Option(None, "--out", "-o", help="Output folder.")
 O_RESUME = typer.Option(
@@ -134,12 +139,14 @@ def train(
     patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
     val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
     accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
-    strategy: str | None = O_STRAT, progress: bool | None = O_PROG, out: str | None = O_OUT,
+    strategy: str | None = O_STRAT, threads: int | None = O_THREADS, progress: bool | None = O_PROG,
+    out: str | None = O_OUT,
     resume: bool = O_RESUME,
 ) -> None:  # fmt: skip
     """Train one model (checkpoints, early stopping, CSV logs) and test it on the split's
     test part. Writes OUT/model.safetensors, OUT/metrics.json and OUT/predictions.csv."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "threads")}
+    flags["num_threads"] = threads
     cfg = _config(config, **flags)
     from sparsemil.train.data import holdout_fold, load_mil_data
     from sparsemil.train.evaluate import write_predictions_csv
@@ -182,12 +189,14 @@ def cv(
     patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
     val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
     accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
-    strategy: str | None = O_STRAT, progress: bool | None = O_PROG, out: str | None = O_OUT,
+    strategy: str | None = O_STRAT, threads: int | None = O_THREADS, progress: bool | None = O_PROG,
+    out: str | None = O_OUT,
     resume: bool = O_RESUME,
 ) -> None:  # fmt: skip
     """Stratified k-fold cross-validation. Writes OUT/metrics.json (accuracy, auc, ... as
     {mean, std} over folds; per-fold results; predictions), OUT/predictions.csv, OUT/folds.csv."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "threads")}
+    flags["num_threads"] = threads
     cfg = _config(config, **flags)
     from sparsemil.train.cv import run_cv
 

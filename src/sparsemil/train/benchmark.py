@@ -36,6 +36,7 @@ BENCH_RECIPE: dict[str, Any] = {
     "stop_start_epoch": 50,
     "num_test": 1,
     "progress": False,
+    "num_threads": 1,
 }
 
 #: Model options for tiny bags (5-65 instances of 166-230 features); see docs/training.md.

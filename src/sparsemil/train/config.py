@@ -52,7 +52,9 @@ class MILTrainConfig:
         num_test: repeated test passes (random grouping makes them differ).
     Runtime:
         seed, accelerator (``cpu``, ``gpu``, ``auto``), devices, num_nodes, strategy
-        (``auto``, ``ddp``, ...), precision, num_workers, progress, out.
+        (``auto``, ``ddp``, ...), precision, num_workers, num_threads (torch intra-op
+        threads per process; 0 = torch's default; 1 is fastest for small MIL models on a
+        busy CPU), progress, out.
     """
 
     # data
@@ -92,6 +94,7 @@ class MILTrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     num_workers: int = 0
+    num_threads: int = 0
     progress: bool = True
     out: str | None = None
 
@@ -135,7 +138,7 @@ class MILTrainConfig:
         ints = {
             "n_classes": 2, "folds": 2, "fold": 0, "max_epochs": 1, "batch_size": 1,
             "accumulate_grad_batches": 1, "patience": 1, "stop_start_epoch": 0, "num_test": 1,
-            "devices": 1, "num_nodes": 1, "num_workers": 0, "seed": 0,
+            "devices": 1, "num_nodes": 1, "num_workers": 0, "seed": 0, "num_threads": 0,
         }  # fmt: skip
         for name, lo in ints.items():
             v = getattr(self, name)

@@ -346,6 +346,8 @@ def fit_fold(
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SPARSEMIL_DEVICES", str(cfg.devices))
 
+    if cfg.num_threads > 0:
+        torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed) * 1000 + int(fold.index), workers=True, verbose=False)
     std = Standardizer.fit(data.bags, fold.train) if data.standardize else None
     kwargs = default_model_kwargs(cfg, data)
