@@ -1,0 +1,211 @@
+"""``sparsemil mil``: the exact CV form, metrics.json contents, bad input, train/test/predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from miltrain_helpers import write_subset
+from sparsemil.cli.main import main
+
+FAST = ["--max-epochs", "1", "--no-progress", "--threads", "1"]
+SMALL_MMIL = ["--model-kwargs", '{"embed_dim": 16, "num_subbags": 2}']
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    return write_subset(tmp_path_factory.mktemp("cli") / "musk1_sub.csv", per_class=12)
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_exact_cv_form_writes_metrics_json(tmp_path, subset):
+    out = tmp_path / "cv"
+    args = ["mil", "cv", "--data", str(subset), "--format", "mil-csv", "--model", "mmil",
+            "--folds", "10", "--seed", "0", "--out", str(out)]  # fmt: skip
+    assert main(args + FAST + SMALL_MMIL) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "auc"):
+        assert set(m[key]) >= {"mean", "std"}
+    assert len(m["folds"]) == 10
+    # every bag is predicted exactly once, in its fold's test part
+    preds = _read_csv(out / "predictions.csv")
+    assert sorted(r["slide_id"] for r in preds) == sorted(
+        r["slide_id"] for r in _read_csv(out / "folds.csv")
+    )
+    assert len(m["predictions"]) == 24
+    # fold accuracies recomputed from the per-bag predictions; mean/std over folds
+    accs = []
+    for f in range(10):
+        rows = [r for r in preds if int(r["fold"]) == f]
+        acc = np.mean([int(r["pred"]) == int(r["label"]) for r in rows])
+        assert m["folds"][f]["metrics"]["accuracy"] == pytest.approx(acc)
+        accs.append(acc)
+    assert m["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert m["accuracy"]["std"] == pytest.approx(np.std(accs))
+    folds = _read_csv(out / "folds.csv")
+    for f in range(10):
+        assert sum(r[f"fold_{f}"] == "test" for r in folds) == len(
+            [r for r in preds if int(r["fold"]) == f]
+        )
+    # a second run into the same folder is refused; --resume reuses the finished folds
+    assert main(args + FAST + SMALL_MMIL) == 2
+    assert main(args + FAST + SMALL_MMIL + ["--resume"]) == 0
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["accuracy"] == m["accuracy"] and m2["folds"] == m["folds"]
+
+
+def _bad_csv(tmp_path, subset, kind):
+    lines = subset.read_text().splitlines()
+    if kind == "nan":
+        cells = lines[3].split(",")
+        cells[5] = "nan"
+        lines[3] = ",".join(cells)
+    elif kind == "label":
+        lines = [("2" + ln[1:]) if ln.startswith("1,") else ln for ln in lines]
+    elif kind == "ragged":
+        lines[4] = lines[4] + ",0.5"
+    elif kind == "text":
+        cells = lines[2].split(",")
+        cells[7] = "abc"
+        lines[2] = ",".join(cells)
+    p = tmp_path / f"bad_{kind}.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("kind", ["nan", "label", "ragged", "text", "missing"])
+def test_bad_input_fails_before_training_and_leaves_no_metrics(tmp_path, subset, capsys, kind):
+    data = tmp_path / "nope.csv" if kind == "missing" else _bad_csv(tmp_path, subset, kind)
+    out = tmp_path / "out"
+    rc = main(["mil", "cv", "--data", str(data), "--format", "mil-csv", "--model", "abmil",
+               "--folds", "2", "--out", str(out)] + FAST)  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sparsemil: error:") and str(data.name) in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "metrics.json").exists()
+    assert not out.exists() or not any(out.glob("fold_*"))
+
+
+def test_bad_options_are_one_line_errors(tmp_path, subset, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {subset}\nmax_epoch: 2\n")
+    assert main(["mil", "train", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'max_epochs'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "mil",
+                "cv",
+                "--data",
+                str(subset),
+                "--model",
+                "abmil",
+                "--folds",
+                "13",
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+            + FAST
+        )
+        == 2
+    )
+    assert "fewer than the 13 folds" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "mil",
+                "cv",
+                "--data",
+                str(subset),
+                "--model",
+                "transmil",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "o3"),
+            ]
+            + FAST
+        )
+        == 2
+    )
+    assert "batch-size must be 1" in capsys.readouterr().err
+    assert not (tmp_path / "o3" / "metrics.json").exists()
+
+
+def test_train_then_test_then_predict(tmp_path, subset):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"data: {subset}\nformat: mil-csv\nmodel: abmil\nmax_epochs: 2\nfolds: 3\nprogress: false\n"
+    )
+    run = tmp_path / "run"
+    assert main(["mil", "train", "--config", str(cfg), "--out", str(run), "--threads", "1"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n_test"] == 8 and 0 <= m["accuracy"]["mean"] <= 1
+    assert (run / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
+    ckpt = run / "model.safetensors"
+    assert (
+        main(
+            [
+                "mil",
+                "test",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(subset),
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
+    t = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    rows = _read_csv(tmp_path / "t" / "predictions.csv")
+    assert t["n_bags"] == 24 == len(rows)
+    assert t["accuracy"]["mean"] == pytest.approx(np.mean([r["pred"] == r["label"] for r in rows]))
+    # the training run's test part, re-evaluated from the checkpoint, gives the same probabilities
+    train_rows = {r["slide_id"]: float(r["prob_1"]) for r in _read_csv(run / "predictions.csv")}
+    test_rows = {r["slide_id"]: float(r["prob_1"]) for r in rows}
+    for sid, p in train_rows.items():
+        assert test_rows[sid] == pytest.approx(p, abs=1e-5)
+    out = tmp_path / "pred.csv"
+    assert (
+        main(
+            [
+                "mil",
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(subset),
+                "--format",
+                "mil-csv",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    pred = {r["slide_id"]: float(r["prob_1"]) for r in _read_csv(out)}
+    assert pred == pytest.approx(test_rows, abs=1e-6)
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("train", "cv", "test", "predict", "benchmark"):
+        assert main(["mil", cmd, "--help"]) == 0
+        assert "Usage" in capsys.readouterr().out
