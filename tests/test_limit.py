@@ -1,0 +1,143 @@
+"""End to end ``sparsemil prune run`` on a tiny MLP with digits, and the limit helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from sparsemil.cli.main import main
+from sparsemil.errors import SparsemilError
+from sparsemil.prune.hvp import HessianOperator
+from sparsemil.prune.limit import important_flat_fraction, loss_epsilon, threshold_indices
+from sparsemil.prune.magnitude import prunable_parameters
+from sparsemil.prune.sweep import SweepResult, actual_ratio
+from sparsemil.prune.width import gaussian_width, predicted_ratio
+
+CONFIG = """\
+model: mlp
+widths: [32]
+dataset: digits
+batch_size: 64
+optim: sgd
+lr: 0.05
+momentum: 0.9
+epoch: 6
+l1: true
+lmbda: 0.0005
+regularizer: L1
+sparse_epoch: 200
+lanczos_iter: 48
+lanczos_num: 2
+seed: 0
+limit:
+  threads: 1
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def test_prune_run_end_to_end(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "run"
+    assert main(["prune", "run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "limit.json").read_text())
+    for name in ("predict.png", "acc_loss.png", "esd.png", "sweep.csv", "spectrum.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert doc["default_criterion"] == "drop_1pt"
+    assert set(doc["actual_ratio"]) == {"drop_1pt", "official", "train_loss_eps"}
+    assert 0.0 < doc["predicted_ratio"] < 1.0
+    assert doc["D"] == 64 * 32 + 32 + 32 * 10 + 10
+    assert doc["spectrum"]["num_steps"] == [48, 48]
+    assert doc["epsilon"] > 0 and doc["timings"]["spectrum_s"] > 0
+    # the actual ratio is the sweep's, recomputed from the CSV
+    sweep = SweepResult.from_csv(out / "sweep.csv", dense=doc["dense"])
+    assert doc["actual_ratio"]["drop_1pt"] == actual_ratio(sweep, "drop_1pt")
+    # the prediction is reproducible from the stored Ritz pairs and R(rho)
+    spec = json.loads((out / "spectrum.json").read_text())
+    vals = np.array(spec["ritz_values"], dtype=float)
+    wts = np.array(spec["ritz_weights"], dtype=float)
+    pred = predicted_ratio(
+        sweep.ratios, sweep.distance, lambda R: gaussian_width(R, vals, wts, doc["epsilon"])
+    )
+    assert pred == pytest.approx(doc["predicted_ratio"], abs=1e-9)
+    # epsilon is the std of the per-mini-batch training losses (batch_size 64, fixed order)
+    from sparsemil.data.vision import load_vision_dataset
+    from sparsemil.prune.export import load_checkpoint
+
+    model, _ = load_checkpoint(out / "model.safetensors")
+    data = load_vision_dataset("digits", seed=0)
+    with torch.no_grad():
+        losses = [
+            float(F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64]))
+            for i in range(0, len(data.y_train), 64)
+        ]
+    assert doc["epsilon"] == pytest.approx(float(np.std(losses)), rel=1e-6)
+
+
+def test_prune_run_bad_option(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.replace("  threads: 1", "  negativ: flat"))
+    assert main(["prune", "run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "negative" in capsys.readouterr().err
+
+
+def test_loss_epsilon_rule():
+    assert loss_epsilon([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.std([1, 2, 3, 4]))
+    with pytest.raises(SparsemilError):
+        loss_epsilon([1.0])
+    with pytest.raises(SparsemilError):
+        loss_epsilon([2.0, 2.0])
+
+
+def test_important_rows_against_exact_per_batch_hessians():
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = torch.tensor(d.data[:120] / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target[:120])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 10))
+    with torch.no_grad():  # dead first-layer unit: its incoming weights have flat rows
+        model[0].weight[0].mul_(0.01)
+        model[0].bias[0] = -100.0
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 120, 40)]
+
+    def ce(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    op = HessianOperator(model, ce, batches)
+    prunable = prunable_parameters(model)
+    out = important_flat_fraction(op, prunable, num_ratios=20, tol=1e-7)
+    _, idx = threshold_indices(op, prunable, 20)
+    # exact per-batch Hessians (float64, autograd), rows' L1 norm averaged over the batches
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+    md = nn.Sequential(nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 10)).double()
+    rows = np.zeros(len(idx))
+    for bx, by in batches:
+
+        def loss(th, bx=bx, by=by):
+            parts = [c.reshape(s) for c, s in zip(torch.split(th, sizes), shapes, strict=True)]
+            ps = dict(zip(names, parts, strict=True))
+            return F.cross_entropy(torch.func.functional_call(md, ps, (bx.double(),)), by)
+
+        Hb = torch.autograd.functional.hessian(loss, theta, vectorize=True).numpy()
+        rows += np.abs(Hb[idx]).sum(axis=1)
+    rows /= len(batches)
+    np.testing.assert_allclose(out["row_l1_norms"], rows, rtol=1e-5, atol=1e-12)
+    assert out["num_batches"] == 3
+    assert out["fraction"] == pytest.approx(np.mean(rows < 1e-7))
+    assert 0.0 < out["fraction"] < 1.0  # the smallest weights are the dead unit's
