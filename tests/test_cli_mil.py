@@ -19,6 +19,7 @@ SMALL_MMIL = ["--model-kwargs", '{"embed_dim": 16, "num_subbags": 2}']
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 

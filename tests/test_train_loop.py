@@ -20,6 +20,15 @@ from sparsemil.train.module import MILModule, l1_norm, model_inputs
 from sparsemil.train.trainer import DelayedEarlyStopping, check_batch_support, fit_fold
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def musk_subset(tmp_path_factory):
     return write_subset(tmp_path_factory.mktemp("musk") / "musk1_sub.csv", per_class=12)

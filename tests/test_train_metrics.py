@@ -22,6 +22,15 @@ from sparsemil.train.evaluate import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_binary_metrics_by_hand():
     labels = np.array([0, 0, 1, 1, 1])
     p1 = np.array([0.2, 0.6, 0.7, 0.4, 0.9])

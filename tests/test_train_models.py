@@ -23,6 +23,15 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_through_compute_loss(name):
     torch.manual_seed(0)
