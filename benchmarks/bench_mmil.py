@@ -12,7 +12,9 @@ figure is used: a conservative ratio), then the forward pass under
   output projection); the small message-token attention is not counted,
 - GFLOP/s with the FLOPs actually executed ("executed"): the last layer only needs the
   message tokens' queries, so its QK^T/AV/qkv are O(N) (exact, see docs/mmil.md),
-- the same-run matmul GFLOP/s and both ratios, and the peak RSS of the process.
+- the same-run matmul GFLOP/s and both ratios, and the peak RSS of the process,
+- the same two ratios from process CPU time per thread instead of wall time
+  (``r_*_cpu``): on a machine shared with other jobs they are steadier.
 
 ``--full-last-layer`` also runs the model with the full last layer (nominal = executed),
 ``--official-style`` a per-sub-bag Python loop with explicit attention matrices like the
@@ -35,17 +37,23 @@ import time
 CFG = {"in_dim": 1024, "embed_dim": 512, "num_subbags": 10, "num_msg": 1, "num_layers": 2}
 
 
-def matmul_gflops(n: int = 4096, reps: int = 3) -> float:
+def matmul_gflops(n: int = 4096, reps: int = 3) -> tuple[float, float]:
+    """(wall, cpu) GFLOP/s of an fp32 n x n matmul: best of ``reps``.
+
+    "cpu" divides by the process CPU time spread over the threads in use
+    (``process_time / threads``): steadier than wall time when other jobs share the cores.
+    """
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        best_wall = min(best_wall, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, (time.process_time() - c0) / torch.get_num_threads())
+    return 2 * n**3 / best_wall / 1e9, 2 * n**3 / best_cpu / 1e9
 
 
 def flop_counts(n: int) -> tuple[float, float]:
@@ -120,6 +128,7 @@ def child(n: int, variant: str, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         x = torch.randn(1, n, CFG["in_dim"], generator=gen)
+
         def fwd(inp):
             if variant == "official_style":
                 return official_style_forward(model, inp)
@@ -127,11 +136,12 @@ def child(n: int, variant: str, repeats: int) -> dict:
 
         if n <= 40000:  # warm up kernels / allocator on a small bag
             model(x[:, :2000])
-        best, logits = float("inf"), None
+        best, best_cpu, logits = float("inf"), float("inf"), None
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = fwd(x)
             best = min(best, time.perf_counter() - t0)
+            best_cpu = min(best_cpu, (time.process_time() - c0) / torch.get_num_threads())
             if variant == "official_style":
                 ref = model(x)
                 assert torch.allclose(logits, ref, atol=1e-4), (logits, ref)
@@ -140,7 +150,8 @@ def child(n: int, variant: str, repeats: int) -> dict:
     nominal, executed = flop_counts(n)
     if variant != "model":
         executed = nominal
-    mm = max(mm_before, mm_after)
+    mm = max(mm_before[0], mm_after[0])
+    mm_cpu = max(mm_before[1], mm_after[1])
     return {
         "N": n,
         "variant": variant,
@@ -151,6 +162,10 @@ def child(n: int, variant: str, repeats: int) -> dict:
         "matmul_before_after": [mm_before, mm_after],
         "ratio_nominal": nominal / best / 1e9 / mm,
         "ratio_executed": executed / best / 1e9 / mm,
+        "cpu_seconds_per_thread": best_cpu,
+        "matmul_gflops_cpu": mm_cpu,
+        "ratio_nominal_cpu": nominal / best_cpu / 1e9 / mm_cpu,
+        "ratio_executed_cpu": executed / best_cpu / 1e9 / mm_cpu,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "threads": torch.get_num_threads(),
         "logits": [float(v) for v in logits.flatten()],
@@ -180,7 +195,10 @@ def main() -> None:
         runs += [(n, "full_last_layer") for n in args.sizes if n <= 40000]
     if args.official_style:
         runs += [(n, "official_style") for n in args.sizes if n <= 40000]
-    head = f"{'N':>7} {'variant':<16} {'sec':>7} {'nomGF/s':>8} {'exeGF/s':>8} {'mmGF/s':>7} {'r_nom':>6} {'r_exe':>6} {'RSS GB':>6}"
+    head = (
+        f"{'N':>7} {'variant':<16} {'sec':>7} {'nomGF/s':>8} {'exeGF/s':>8} {'mmGF/s':>7} "
+        f"{'r_nom':>6} {'r_exe':>6} {'r_nom_cpu':>9} {'r_exe_cpu':>9} {'RSS GB':>6}"
+    )
     print(head)
     for n, variant in runs:
         reps = args.repeats if n <= 40000 else 1
@@ -201,7 +219,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
             f"{n:>7} {variant:<16} {r['seconds']:7.2f} {r['nominal_gflops']:8.1f} {r['executed_gflops']:8.1f} "
-            f"{r['matmul_gflops']:7.1f} {r['ratio_nominal']:6.2f} {r['ratio_executed']:6.2f} {r['peak_rss_gb']:6.2f}",
+            f"{r['matmul_gflops']:7.1f} {r['ratio_nominal']:6.2f} {r['ratio_executed']:6.2f} "
+            f"{r['ratio_nominal_cpu']:9.2f} {r['ratio_executed_cpu']:9.2f} {r['peak_rss_gb']:6.2f}",
             flush=True,
         )
 

@@ -350,12 +350,18 @@ def test_gradient_flow_on_musk1(mil_csv_dir):
         y[i] = int(labels[sel][0])
     assert len(uniq) == 92 and set(y.tolist()) == {0, 1}
     model = MMILTransformer(
-        in_dim=feats.shape[1], embed_dim=32, num_subbags=2, grouping="random", seed=0
+        in_dim=feats.shape[1],
+        embed_dim=32,
+        num_subbags=2,
+        grouping="random",
+        seed=0,
+        heads=4,
+        dim_head=16,
     )
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     first = None
-    for _ in range(15):
+    for _ in range(10):
         opt.zero_grad()
         _, losses = model.compute_loss(y, x, mask=mask)
         losses["CrossEntropyLoss"].backward()
