@@ -210,3 +210,25 @@ def test_help_for_every_command(capsys):
     for cmd in ("train", "cv", "test", "predict", "benchmark"):
         assert main(["mil", cmd, "--help"]) == 0
         assert "Usage" in capsys.readouterr().out
+
+
+def test_benchmark_command_small_version(tmp_path):
+    """CI version of the benchmark: Musk1, 2 folds, 1 epoch, one seed, two models."""
+    out, table = tmp_path / "bench", tmp_path / "table.md"
+    args = ["mil", "benchmark", "--datasets", "musk1", "--models", "abmil,mmil", "--seeds", "0",
+            "--folds", "2", "--max-epochs", "1", "--out", str(out), "--table", str(table)]  # fmt: skip
+    assert main(args) == 0
+    text = table.read_text()
+    for model in ("abmil", "mmil"):
+        m = json.loads((out / "musk1" / model / "seed_0" / "metrics.json").read_text())
+        assert m["protocol"]["folds"] == 2 and m["protocol"]["config"]["max_epochs"] == 1
+        acc = f"{m['accuracy']['mean']:.3f} ± {m['accuracy']['std']:.3f}"
+        auc = f"{m['auc']['mean']:.3f} ± {m['auc']['std']:.3f}"
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| Musk1 | {model} |"))
+        assert acc in row and auc in row and "| 2 | 1 / 1 |" in row
+    assert "| Musk2 | abmil | – |" in text  # not run: no numbers
+    assert "0.892" in text  # published ABMIL accuracy beside the rows
+    # a second call reuses the finished runs (same numbers, nothing retrained)
+    before = (out / "musk1" / "abmil" / "seed_0" / "metrics.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "musk1" / "abmil" / "seed_0" / "metrics.json").stat().st_mtime_ns == before
