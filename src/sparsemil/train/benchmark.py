@@ -48,9 +48,12 @@ BENCH_MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "clam_sb": {},
     "dtfdmil": {},
 }
-#: Models without a padding mask (TransMIL) get batch 1 and gradient accumulation instead,
-#: which gives the same effective batch and number of optimizer steps.
-NO_MASK_MODELS = ("transmil",)
+#: Models that must not see padded batches get batch 1 and gradient accumulation instead
+#: (the same effective batch and number of optimizer steps): TransMIL has no mask; torchmil's
+#: DSMIL (max over instance logits), CLAM-SB (instance loss) and DTFD-MIL (tier-2 pooling of
+#: the distilled features) ignore the mask in part of their computation, so zero padding rows
+#: would leak into their losses.
+NO_MASK_MODELS = ("transmil", "dsmil", "clam_sb", "dtfdmil")
 
 #: Test passes per model: random grouping (MMIL) and random chunks (DTFD-MIL) make passes differ.
 BENCH_NUM_TEST = {"mmil": 5, "dtfdmil": 5}
@@ -230,9 +233,13 @@ def write_table(
         )
         + ". Test passes: "
         + ", ".join(f"{m} {n}" for m, n in BENCH_NUM_TEST.items())
-        + ", others 1. Models without a padding mask ("
+        + ", others 1. "
         + ", ".join(NO_MASK_MODELS)
-        + ") train with batch 1 and gradient accumulation (same effective batch).",
+        + " train with batch 1 and 8 gradient-accumulation steps (same effective batch as 8 "
+        "padded bags): TransMIL has no padding mask, and torchmil's DSMIL (max over instance "
+        "logits), CLAM-SB (instance loss) and DTFD-MIL (tier-2 pooling) ignore the mask in part "
+        "of their computation, so padding rows would leak into their losses. MMIL and ABMIL mask "
+        "padding exactly (tested: a padded batch's loss equals the mean of its single-bag losses).",
         "",
     ]
     atomic_write_text(table, "\n".join(lines))
