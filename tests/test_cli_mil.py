@@ -232,3 +232,61 @@ def test_benchmark_command_small_version(tmp_path):
     before = (out / "musk1" / "abmil" / "seed_0" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "musk1" / "abmil" / "seed_0" / "metrics.json").stat().st_mtime_ns == before
+
+
+def _write_slide_features(folder, subset):
+    """One CLAM-style .h5 per bag (datasets ``features`` and ``coords``), real Musk1 rows."""
+    import h5py
+
+    from sparsemil.data.readers import read_mil_csv
+
+    folder.mkdir()
+    bags = read_mil_csv(subset)
+    for b in bags:
+        with h5py.File(folder / f"slide_{b.slide_id}.h5", "w") as f:
+            f["features"] = b.features
+            f["coords"] = np.stack([np.arange(b.n_instances), np.zeros(b.n_instances)], 1)
+    return bags
+
+
+def test_clam_csv_and_official_split_formats(tmp_path, subset):
+    bags = _write_slide_features(tmp_path / "h5", subset)
+    ds = tmp_path / "dataset.csv"
+    ds.write_text("slide_id,label\n" + "".join(f"slide_{b.slide_id},{b.label}\n" for b in bags))
+    out = tmp_path / "cv"
+    assert main(["mil", "cv", "--data", str(ds), "--format", "clam", "--data-dir", str(tmp_path / "h5"),
+                 "--model", "abmil", "--folds", "2", "--out", str(out)] + FAST) == 0  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(r["slide_id"] for r in m["predictions"]) == sorted(
+        f"slide_{b.slide_id}" for b in bags
+    )
+    # official split: train / val / test columns with labels
+    pos = [b for b in bags if b.label == 1]
+    neg = [b for b in bags if b.label == 0]
+    parts = {"train": pos[:8] + neg[:8], "val": pos[8:10] + neg[8:10], "test": pos[10:] + neg[10:]}
+    n = max(len(v) for v in parts.values())
+    lines = ["train,train_label,val,val_label,test,test_label"]
+    for i in range(n):
+        cells = []
+        for k in ("train", "val", "test"):
+            cells += (
+                [f"slide_{parts[k][i].slide_id}", str(parts[k][i].label)]
+                if i < len(parts[k])
+                else ["", ""]
+            )
+        lines.append(",".join(cells))
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["mil", "train", "--data", str(split), "--format", "split", "--data-dir", str(tmp_path / "h5"),
+                 "--model", "mmil", "--out", str(run)] + FAST + SMALL_MMIL) == 0  # fmt: skip
+    r = json.loads((run / "metrics.json").read_text())
+    assert (r["n_train"], r["n_val"], r["n_test"]) == (16, 4, 4)
+    assert sorted(p["slide_id"] for p in r["predictions"]) == sorted(
+        f"slide_{b.slide_id}" for b in parts["test"]
+    )
+    # a split row naming a missing file fails before training, naming the CSV
+    (tmp_path / "h5" / f"slide_{parts['test'][0].slide_id}.h5").unlink()
+    assert main(["mil", "train", "--data", str(split), "--format", "split", "--data-dir", str(tmp_path / "h5"),
+                 "--model", "abmil", "--out", str(tmp_path / "run2")] + FAST) == 2  # fmt: skip
+    assert not (tmp_path / "run2" / "metrics.json").exists()
