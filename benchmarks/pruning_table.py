@@ -26,20 +26,6 @@ SEEDS = (0, 1, 2)
 
 # name -> (config without lmbda/seed, description)
 FULL = {
-    "digits-fc5": (
-        dict(
-            model="fc",
-            dataset="digits",
-            batch_size=64,
-            lr=0.02,
-            epoch=30,
-            sparse_epoch=200,
-            lanczos_iter=128,
-            lanczos_num=1,
-            limit=dict(hessian_samples=720),
-        ),
-        "FC5 64-1000-600-300-100-10 (D = 877,010)",
-    ),
     "digits-mlp": (
         dict(
             model="mlp",
@@ -55,22 +41,6 @@ FULL = {
         ),
         "MLP 64-64-32-10 (D = 6,570)",
     ),
-    "fmnist-fc5q": (
-        dict(
-            model="mlp",
-            widths=[250, 150, 75, 25],
-            dataset="fashion-mnist",
-            subset=6000,
-            batch_size=128,
-            lr=0.02,
-            epoch=10,
-            sparse_epoch=200,
-            lanczos_iter=128,
-            lanczos_num=1,
-            limit=dict(hessian_samples=1000),
-        ),
-        "FC5-shaped at 1/4 width 784-250-150-75-25-10 (D = 247,385)",
-    ),
     "fmnist-mlp": (
         dict(
             model="mlp",
@@ -80,12 +50,42 @@ FULL = {
             batch_size=128,
             lr=0.05,
             epoch=10,
-            sparse_epoch=200,
+            sparse_epoch=100,
             lanczos_iter=128,
             lanczos_num=1,
             limit=dict(hessian_samples=2000),
         ),
         "MLP 784-64-32-10 (D = 52,650)",
+    ),
+    "digits-fc5": (
+        dict(
+            model="fc",
+            dataset="digits",
+            batch_size=64,
+            lr=0.02,
+            epoch=20,
+            sparse_epoch=200,
+            lanczos_iter=128,
+            lanczos_num=1,
+            limit=dict(hessian_samples=500),
+        ),
+        "FC5 64-1000-600-300-100-10 (D = 877,010)",
+    ),
+    "fmnist-fc5q": (
+        dict(
+            model="mlp",
+            widths=[250, 150, 75, 25],
+            dataset="fashion-mnist",
+            subset=6000,
+            batch_size=128,
+            lr=0.02,
+            epoch=10,
+            sparse_epoch=100,
+            lanczos_iter=128,
+            lanczos_num=1,
+            limit=dict(hessian_samples=500),
+        ),
+        "FC5-shaped at 1/4 width 784-250-150-75-25-10 (D = 247,385)",
     ),
 }
 TINY = {
@@ -97,8 +97,8 @@ TINY = {
             batch_size=64,
             lr=0.05,
             epoch=5,
-            sparse_epoch=100,
-            lanczos_iter=32,
+            sparse_epoch=50,
+            lanczos_iter=24,
             lanczos_num=1,
             limit=dict(),
         ),

@@ -141,3 +141,22 @@ def test_important_rows_against_exact_per_batch_hessians():
     assert out["num_batches"] == 3
     assert out["fraction"] == pytest.approx(np.mean(rows < 1e-7))
     assert 0.0 < out["fraction"] < 1.0  # the smallest weights are the dead unit's
+
+
+def test_reproduction_table_tiny(tmp_path):
+    """CI-sized run of benchmarks/pruning_table.py (2 rows): the markdown is complete."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning_table.py"
+    spec = importlib.util.spec_from_file_location("pruning_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--out", str(tmp_path), "--workers", "1"]) == 0
+    text = (tmp_path / "pruning_limit.md").read_text()
+    assert "(complete)" in text
+    assert sum(line.startswith("| digits-tiny | 0.") for line in text.splitlines()) == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(p.read_text()) for p in tmp_path.glob("*/limit.json")]
+    errors = [r["abs_error"] for r in rows]
+    assert summary["mean_abs_error"] == pytest.approx(float(np.mean(errors)))

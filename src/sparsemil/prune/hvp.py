@@ -28,9 +28,9 @@ Three backends compute one product (``method``):
 * ``"autograd"``: double backward (``torch.autograd.grad`` with ``create_graph=True``);
   the first-order graph is built once per batch and reused for every vector of a block.
 
-``benchmarks/bench_slq.py`` measures them on CPU (FC5, digits: ``linearize`` is about 1.5x
-faster per product than ``func`` or ``autograd``; batching vectors with ``vmap`` pays off
-only for small nets, where per-call overhead dominates). ``"auto"`` (the default) tries
+``benchmarks/bench_slq.py`` measures them on CPU (FC5, digits, one thread: ``linearize``
+1.2-1.5x faster per product than ``func`` or ``autograd``; batching vectors with ``vmap``
+pays off only for small nets, where per-call overhead dominates). ``"auto"`` (the default) tries
 ``linearize``, then ``func``, then ``autograd`` on the first product and keeps the first
 that works (models with data-dependent control flow or ``.item()`` calls cannot be traced).
 
