@@ -135,8 +135,39 @@ def run_benchmark(
     return rows
 
 
+def rewrite_table(
+    out: str | os.PathLike[str],
+    table: str | os.PathLike[str],
+    folds: int,
+    seeds: list[int],
+    max_epochs: int | None = None,
+) -> None:
+    """Rewrite ``table`` from the runs under ``out`` without training anything."""
+    write_table(table, _collect(Path(out)), folds, seeds, max_epochs)
+
+
+def _partial_seed(seed_dir: Path) -> dict[str, Any] | None:
+    """A seed whose CV is still running: its finished folds, shaped like a metrics.json."""
+    from sparsemil.train.evaluate import METRICS, mean_std
+
+    results = [json.loads(p.read_text()) for p in sorted(seed_dir.glob("fold_*/result.json"))]
+    cfg_path = seed_dir / "fold_0" / "config.json"
+    if not results or not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    out: dict[str, Any] = {m: mean_std([r["metrics"][m] for r in results]) for m in METRICS}
+    out["test_time"] = {
+        m: {"std_mean_over_folds": mean_std([r["test_time"][m]["std"] for r in results])["mean"]}
+        for m in METRICS
+    }
+    out["folds"] = results
+    out["protocol"] = {"seed": int(seed_dir.name[5:]), "config": cfg}
+    return out
+
+
 def _collect(out: Path) -> list[dict[str, Any]]:
-    """One row per (benchmark, model), from every finished seed found under ``out``."""
+    """One row per (benchmark, model) from every finished seed found under ``out``; when no
+    seed has finished, the finished folds of running seeds (marked partial)."""
     from sparsemil.data.mil_benchmarks import MIL_BENCHMARKS
     from sparsemil.mil.factory import MODEL_NAMES
     from sparsemil.train.cv import summarize_seeds
@@ -144,27 +175,34 @@ def _collect(out: Path) -> list[dict[str, Any]]:
     rows = []
     for d in MIL_BENCHMARKS:
         for m in MODEL_NAMES:
-            found = sorted(
-                (out / d / m).glob("seed_*/metrics.json"), key=lambda p: int(p.parent.name[5:])
-            )
-            per_seed = [json.loads(p.read_text()) for p in found]
+            seed_dirs = sorted((out / d / m).glob("seed_*"), key=lambda p: int(p.name[5:]))
+            per_seed = [
+                json.loads((p / "metrics.json").read_text())
+                for p in seed_dirs
+                if (p / "metrics.json").is_file()
+            ]
+            partial = False
+            if not per_seed:
+                per_seed = [x for x in (_partial_seed(p) for p in seed_dirs) if x is not None]
+                partial = bool(per_seed)
             row: dict[str, Any] = {
                 "dataset": d,
                 "model": m,
                 "seeds_done": [x["protocol"]["seed"] for x in per_seed],
+                "partial": partial,
             }
             if per_seed:
                 row.update(summarize_seeds(per_seed))
                 cfg = per_seed[0]["protocol"]["config"]
                 row["max_epochs"] = cfg["max_epochs"]
-                row["folds"] = cfg["folds"]
+                n_folds = sum(len(x["folds"]) for x in per_seed)
+                row["folds"] = f"{n_folds} of {cfg['folds']} (partial)" if partial else cfg["folds"]
                 row["batch"] = f"{cfg['batch_size']}x{cfg['accumulate_grad_batches']}"
                 row["num_test"] = cfg["num_test"]
                 row["model_kwargs"] = cfg["model_kwargs"]
                 row["epochs_trained"] = float(
                     np.mean([f["epochs_done"] for x in per_seed for f in x["folds"]])
                 )
-                row["seconds"] = float(sum(x.get("seconds", 0.0) for x in per_seed))
             rows.append(row)
     return rows
 
@@ -193,7 +231,8 @@ def write_table(
         "",
         "**Protocol (every model: same trainer, same splits, same recipe).** Stratified k-fold CV "
         "(`folds` column) per training seed (`seeds` column: the seeds finished for that row; the "
-        "split also depends on the seed). Within each fold, 10% of the training bags (stratified) "
+        "split also depends on the seed). A row marked `k of 10 (partial)` is still running: its "
+        "numbers cover only the k folds finished so far (of one seed) and are not final. Within each fold, 10% of the training bags (stratified) "
         "are held out for early stopping and model selection (lowest validation loss). Features "
         "are z-scored with the training fold's statistics. AdamW, lr "
         f"{r0['lr']:g}, weight decay {r0['weight_decay']:g}, cosine schedule, batch `b x a` = `b` bags per "
