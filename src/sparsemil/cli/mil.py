@@ -387,6 +387,9 @@ def benchmark(
     progress: bool = typer.Option(
         False, "--progress/--no-progress", help="Per-epoch progress bars."
     ),
+    table_only: bool = typer.Option(
+        False, "--table-only", help="Only rewrite the table from the runs under --out."
+    ),
 ) -> None:
     """Cross-validate every model on the classic MIL benchmarks and (re)write the Markdown
     table. Finished (dataset, model, seed) runs are reused, so an interrupted benchmark
@@ -400,6 +403,12 @@ def benchmark(
         seed_list = [int(s) for s in split(seeds)]
     except ValueError:
         raise SparsemilError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
+    if table_only:
+        from sparsemil.train.benchmark import rewrite_table
+
+        rewrite_table(out, table, folds, seed_list)
+        typer.echo(f"table: {table}")
+        return
     run_benchmark(
         split(datasets),
         split(models),
