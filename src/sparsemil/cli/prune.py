@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from sparsemil.cli import prune_run
+from sparsemil.cli import prune_mil, prune_run
 
 app = typer.Typer(help="prune commands.", no_args_is_help=True)
 
@@ -166,3 +166,4 @@ def export(
 # `sparsemil prune run` (pruning-limit issue): implemented in sparsemil/cli/prune_run.py, which
 # that issue owns. Registered here, unconditionally.
 app.command("run")(prune_run.run)
+app.command("mil")(prune_mil.mil)

@@ -1,0 +1,249 @@
+"""The bridge: how sparse can a trained MIL model be pruned?
+
+The same theory as for vision models (:mod:`sparsemil.prune.limit`), with MIL pieces:
+
+- **Model:** any checkpoint written by the MIL trainer (MMIL-Transformer or a torchmil
+  baseline), rebuilt with :func:`sparsemil.mil.checkpoint.load_mil_checkpoint`; features are
+  standardised with the training statistics stored in the checkpoint.
+- **Pruning:** one global magnitude threshold over every ``nn.Linear`` weight (biases, tokens
+  and position embeddings untouched).
+- **Sweep:** bag-level accuracy, AUC and loss on the evaluation bags (the checkpoint's test
+  fold by default), training loss on its training bags.
+- **Hessian:** of the mean per-bag loss over the training bags, one bag per batch, so bags of
+  different sizes need no padding. The grouping is forced to ``sequential`` (deterministic)
+  and the model is in eval mode (no sub-bag masking), so two products with the same vector
+  are identical even for a model trained with random grouping.
+- **epsilon:** the std (ddof 0) of the per-bag training losses at w* -- the vision rule with a
+  bag as the mini-batch. Never fitted to the measured ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsemil.errors import SparsemilError
+
+MILBatch = dict[str, torch.Tensor]
+
+
+@dataclass
+class MILBags:
+    """Standardised bags for the bridge: lists of ``X (1, N_i, C)`` and ``Y (1,)``."""
+
+    train: list[MILBatch]
+    eval: list[MILBatch]
+    n_classes: int
+    source: str
+    eval_split: str
+
+
+@contextlib.contextmanager
+def deterministic_grouping(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily use sequential grouping (MMIL) so every forward pass is deterministic."""
+    old = getattr(model, "grouping", None)
+    if old is not None and old != "precomputed":
+        model.grouping = "sequential"
+    try:
+        yield model
+    finally:
+        if old is not None:
+            model.grouping = old
+
+
+def bag_loss_fn(model: nn.Module, batch: MILBatch) -> torch.Tensor:
+    """Mean loss of one bag ``batch = {"X": (1,N,C), "Y": (1,)}`` -- the HVP loss callable."""
+    from sparsemil.mil.factory import bag_loss
+
+    return bag_loss(model(batch["X"]), batch["Y"]).mean()
+
+
+def _outputs(model: nn.Module, bags: Sequence[MILBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bag losses ``(n,)`` and class probabilities ``(n, K)``."""
+    from sparsemil.mil.factory import bag_loss, bag_probabilities
+
+    losses, probs = [], []
+    with torch.inference_mode():
+        for b in bags:
+            out = model(b["X"])
+            losses.append(bag_loss(out, b["Y"]))
+            probs.append(bag_probabilities(out))
+    return torch.cat(losses), torch.cat(probs)
+
+
+def make_evaluator(bags: MILBags):
+    """``evaluate(model) -> {test_acc, test_auc, test_loss, train_loss, train_loss_std}``."""
+    from sklearn.metrics import roc_auc_score
+
+    y_eval = np.array([int(b["Y"].item()) for b in bags.eval])
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        with deterministic_grouping(model):
+            tr_loss, _ = _outputs(model, bags.train)
+            ev_loss, probs = _outputs(model, bags.eval)
+        model.train(was)
+        p = probs.double().numpy()
+        if not np.all(np.isfinite(p)):
+            auc = float("nan")
+        elif bags.n_classes == 2:
+            auc = _safe_auc(roc_auc_score, y_eval, p[:, 1])
+        else:
+            auc = _safe_auc(roc_auc_score, y_eval, p, multi_class="ovr")
+        return {
+            "test_acc": float((p.argmax(1) == y_eval).mean()),
+            "test_auc": auc,
+            "test_loss": float(ev_loss.mean()),
+            "train_loss": float(tr_loss.mean()),
+            "train_loss_std": float(tr_loss.double().std(unbiased=False)),
+        }
+
+    return evaluate
+
+
+def _safe_auc(fn, y, p, **kw) -> float:
+    try:
+        return float(fn(y, p, **kw))
+    except ValueError:  # one class only in the evaluation bags
+        return float("nan")
+
+
+def load_bridge_bags(
+    meta: dict[str, Any], data: str | None = None, eval_split: str = "test", **overrides: Any
+) -> MILBags:
+    """Bags of the checkpoint's own fold (or of ``data``), standardised as in training.
+
+    ``eval_split`` is ``test`` or ``val`` (bags the sweep evaluates); the Hessian and epsilon
+    always use the training bags.
+    """
+    from sparsemil.train.config import MILTrainConfig
+    from sparsemil.train.data import MILDataset, Standardizer, holdout_fold, load_mil_data
+
+    if eval_split not in ("test", "val"):
+        raise SparsemilError(f"--eval-split {eval_split!r}: use 'test' or 'val'")
+    cfg_dict = dict(meta.get("train_config") or {})
+    if data is not None:
+        cfg_dict["data"] = str(data)
+    cfg_dict.update({k: v for k, v in overrides.items() if v is not None})
+    if not cfg_dict.get("data"):
+        raise SparsemilError("the checkpoint records no training data; pass --data PATH")
+    if "fold" in meta and meta["fold"] is not None:
+        cfg_dict["fold"] = int(meta["fold"])
+    cfg = MILTrainConfig.from_dict(cfg_dict, source="checkpoint train_config")
+    mdata = load_mil_data(cfg)
+    if mdata.in_dim != int(meta["in_dim"]):
+        raise SparsemilError(
+            f"--data {cfg.data}: features have {mdata.in_dim} dims but the checkpoint expects "
+            f"{meta['in_dim']}; pass the data the model was trained on"
+        )
+    fold = holdout_fold(mdata, cfg)
+    idx_eval = fold.test if eval_split == "test" else fold.val
+    if not idx_eval:
+        raise SparsemilError(
+            f"the {eval_split} split is empty for this checkpoint; use --eval-split "
+            f"{'val' if eval_split == 'test' else 'test'}"
+        )
+    std = Standardizer.from_meta(meta.get("standardize"))
+
+    def batches(indices: Sequence[int]) -> list[MILBatch]:
+        ds = MILDataset(mdata.bags, indices, std)
+        out = []
+        for i in range(len(ds)):
+            item = ds[i]
+            out.append({"X": item["X"].unsqueeze(0).float(), "Y": item["Y"].reshape(1).long()})
+        return out
+
+    return MILBags(
+        train=batches(fold.train),
+        eval=batches(idx_eval),
+        n_classes=mdata.n_classes,
+        source=mdata.source,
+        eval_split=eval_split,
+    )
+
+
+def mil_limit(
+    model: nn.Module,
+    bags: MILBags,
+    out_dir: str | Path,
+    n_ratios: int = 200,
+    lanczos_iter: int = 64,
+    lanczos_num: int = 1,
+    seed: int = 0,
+    negative: str = "abs",
+    hvp_method: str = "autograd",
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    title: str = "",
+) -> dict[str, Any]:
+    """Sweep + spectrum + prediction for a trained MIL ``model``; writes ``limit.json``,
+    ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object."""
+    from sparsemil.prune.hvp import HessianOperator
+    from sparsemil.prune.limit import predict_limit, write_limit
+    from sparsemil.prune.magnitude import prunable_parameters
+    from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
+
+    if n_ratios < 2:
+        raise SparsemilError("--n-ratios must be at least 2")
+    model = model.cpu().eval()
+    params = prunable_parameters(model, include=(nn.Linear,))
+    if not params:
+        raise SparsemilError("the MIL model has no nn.Linear weights to prune")
+    evaluate = make_evaluator(bags)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
+    timings["sweep_s"] = time.perf_counter() - t0
+    eps = float(sweep.dense["train_loss_std"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep.to_csv(out / "sweep.csv")
+    actual = actual_ratios(sweep, eps=eps)
+
+    t0 = time.perf_counter()
+    with deterministic_grouping(model):
+        op = HessianOperator(model, bag_loss_fn, bags.train, method=hvp_method)
+        result = predict_limit(
+            op,
+            sweep.ratios,
+            sweep.distance,
+            eps,
+            num_runs=lanczos_num,
+            num_steps=lanczos_iter,
+            seed=seed,
+            negative=negative,
+        )
+    timings["spectrum_s"] = time.perf_counter() - t0
+    info = {
+        "timings": timings,
+        "hessian": {
+            "bags": len(bags.train),
+            "loss": "mean over training bags of the per-bag loss (one bag per batch, no padding)",
+            "grouping": "sequential (deterministic)",
+            "hvp_backend": op.backend,
+            "num_products": int(op.num_products),
+        },
+        "epsilon_rule": "std (ddof 0) of the per-bag training losses at w*",
+        "pruned": "global magnitude threshold over all nn.Linear weights",
+        "n_weights": int(sweep.n_weights),
+        "dense": dict(sweep.dense),
+        "eval_split": bags.eval_split,
+        "n_eval_bags": len(bags.eval),
+        "data": bags.source,
+        "lanczos_iter": lanczos_iter,
+        "lanczos_num": lanczos_num,
+        "seed": seed,
+        "negative": negative,
+        **(extra or {}),
+    }
+    return write_limit(out, result, sweep, eps, actual, extra=info, title=title)
