@@ -107,6 +107,28 @@ TINY = {
 }
 
 
+DISCUSSION = """## Where theory and measurement disagree, and why
+
+- **Weak L1 (1e-4).** The training loss at w* is close to zero, so epsilon (the std of the
+  per-batch losses) is tiny (~1e-3). gw(R) = sum_k tau_k 2 eps / (2 eps + R^2 |theta_k|) is
+  then decided by the eigenvalues within ~2 eps / R^2 of zero. A 128-step SLQ run places
+  Ritz nodes about lambda_max / 128 apart, so the large cluster of near-zero eigenvalues
+  (both signs) is represented by one or two nodes whose exact position -- and whether a
+  slightly negative node counts as curved (`abs`) or flat (`flat`) -- moves the prediction
+  by tens of points (compare the `predicted` and `pred (flat)` columns). A plausible
+  further cause, not measured here: without sparsity pressure the quadratic model of the
+  loss around w* may fail well before the predicted R.
+- **Moderate and strong L1 (5e-4, 2e-3).** epsilon is larger, the relevant curvature scale
+  2 eps / R^2 is far above SLQ's resolution, and predictions land within a few points of
+  the `drop_1pt` ratio.
+- **Criterion choice.** `drop_1pt` (the default) is what the error columns use; the
+  `official` criterion (largest ratio with accuracy strictly above dense) is undefined in
+  some rows and noisy on small test sets (digits: 360 test images, one image = 0.28
+  points), and `train_loss_eps` is systematically lower. Nothing is tuned per row: the
+  same epsilon rule, SLQ settings and solver are used throughout.
+"""
+
+
 def _rows(profile: dict, seeds, strengths) -> list[tuple[str, str, float, int]]:
     # seed-major order: a partial table already covers every configuration
     return [
@@ -202,6 +224,17 @@ def write_markdown(path: Path, out: Path, profile: dict, rows: list, protocol: s
                     e.append(d["abs_error"])
         if e:
             per_cfg.append(f"| {name} | {len(e)} | {np.mean(e):.3f} | {np.max(e):.3f} |")
+    per_l1 = []
+    for lmbda in sorted({r[2] for r in rows}):
+        e = []
+        for row_name, _, lm, _ in rows:
+            f = out / row_name / "limit.json"
+            if lm == lmbda and f.exists():
+                d = json.loads(f.read_text())
+                if d["abs_error"] is not None:
+                    e.append(d["abs_error"])
+        if e:
+            per_l1.append(f"| {lmbda:g} | {len(e)} | {np.mean(e):.3f} | {np.max(e):.3f} |")
     status = "complete" if done == len(rows) else f"PARTIAL: {done} of {len(rows)} rows finished"
     head = [
         "# Predicted vs actual pruning ratio",
@@ -223,6 +256,12 @@ def write_markdown(path: Path, out: Path, profile: dict, rows: list, protocol: s
         "| configuration | rows | mean abs error | max abs error |",
         "| --- | --- | --- | --- |",
         *per_cfg,
+        "",
+        "| L1 strength | rows | mean abs error | max abs error |",
+        "| --- | --- | --- | --- |",
+        *per_l1,
+        "",
+        DISCUSSION,
         "",
         "## Rows",
         "",
