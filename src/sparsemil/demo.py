@@ -91,35 +91,21 @@ def run_mil_cv(p: dict[str, Any], out: Path, progress: bool, log) -> list[dict[s
 
 def run_mil_prune(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str, Any]:
     """Step 2: MMIL with L1 on fold 0, then predicted vs actual pruning limit."""
-    from sparsemil.mil.checkpoint import load_mil_checkpoint
-    from sparsemil.prune.mil_limit import load_bridge_bags, mil_limit
+    from sparsemil.prune.mil_limit import run_mil_limit
     from sparsemil.train.benchmark import bench_config
-    from sparsemil.train.data import holdout_fold, load_mil_data
-    from sparsemil.train.trainer import fit_fold
 
+    base = bench_config(p["dataset"], "mmil", 0, p["folds"], p["mil_epochs"])
     cfg = dataclasses.replace(
-        bench_config(p["dataset"], "mmil", 0, p["folds"], p["mil_epochs"]),
+        base,
         early_stopping=False,
         progress=progress,
         l1=p["mil_l1"],
         fold=0,
-        model_kwargs={**bench_config(p["dataset"], "mmil", 0, 2, 1).model_kwargs,
-                      "grouping": "sequential"},
-    )  # fmt: skip
+        model_kwargs={**base.model_kwargs, "grouping": "sequential"},
+    )
     log(f"[2/3] MMIL with L1 {p['mil_l1']:g} on fold 0, then its pruning limit ...")
-    data = load_mil_data(cfg)
-    fit_fold(cfg, data, holdout_fold(data, cfg), out / "train")
-    model, meta = load_mil_checkpoint(out / "train" / "model.safetensors")
-    bags = load_bridge_bags(meta)
-    doc = mil_limit(
-        model,
-        bags,
-        out,
-        n_ratios=p["mil_ratios"],
-        lanczos_iter=p["mil_lanczos"],
-        progress=progress,
-        title=f"MMIL on {p['dataset']} (fold 0, l1 {p['mil_l1']:g})",
-        extra={"model": "mmil", "l1": p["mil_l1"]},
+    doc = run_mil_limit(
+        cfg, out, n_ratios=p["mil_ratios"], lanczos_iter=p["mil_lanczos"], progress=progress
     )
     act = doc["actual_ratio"].get(doc["default_criterion"])
     log(f"      MMIL: predicted {_fmt(doc['predicted_ratio'])}, actual (drop_1pt) {_fmt(act)}")

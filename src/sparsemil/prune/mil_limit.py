@@ -247,3 +247,46 @@ def mil_limit(
         **(extra or {}),
     }
     return write_limit(out, result, sweep, eps, actual, extra=info, title=title)
+
+
+def run_mil_limit(
+    cfg: Any,
+    out_dir: str | Path,
+    n_ratios: int = 200,
+    lanczos_iter: int = 64,
+    lanczos_num: int = 1,
+    negative: str = "abs",
+    eval_split: str = "test",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a MIL model with ``cfg.l1`` on the config's split, then :func:`mil_limit`.
+
+    ``cfg`` is a :class:`~sparsemil.train.config.MILTrainConfig` (its ``l1`` is the L1
+    strength); the model goes to ``out_dir/train/model.safetensors``, the limit files to
+    ``out_dir``. The SLQ probe seed is ``cfg.seed``.
+    """
+    from sparsemil.mil.checkpoint import load_mil_checkpoint
+    from sparsemil.train.data import holdout_fold, load_mil_data
+    from sparsemil.train.trainer import fit_fold, preflight
+
+    data = load_mil_data(cfg)  # validates every bag before training
+    preflight(cfg, data)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    fit_fold(cfg, data, holdout_fold(data, cfg), out / "train")
+    train_s = time.perf_counter() - t0
+    model, meta = load_mil_checkpoint(out / "train" / "model.safetensors")
+    bags = load_bridge_bags(meta, eval_split=eval_split)
+    return mil_limit(
+        model,
+        bags,
+        out,
+        n_ratios=n_ratios,
+        lanczos_iter=lanczos_iter,
+        lanczos_num=lanczos_num,
+        seed=int(cfg.seed),
+        negative=negative,
+        progress=progress,
+        title=f"{cfg.model} on {data.source} (l1 {cfg.l1:g}, seed {cfg.seed})",
+        extra={"model": cfg.model, "l1": cfg.l1, "train_s": train_s, "train_config": cfg.to_dict()},
+    )
