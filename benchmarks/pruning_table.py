@@ -109,23 +109,29 @@ TINY = {
 
 DISCUSSION = """## Where theory and measurement disagree, and why
 
-- **Weak L1 (1e-4).** The training loss at w* is close to zero, so epsilon (the std of the
-  per-batch losses) is tiny (~1e-3). gw(R) = sum_k tau_k 2 eps / (2 eps + R^2 |theta_k|) is
-  then decided by the eigenvalues within ~2 eps / R^2 of zero. A 128-step SLQ run places
-  Ritz nodes about lambda_max / 128 apart, so the large cluster of near-zero eigenvalues
-  (both signs) is represented by one or two nodes whose exact position -- and whether a
-  slightly negative node counts as curved (`abs`) or flat (`flat`) -- moves the prediction
-  by tens of points (compare the `predicted` and `pred (flat)` columns). A plausible
-  further cause, not measured here: without sparsity pressure the quadratic model of the
-  loss around w* may fail well before the predicted R.
-- **Moderate and strong L1 (5e-4, 2e-3).** epsilon is larger, the relevant curvature scale
-  2 eps / R^2 is far above SLQ's resolution, and predictions land within a few points of
-  the `drop_1pt` ratio.
-- **Criterion choice.** `drop_1pt` (the default) is what the error columns use; the
-  `official` criterion (largest ratio with accuracy strictly above dense) is undefined in
-  some rows and noisy on small test sets (digits: 360 test images, one image = 0.28
-  points), and `train_loss_eps` is systematically lower. Nothing is tuned per row: the
-  same epsilon rule, SLQ settings and solver are used throughout.
+- **Strong L1 (2e-3)**: every row is within 0.015 of the measured `drop_1pt` ratio.
+- **Moderate L1 (5e-4)**: 8 of 12 rows within 0.05; the FC5-shaped net on Fashion-MNIST
+  under-predicts by ~0.06 on all three seeds, and digits FC5 seed 1 by 0.14.
+- **Weak L1 (1e-4)**: the errors are large: Fashion-MNIST is over-predicted in all 6 rows
+  (by 0.03 to 0.21), digits has errors of both signs. This is *not* a quadrature artefact: for the
+  digits-mlp / 1e-4 / seed 0 row we also computed the exact Hessian (D = 6,570, dense,
+  float64 eigendecomposition; `--exact-check runs/pruning_table/digits-mlp-l10.0001-s0`): the exact spectrum predicts 0.624 (`abs`) / 0.725 (`flat`)
+  against SLQ's 0.614 / 0.712 and a measured 0.545. The gap is between the theory (with
+  the official epsilon rule) and the measurement. Plausible causes, not isolated here:
+  epsilon is a property of the training-loss noise (on digits the loss at w* is almost
+  zero and epsilon ~ 1e-3), while `drop_1pt` measures test accuracy; and without sparsity
+  pressure the quadratic model of the loss may fail well before the predicted R.
+- **Non-positive eigenvalues**: `flat` predicts higher ratios than `abs` (by construction:
+  a flat direction contributes 1); its mean error is larger here. The choice is a modelling decision that moves weak-L1 predictions by up to ~0.1 even with
+  the exact spectrum. The SLQ mass on negative Ritz values jumps between ~0.02 and ~0.97
+  across comparable rows: one Ritz node stands for the huge cluster of near-zero
+  eigenvalues, and its sign is essentially random.
+- **Criterion choice**: the error columns use `drop_1pt` (the default). The `official`
+  criterion (largest ratio with accuracy strictly above dense) is undefined in some rows
+  and noisy on small test sets (digits: 360 test images, one image = 0.28 points);
+  `train_loss_eps` is systematically lower. Nothing is tuned per row: the same epsilon
+  rule, SLQ settings and solver are used throughout. The goal of a mean error <= 0.03 is
+  met only at L1 = 2e-3 (see the per-L1 table), not overall.
 """
 
 
@@ -205,8 +211,17 @@ def write_markdown(path: Path, out: Path, profile: dict, rows: list, protocol: s
             f"| {t['train_s'] + t['sweep_s'] + t['spectrum_s']:.0f} |"
         )
     mean = float(np.mean(errs)) if errs else None
+    vs_train = []
+    for row_name, _, _, _ in rows:
+        f = out / row_name / "limit.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            t_eps = d["actual_ratio"].get("train_loss_eps")
+            if d["predicted_ratio"] is not None and t_eps is not None:
+                vs_train.append(abs(d["predicted_ratio"] - t_eps))
     summary = {
         "rows_done": done,
+        "mean_abs_error_vs_train_loss_eps": float(np.mean(vs_train)) if vs_train else None,
         "rows_total": len(rows),
         "mean_abs_error": mean,
         "mean_abs_error_flat": float(np.mean(errs_flat)) if errs_flat else None,
@@ -252,6 +267,8 @@ def write_markdown(path: Path, out: Path, profile: dict, rows: list, protocol: s
         f"{_fmt(summary['mean_abs_error_flat'], 4)}",
         f"- official grid density (100,000 bins) and integer R: mean abs error "
         f"{_fmt(summary['mean_abs_error_official'], 4)}",
+        f"- predicted vs the `train_loss_eps` criterion instead of `drop_1pt`: mean abs error "
+        f"{_fmt(summary['mean_abs_error_vs_train_loss_eps'], 4)}",
         "",
         "| configuration | rows | mean abs error | max abs error |",
         "| --- | --- | --- | --- |",
@@ -312,13 +329,67 @@ def protocol_text(profile: dict, seeds, strengths, workers: int) -> str:
     return "\n".join(lines)
 
 
+def exact_check(row_dir: Path) -> dict:
+    """Predictions of a finished row from the *exact* Hessian spectrum (dense, float64
+    eigendecomposition; small nets only) next to the SLQ ones and the measured ratio."""
+    import torch
+
+    from sparsemil.data.vision import load_vision_dataset
+    from sparsemil.prune.export import load_checkpoint
+    from sparsemil.prune.hvp import HessianOperator
+    from sparsemil.prune.limit import cross_entropy_loss, fixed_batches
+    from sparsemil.prune.sweep import SweepResult
+    from sparsemil.prune.width import gaussian_width, predicted_ratio
+
+    torch.set_num_threads(1)
+    doc = json.loads((row_dir / "limit.json").read_text())
+    spec = json.loads((row_dir / "spectrum.json").read_text())
+    model, meta = load_checkpoint(row_dir / "model.safetensors")
+    model.eval()
+    opts = doc["options"]
+    data = load_vision_dataset(
+        meta["dataset"], subset=meta["config"].get("subset"), seed=doc["seed"]
+    )
+    batches = fixed_batches(
+        data.x_train, data.y_train, opts["hessian_batch_size"], opts["hessian_samples"], doc["seed"]
+    )
+    op = HessianOperator(model, cross_entropy_loss, batches, chunk_size=64)
+    eig = np.linalg.eigvalsh(op.dense().numpy())
+    sweep = SweepResult.from_csv(row_dir / "sweep.csv")
+    vals = np.array(spec["ritz_values"], dtype=float)
+    wts = np.array(spec["ritz_weights"], dtype=float)
+    eps = doc["epsilon"]
+    out = {"actual": doc["actual_ratio"], "epsilon": eps}
+    for neg in ("abs", "flat"):
+        out[f"exact_{neg}"] = predicted_ratio(
+            sweep.ratios,
+            sweep.distance,
+            lambda R, n=neg: gaussian_width(R, eig, None, eps, negative=n),
+        )
+        out[f"slq_{neg}"] = predicted_ratio(
+            sweep.ratios,
+            sweep.distance,
+            lambda R, n=neg: gaussian_width(R, vals, wts, eps, negative=n),
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "pruning_table")
     ap.add_argument("--doc", type=Path, default=None, help="markdown output")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="CI-sized run (2 rows)")
+    ap.add_argument(
+        "--exact-check",
+        type=Path,
+        default=None,
+        help="a finished row folder: compare its prediction with the exact spectrum",
+    )
     args = ap.parse_args(argv)
+    if args.exact_check is not None:
+        print(json.dumps(exact_check(args.exact_check), indent=1))
+        return 0
     if args.tiny:
         profile, seeds, strengths = TINY, (0,), (5e-4, 2e-3)
         doc = args.doc or args.out / "pruning_limit.md"
