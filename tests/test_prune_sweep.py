@@ -98,7 +98,7 @@ def test_vision_sweep_grid_and_eps(trained) -> None:
     res = vision_sweep(model, data, n_ratios=10, loss_batch_size=128, progress=False)
     assert res.ratios.tolist() == [i / 10 for i in range(10)]
     assert res.n_weights == sum(m.weight.numel() for m, _ in prunable_parameters(model))
-    # eps = std of per-mini-batch training losses at w*
+    # eps = std (ddof 0, as the official np.std) of per-mini-batch training losses at w*
     model.eval()
     with torch.no_grad():
         losses = [
@@ -107,7 +107,7 @@ def test_vision_sweep_grid_and_eps(trained) -> None:
             ).item()
             for i in range(0, len(data.y_train), 128)
         ]
-    assert res.dense["train_loss_std"] == pytest.approx(np.std(losses, ddof=1), rel=1e-5)
+    assert res.dense["train_loss_std"] == pytest.approx(np.std(losses, ddof=0), rel=1e-5)
     assert set(actual_ratios(res)) == set(CRITERIA)
 
 

@@ -19,7 +19,7 @@ fractions in [0, 1], ``dense`` = the unpruned model):
 - ``official``: scanning from the largest ratio down, the first ratio whose test accuracy is
   strictly above the dense accuracy; ``None`` when no ratio is (undefined, reported, no crash).
 - ``train_loss_eps``: the largest ratio before the training loss first exceeds ``L(w*) + eps``;
-  ``eps`` defaults to ``dense["train_loss_std"]`` (std of the per-mini-batch training losses at
+  ``eps`` defaults to ``dense["train_loss_std"]`` (std, ddof 0 as ``np.std``, of the per-mini-batch training losses at
   w*, the official epsilon).
 """
 
@@ -345,7 +345,9 @@ def vision_sweep(
         model, vision_evaluator(data, device, batch_size), grid, progress=progress
     )
     losses = batch_losses(model, data.x_train.to(device), data.y_train.to(device), loss_batch_size)
-    result.dense["train_loss_std"] = float(losses.std()) if len(losses) > 1 else 0.0
+    result.dense["train_loss_std"] = (
+        float(losses.double().std(unbiased=False)) if len(losses) > 1 else 0.0
+    )
     return result
 
 
