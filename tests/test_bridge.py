@@ -116,3 +116,27 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
         assert set(summary[key]["actual_ratio"]) == {"drop_1pt", "official", "train_loss_eps"}
     # A second run into the same (non-empty) folder is refused, not overwritten.
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 2
+
+
+def test_prune_run_accepts_a_mil_config(tmp_path):
+    cfg = tmp_path / "mil.yaml"
+    cfg.write_text(
+        "mil:\n  data: musk1\n  model: abmil\n  l1: 1.0e-4\n  max_epochs: 2\n  batch_size: 8\n"
+        "  folds: 4\n  progress: false\nsparse_epoch: 10\nlanczos_iter: 8\nseed: 0\n"
+    )
+    assert (
+        main(["prune", "run", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    )
+    doc = json.loads((tmp_path / "o" / "limit.json").read_text())
+    assert doc["model"] == "abmil" and doc["l1"] == 1e-4
+    assert doc["hessian"]["bags"] > 0 and doc["n_eval_bags"] > 0
+    assert (tmp_path / "o" / "train" / "model.safetensors").is_file()
+
+
+def test_prune_run_mil_config_unknown_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("mil:\n  data: musk1\n  modle: abmil\n")
+    rc = main(["prune", "run", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "modle" in err and "model" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "limit.json").exists()

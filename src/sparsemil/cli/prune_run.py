@@ -18,6 +18,37 @@ from pathlib import Path
 import typer
 
 
+def _split_mil_config(path: Path):
+    """``(MILTrainConfig | None, PruneConfig)`` from a YAML config.
+
+    A top-level ``mil:`` mapping (the keys of ``sparsemil mil train``'s config, e.g. ``data``,
+    ``model``, ``model_kwargs``, ``l1``, ``max_epochs``) makes this a MIL run; the official
+    keys ``sparse_epoch``, ``lanczos_iter``, ``lanczos_num``, ``seed`` and the ``limit:``
+    section still apply. Without ``mil:`` it is a vision config.
+    """
+    import yaml
+
+    from sparsemil.errors import SparsemilError
+    from sparsemil.prune.config import config_from_dict, load_prune_config
+    from sparsemil.train.config import MILTrainConfig
+
+    if not path.is_file():
+        raise SparsemilError(f"config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SparsemilError(
+            f"config {path}: invalid YAML ({' '.join(str(err).split())})"
+        ) from None
+    if not isinstance(data, dict) or "mil" not in data:
+        return None, load_prune_config(path)
+    data = dict(data)
+    mil = MILTrainConfig.from_dict(data.pop("mil") or {}, source=f"config {path} [mil]")
+    if mil.data is None:
+        raise SparsemilError(f"config {path} [mil]: 'data' is required (a bag source)")
+    return mil, config_from_dict(data, where=f"config {path}")
+
+
 def run(
     config: Path = typer.Option(..., "--config", help="YAML config (official keys)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
@@ -32,10 +63,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train with L1, sweep, estimate the spectrum and predict the pruning limit."""
-    from sparsemil.prune.config import load_prune_config
     from sparsemil.prune.limit import LimitOptions, run_limit  # registers the limit: section
 
-    cfg = load_prune_config(config)
+    mil_cfg, cfg = _split_mil_config(config)
     if device:
         cfg.device = device
         cfg.validate()
@@ -48,7 +78,16 @@ def run(
         opts.threads = threads
     opts.validate()
     cfg.sections["limit"] = opts
-    doc = run_limit(cfg, out, progress=not quiet, log=None if quiet else typer.echo)
+    if mil_cfg is not None:
+        from sparsemil.prune.mil_limit import run_mil_limit
+
+        mil_cfg = mil_cfg.override(seed=cfg.seed, progress=not quiet)
+        doc = run_mil_limit(
+            mil_cfg, out, n_ratios=cfg.sparse_epoch, lanczos_iter=cfg.lanczos_iter,
+            lanczos_num=cfg.lanczos_num, negative=opts.negative, progress=not quiet,
+        )  # fmt: skip
+    else:
+        doc = run_limit(cfg, out, progress=not quiet, log=None if quiet else typer.echo)
     pred = doc["predicted_ratio"]
     act = doc["actual_ratio"].get(doc["default_criterion"])
     typer.echo(
