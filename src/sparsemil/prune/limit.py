@@ -244,11 +244,22 @@ def predict_limit(
     distance = np.asarray(distance, dtype=np.float64)
     pred = predicted_ratio(ratios, distance, gw, method="bisect")
     pred_grid = predicted_ratio(ratios, distance, gw, method="grid")
+    # When rho = gw(R(rho)) has no root on the swept range, say on which side it lies:
+    # gw above every swept ratio -> the predicted limit is >= the largest swept ratio.
+    h_ends = gw(np.interp([ratios.min(), ratios.max()], ratios, distance)) - np.array(
+        [ratios.min(), ratios.max()]
+    )
+    bound = None
+    if pred is None and h_ends[-1] > 0:
+        bound = {"side": ">=", "ratio": float(ratios.max())}
+    elif pred is None and h_ends[0] < 0:
+        bound = {"side": "<=", "ratio": float(ratios.min())}
     r_max = float(np.nanmax(distance)) if distance.size else 0.0
     R_curve = np.linspace(0.0, max(r_max, 1e-12), 400)
     out: dict[str, Any] = {
         "predicted_ratio": pred,
         "predicted_ratio_grid": pred_grid,
+        "predicted_bound": bound,
         "R_at_prediction": None if pred is None else float(np.interp(pred, ratios, distance)),
         "R_curve": R_curve,
         "gw_curve": gw(R_curve),
@@ -355,6 +366,7 @@ def write_limit(
             else abs(pred - float(actual[DEFAULT_CRITERION]))
         ),
         "predicted_ratio_grid": result["predicted_ratio_grid"],
+        "predicted_bound": result.get("predicted_bound"),
         "predicted_ratio_official": result["predicted_ratio_official"],
         "R_at_prediction": result["R_at_prediction"],
         "epsilon": eps,
