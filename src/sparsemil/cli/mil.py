@@ -27,9 +27,20 @@ O_CONFIG = typer.Option(None, "--config", "-c", help="YAML/JSON config (flags ov
 O_DATA = typer.Option(
     None,
     "--data",
-    help="Bags: classic-MIL CSV or benchmark name (musk1, musk2, elephant, ucsb_breast_cancer), CLAM dataset CSV, or official split CSV.",
+    help="Bags: classic-MIL CSV or benchmark name (musk1, musk2, elephant, ucsb_breast_cancer), CLAM dataset CSV, official split CSV, a folder of per-slide .h5/.pt/DSMIL .csv files (with --labels), or a DSMIL bag-list CSV.",
 )
-O_FORMAT = typer.Option(None, "--format", help="auto | mil-csv | clam | split.")
+FORMAT_HELP = "auto | mil-csv | clam | split | folder | h5 | pt | dsmil-csv."
+O_FORMAT = typer.Option(None, "--format", help=FORMAT_HELP)
+O_LABELS = typer.Option(
+    None,
+    "--labels",
+    help="Label CSV (slide_id,label; CLAM dataset CSV) for a folder of per-slide files.",
+)
+O_FOLDS_CSV = typer.Option(
+    None,
+    "--folds-csv",
+    help="Replay the folds of an earlier run's OUT/folds.csv instead of drawing new ones.",
+)
 O_DATA_DIR = typer.Option(
     None, "--data-dir", help="Folder of per-slide .h5/.pt feature files (clam/split formats)."
 )
@@ -131,9 +142,10 @@ def _fmt(m: dict[str, Any]) -> str:
 @app.command("train")
 def train(
     config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
-    data_dir: str | None = O_DATA_DIR, n_classes: int | None = O_NCLS, model: str | None = O_MODEL,
-    model_kwargs: str | None = O_MKW, seed: int | None = O_SEED, folds: int | None = O_FOLDS,
-    fold: int | None = typer.Option(None, "--fold", help="Without a split CSV: train on fold FOLD of --folds (default 0)."),
+    data_dir: str | None = O_DATA_DIR, labels: str | None = O_LABELS, n_classes: int | None = O_NCLS,
+    model: str | None = O_MODEL, model_kwargs: str | None = O_MKW, seed: int | None = O_SEED,
+    folds: int | None = O_FOLDS, folds_csv: str | None = O_FOLDS_CSV,
+    fold: int | None = typer.Option(None, "--fold", help="Without a split CSV: train on fold FOLD of --folds or --folds-csv (default 0)."),
     max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
     batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
     patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
@@ -182,8 +194,9 @@ def train(
 @app.command("cv")
 def cv(
     config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
-    data_dir: str | None = O_DATA_DIR, n_classes: int | None = O_NCLS, model: str | None = O_MODEL,
-    model_kwargs: str | None = O_MKW, seed: int | None = O_SEED, folds: int | None = O_FOLDS,
+    data_dir: str | None = O_DATA_DIR, labels: str | None = O_LABELS, n_classes: int | None = O_NCLS,
+    model: str | None = O_MODEL, model_kwargs: str | None = O_MKW, seed: int | None = O_SEED,
+    folds: int | None = O_FOLDS, folds_csv: str | None = O_FOLDS_CSV,
     max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
     batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
     patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
@@ -205,7 +218,7 @@ def cv(
     if m is None:
         return
     typer.echo(
-        f"{cfg.model} on {Path(m['protocol']['data']).stem}, {cfg.folds}-fold CV (seed {cfg.seed}): "
+        f"{cfg.model} on {Path(m['protocol']['data']).stem}, {m['protocol']['folds']}-fold CV (seed {cfg.seed}): "
         f"accuracy {_fmt(m['accuracy'])}, AUC {_fmt(m['auc'])}, balanced accuracy "
         f"{_fmt(m['balanced_accuracy'])}, F1 {_fmt(m['f1'])}"
     )
@@ -226,8 +239,9 @@ def test(
     data: str = typer.Option(
         ..., "--data", help="Labelled bags (same forms as `mil train --data`)."
     ),
-    format: str = typer.Option("auto", "--format", help="auto | mil-csv | clam | split."),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     data_dir: str | None = O_DATA_DIR,
+    labels: str | None = O_LABELS,
     part: str = typer.Option(
         "auto",
         "--part",
@@ -262,7 +276,11 @@ def test(
         raise SparsemilError(f"--part must be auto, all, train, val or test (got {part!r})")
     model, meta = _load_for_eval(checkpoint)
     cfg = MILTrainConfig(
-        data=data, format=format, data_dir=data_dir, n_classes=int(meta["n_classes"])
+        data=data,
+        format=format,
+        data_dir=data_dir,
+        labels=labels,
+        n_classes=int(meta["n_classes"]),
     )
     cfg.validate("command line")
     d = load_mil_data(cfg)

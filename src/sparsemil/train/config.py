@@ -18,7 +18,10 @@ from typing import Any
 
 from sparsemil.errors import SparsemilError
 
-FORMATS = ("auto", "mil-csv", "clam", "split", "folder")
+FORMATS = ("auto", "mil-csv", "clam", "split", "folder", "h5", "pt", "dsmil-csv")
+"""``folder`` / ``h5`` / ``pt`` / ``dsmil-csv`` read per-slide files through
+:func:`sparsemil.data.sources.load_bag_source` (``folder`` lets it guess the file type)."""
+FOLDER_FORMATS = ("folder", "h5", "pt", "dsmil-csv")
 
 
 @dataclass
@@ -29,16 +32,22 @@ class MILTrainConfig:
         data: the bags -- a classic-MIL CSV (``mil-csv``; or a benchmark name ``musk1``,
             ``musk2``, ``elephant``, ``ucsb_breast_cancer``), a CLAM dataset CSV
             (``clam``: ``slide_id,label``), an official MMIL/TransMIL split CSV (``split``),
-            or a folder of per-slide files (``folder``, labels from ``labels``).
-        format: one of ``auto``, ``mil-csv``, ``clam``, ``split``, ``folder``.
+            or a folder of per-slide ``.h5``/``.pt``/DSMIL ``.csv`` files (``folder``, or
+            ``h5``/``pt``/``dsmil-csv`` to name the file type; labels from ``labels``), or a
+            DSMIL bag-list CSV (``dsmil-csv``).
+        format: one of ``auto``, ``mil-csv``, ``clam``, ``split``, ``folder``, ``h5``, ``pt``,
+            ``dsmil-csv``.
         data_dir: folder of the per-slide feature files (``clam`` / ``split``).
-        labels: CSV ``slide_id,label`` for ``folder``.
+        labels: CSV ``slide_id,label`` (CLAM dataset CSV) for the folder formats.
         n_classes: number of bag classes.
         standardize: z-score features with training-fold statistics (``None`` = yes for
             ``mil-csv``, no for slide features).
         val_fraction: share of the training bags held out for validation / early stopping
             when the split does not define a validation set.
         folds: number of CV folds; ``train`` without a split file trains on fold ``fold``.
+        folds_csv: a ``folds.csv`` of an earlier ``mil cv`` run
+            (:func:`sparsemil.data.splits.write_folds_csv`); its folds are replayed instead of
+            drawing new ones (``folds`` is then the CSV's number of folds).
     Model:
         model: ``mmil``, ``abmil``, ``transmil``, ``dsmil``, ``clam_sb`` or ``dtfdmil``.
         model_kwargs: constructor options (e.g. ``{embed_dim: 128, num_subbags: 4}``).
@@ -67,6 +76,7 @@ class MILTrainConfig:
     val_fraction: float = 0.1
     folds: int = 10
     fold: int = 0
+    folds_csv: str | None = None
     # model
     model: str = "mmil"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -157,7 +167,7 @@ class MILTrainConfig:
             setattr(self, name, float(v))
         if not (0.0 <= float(self.val_fraction) < 1.0):
             raise bad("val_fraction", f"must be in [0, 1) (got {self.val_fraction})")
-        if self.fold >= self.folds:
+        if self.fold >= self.folds and not self.folds_csv:
             raise bad("fold", f"must be < folds={self.folds} (got {self.fold})")
         if self.format not in FORMATS:
             near = difflib.get_close_matches(str(self.format), FORMATS, n=1)
@@ -182,7 +192,7 @@ class MILTrainConfig:
 def load_config(path: str | os.PathLike[str]) -> MILTrainConfig:
     """Read a YAML (``.yaml``/``.yml``) or JSON config file into :class:`MILTrainConfig`.
 
-    Relative ``data``/``data_dir``/``labels`` paths are resolved against the config's folder.
+    Relative ``data``/``data_dir``/``labels``/``folds_csv`` paths are resolved against the config's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -203,7 +213,7 @@ def load_config(path: str | os.PathLike[str]) -> MILTrainConfig:
     if raw is None:
         raw = {}
     cfg = MILTrainConfig.from_dict(raw, source=f"config {path}")
-    for key in ("data", "data_dir", "labels"):
+    for key in ("data", "data_dir", "labels", "folds_csv"):
         value = getattr(cfg, key)
         if value and not Path(value).is_absolute() and (path.parent / value).exists():
             setattr(cfg, key, str(path.parent / value))

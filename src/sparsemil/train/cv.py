@@ -10,7 +10,8 @@ and only when every fold finished:
   (random grouping), averaged over folds; ``pooled`` -- the metrics of all folds'
   predictions pooled; ``folds`` -- per-fold results; ``predictions`` -- one row per bag;
 * ``out/predictions.csv`` -- the same per-bag rows;
-* ``out/folds.csv`` -- the split (slide_id, label, fold_i = train/val/test), to reproduce it.
+* ``out/folds.csv`` -- the split (slide_id, label, fold_i = train/val/test), to reproduce it
+  (``cfg.folds_csv`` / ``--folds-csv`` replays such a file instead of drawing new folds).
 """
 
 from __future__ import annotations
@@ -56,17 +57,18 @@ def run_cv(
     out: str | os.PathLike[str],
     resume: bool = False,
 ) -> dict[str, Any] | None:
-    """Cross-validate ``cfg`` with ``cfg.folds`` stratified folds (seed ``cfg.seed``).
+    """Cross-validate ``cfg`` with ``cfg.folds`` stratified folds (seed ``cfg.seed``), or with
+    the folds of ``cfg.folds_csv`` when given.
 
     Returns the metrics dict written to ``out/metrics.json`` (``None`` on DDP ranks > 0).
     """
     from sparsemil.data.splits import write_folds_csv
-    from sparsemil.train.data import cv_folds, load_mil_data
+    from sparsemil.train.data import load_mil_data, run_folds
     from sparsemil.train.trainer import fit_fold, global_rank, preflight, prepare_out_dir
 
     t0 = time.time()
     data = load_mil_data(cfg)  # validates every bag before anything is trained
-    folds = cv_folds(data, cfg.folds, cfg.seed, cfg.val_fraction)
+    folds = run_folds(data, cfg)
     preflight(cfg, data)
     out = prepare_out_dir(out, resume, "metrics.json")
     rank0 = global_rank() == 0
@@ -92,7 +94,8 @@ def run_cv(
             "n_classes": data.n_classes,
             "model": cfg.model,
             "model_kwargs": cfg.model_kwargs,
-            "folds": cfg.folds,
+            "folds": len(folds),
+            "folds_csv": cfg.folds_csv,
             "seed": cfg.seed,
             "num_test": cfg.num_test,
             "std": "population std (ddof=0) over folds",

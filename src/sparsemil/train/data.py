@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from sparsemil.data.bags import Bag, BagDataset, BagRef, as_bag
 from sparsemil.errors import SparsemilError
-from sparsemil.train.config import MILTrainConfig
+from sparsemil.train.config import FOLDER_FORMATS, MILTrainConfig
 
 
 @dataclass
@@ -88,7 +88,13 @@ def detect_format(cfg: MILTrainConfig) -> str:
         return "split"
     if "slide_id" in header and "label" in header:
         return "clam"
-    return "mil-csv"
+    from sparsemil.data.sources import guess_format
+
+    try:
+        guessed = guess_format(path)[0]
+    except SparsemilError:
+        guessed = "mil-csv"  # read_mil_csv names the problem
+    return "dsmil-csv" if guessed == "dsmil-csv" else "mil-csv"
 
 
 def _resolve_data_path(cfg: MILTrainConfig) -> Path:
@@ -176,10 +182,44 @@ def load_mil_data(cfg: MILTrainConfig) -> MILData:
             raise SparsemilError(f"{path}: the dataset CSV lists no slides; add rows")
         c = _check_refs(refs, k, str(path))
         return MILData(list(refs), c, k, str(path), None, std)
-    raise SparsemilError(
-        f"{path} is a folder; pass a CLAM dataset CSV (slide_id,label) as --data with "
-        f"--data-dir {path} (--format clam), or an official split CSV (--format split)"
+    if fmt in FOLDER_FORMATS:
+        return _load_folder(cfg, fmt, path, k, std)
+    raise SparsemilError(f"--format {fmt!r} is not supported for {path}; pass --format auto")
+
+
+def _load_folder(cfg: MILTrainConfig, fmt: str, path: Path, k: int, std: bool) -> MILData:
+    """Per-slide ``.h5``/``.pt``/DSMIL ``.csv`` files (or a DSMIL bag list) through
+    :func:`sparsemil.data.sources.load_bag_source`: bags stay lazy :class:`BagRef` s and are
+    validated now (``.h5`` values up front for folders up to ``DEEP_CHECK_BYTES``, else as
+    each bag is loaded)."""
+    from sparsemil.data.sources import load_bag_source
+
+    if path.is_dir():
+        if not cfg.labels:
+            raise SparsemilError(
+                f"--data {path} is a folder of per-slide files but no labels were given; pass "
+                f"--labels labels.csv (columns slide_id,label)"
+            )
+    elif fmt == "dsmil-csv":
+        if cfg.labels:
+            raise SparsemilError(
+                f"--labels {cfg.labels} is not used with the DSMIL bag list {path} (labels are "
+                f"its column 2); drop --labels"
+            )
+    else:
+        raise SparsemilError(
+            f"--format {fmt} needs a folder of per-slide feature files, but {path} is a file; "
+            f"pass the folder as --data (or use --format clam/split for a CSV)"
+        )
+    if cfg.labels and not Path(cfg.labels).is_file():
+        raise SparsemilError(f"labels CSV {cfg.labels} does not exist; fix --labels")
+    src = load_bag_source(
+        path,
+        format="auto" if fmt == "folder" else fmt,
+        n_classes=k,
+        label_csv=cfg.labels if path.is_dir() else None,
     )
+    return MILData(list(src.bags), int(src.dim), k, str(path), None, std)
 
 
 # --------------------------------------------------------------------------- splits
@@ -216,8 +256,73 @@ def cv_folds(data: MILData, n_folds: int, seed: int, val_fraction: float) -> lis
     return folds
 
 
+def replay_folds(data: MILData, folds_csv: str | Path) -> list[Fold]:
+    """The folds of an earlier run's ``folds.csv``
+    (:func:`sparsemil.data.splits.write_folds_csv`), as indices into ``data.bags``.
+
+    The CSV must list exactly the data's slide ids (and, when it has a ``label`` column, the
+    same labels); anything else is a one-line error naming the file.
+    """
+    from sparsemil.data.splits import read_folds_csv
+
+    path = Path(folds_csv)
+    if not path.is_file():
+        raise SparsemilError(f"folds CSV {path} does not exist; fix --folds-csv")
+    ids = data.slide_ids
+    if len(set(ids)) != len(ids):
+        dup = next(s for i, s in enumerate(ids) if s in ids[:i])
+        raise SparsemilError(
+            f"folds CSV {path} cannot be replayed: slide id {dup!r} occurs twice in "
+            f"{data.source}; give every bag a unique id"
+        )
+    read = read_folds_csv(path, slide_ids=ids)
+    if read.labels is not None:
+        bad = np.flatnonzero(np.asarray(read.labels) != data.labels)
+        if bad.size:
+            i = int(bad[0])
+            raise SparsemilError(
+                f"folds CSV {path}: slide {ids[i]!r} has label {int(read.labels[i])} but "
+                f"{data.source} says {int(data.labels[i])} ({bad.size} such); use the folds "
+                f"CSV written for this data set"
+            )
+    if not read:
+        raise SparsemilError(f"folds CSV {path} has no fold_0.. columns; fix --folds-csv")
+    return [
+        Fold(
+            [int(j) for j in f.train],
+            [int(j) for j in f.val],
+            [int(j) for j in f.test],
+            index=i,
+            info={"folds_csv": str(path)},
+        )
+        for i, f in enumerate(read)
+    ]
+
+
+def run_folds(data: MILData, cfg: MILTrainConfig) -> list[Fold]:
+    """The folds ``mil cv`` runs: replayed from ``cfg.folds_csv``, else drawn with
+    :func:`cv_folds` (``cfg.folds``, ``cfg.seed``)."""
+    if cfg.folds_csv:
+        if data.split is not None:
+            raise SparsemilError(
+                f"--folds-csv {cfg.folds_csv} cannot be combined with the split CSV "
+                f"{data.source}; drop one of them"
+            )
+        return replay_folds(data, cfg.folds_csv)
+    return cv_folds(data, cfg.folds, cfg.seed, cfg.val_fraction)
+
+
 def holdout_fold(data: MILData, cfg: MILTrainConfig) -> Fold:
-    """The split ``mil train`` uses: the split file's, else fold ``cfg.fold`` of ``cfg.folds``."""
+    """The split ``mil train`` uses: the split file's, else fold ``cfg.fold`` of
+    ``cfg.folds_csv`` or of ``cfg.folds`` freshly drawn folds."""
+    if cfg.folds_csv:
+        folds = run_folds(data, cfg)
+        if cfg.fold >= len(folds):
+            raise SparsemilError(
+                f"--fold {cfg.fold} is out of range: folds CSV {cfg.folds_csv} has "
+                f"{len(folds)} folds (0..{len(folds) - 1})"
+            )
+        return folds[cfg.fold]
     if data.split is not None:
         s = data.split
         train = np.asarray(s["train"], dtype=np.int64)

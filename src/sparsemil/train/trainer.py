@@ -215,9 +215,24 @@ class MILDataModule(L.LightningDataModule):
         )
 
 
+PARTIAL_MASK_MODELS = ("dsmil", "clam_sb", "dtfdmil")
+"""torchmil models that take a mask but ignore it in part of their computation (DSMIL's max
+over instance logits, CLAM-SB's instance loss, DTFD-MIL's tier-2 pooling), so padding rows
+would leak into their losses."""
+
+
 def check_batch_support(model: torch.nn.Module, name: str, batch_size: int) -> None:
-    """Models without mask support (TransMIL) cannot take padded batches."""
-    if batch_size > 1 and not model_accepts(model, "compute_loss", "mask"):
+    """Models without (full) mask support cannot take padded batches: TransMIL has no mask,
+    and :data:`PARTIAL_MASK_MODELS` ignore it in part of their computation."""
+    if batch_size <= 1:
+        return
+    if name in PARTIAL_MASK_MODELS:
+        raise SparsemilError(
+            f"model '{name}' ignores the padding mask in part of its computation, so "
+            f"--batch-size must be 1 (got {batch_size}); use --accumulate-grad-batches "
+            f"{batch_size} for the same effective batch"
+        )
+    if not model_accepts(model, "compute_loss", "mask"):
         raise SparsemilError(
             f"model '{name}' has no padding mask, so --batch-size must be 1 (got {batch_size}); "
             "use --accumulate-grad-batches for a larger effective batch"
