@@ -143,9 +143,9 @@ def write_table(path: Path, rows: list[dict], planned: int) -> None:
     lines.append(
         "- Where theory and measurement disagree: with the weak penalty (1e-4) the theory "
         "over-predicts MMIL's limit by 0.14-0.29 while ABMIL's is close (<= 0.08). MMIL has "
-        "~50x more parameters, mostly attention weights that L1 at 1e-4 leaves dense; the "
-        "Gaussian-width bound treats every direction alike, while the sweep's first errors "
-        "come from the few attention weights that matter. epsilon here is the spread of "
+        "~50x more parameters, mostly attention weights; a likely (unverified) cause is that the "
+        "Gaussian-width bound treats every direction alike while the sweep's first errors "
+        "come from a few attention weights that matter. epsilon here is the spread of "
         "single-bag losses, larger than the spread of mini-batch means the vision rule uses, "
         "which also pushes the prediction up. With the strong penalty (1e-3) both networks "
         "survive pruning to 99% and the theory agrees (root beyond the swept range)."

@@ -1,5 +1,4 @@
 """Shared test fixtures: locations of the real reference data."""
-# NOTE TO DEVELOPERS: read /work/main/CONTRIBUTING.md (rules + cross-module API) before editing.
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@
 
 Every output is written atomically. ``run`` lives in :mod:`sparsemil.cli.prune_run`.
 """
-# NOTE TO DEVELOPERS: read /work/main/CONTRIBUTING.md (rules + cross-module API) before editing.
 
 from __future__ import annotations
 
