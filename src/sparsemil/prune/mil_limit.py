@@ -287,6 +287,6 @@ def run_mil_limit(
         seed=int(cfg.seed),
         negative=negative,
         progress=progress,
-        title=f"{cfg.model} on {data.source} (l1 {cfg.l1:g}, seed {cfg.seed})",
+        title=f"{cfg.model} on {Path(str(cfg.data)).stem} (l1 {cfg.l1:g}, seed {cfg.seed})",
         extra={"model": cfg.model, "l1": cfg.l1, "train_s": train_s, "train_config": cfg.to_dict()},
     )
