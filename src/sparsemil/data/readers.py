@@ -336,7 +336,8 @@ def bag_info(path: PathLike) -> tuple[int, int]:
 _MIL_LAYOUT = "classic-MIL CSV: headerless, label,bag_id,feature_1,...,feature_C per instance"
 
 
-def _parse_int_label(cell: str) -> int | None:
+def parse_int(cell: str) -> int | None:
+    """``int`` of an integer-valued cell (``"1"``, ``"1.0"``), else ``None``."""
     s = cell.strip()
     try:
         return int(s)
@@ -372,7 +373,7 @@ def read_mil_csv(path: PathLike) -> list[Bag]:
                     f"check the file layout"
                 )
         _check_ragged(path, line, len(row), n_first, first_line, _MIL_LAYOUT)
-        lab = _parse_int_label(row[0])
+        lab = parse_int(row[0])
         if lab is None:
             shown = row[0] if len(row[0]) <= 30 else row[0][:27] + "..."
             hint = (

@@ -29,7 +29,7 @@ import numpy as np
 
 from sparsemil.data.bags import Bag, BagDataset, BagRef, as_bag
 from sparsemil.data.mil_benchmarks import MIL_BENCHMARKS, mil_csv_path
-from sparsemil.data.readers import read_mil_csv
+from sparsemil.data.readers import parse_int, read_mil_csv
 from sparsemil.data.splits import (
     SPLIT_NAMES,
     Fold,
@@ -37,7 +37,6 @@ from sparsemil.data.splits import (
     is_folds_header,
     is_split_header,
     lookup_bag_file,
-    parse_int,
     read_folds_csv,
     read_label_csv,
     read_split_table,

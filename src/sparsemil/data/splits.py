@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sparsemil.data.bags import BagRef
+from sparsemil.data.readers import parse_int
 from sparsemil.errors import SparsemilError
 from sparsemil.utils.io import atomic_path
 
@@ -93,20 +94,6 @@ def _read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[
 
 def _cell(row: list[str], j: int) -> str:
     return row[j].strip() if j < len(row) else ""
-
-
-def parse_int(cell: str) -> int | None:
-    """``int`` of an integer-valued cell (``"1"``, ``"1.0"``), else ``None``."""
-    s = cell.strip()
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return int(v) if np.isfinite(v) and v == int(v) else None
 
 
 def label_indices(
