@@ -23,18 +23,6 @@ from sparsemil.cli import prune_mil, prune_run
 app = typer.Typer(help="prune commands.", no_args_is_help=True)
 
 
-def _model_meta(cfg, data) -> dict:
-    return {
-        "model": cfg.model,
-        "in_shape": list(data.in_shape),
-        "num_classes": data.num_classes,
-        "widths": cfg.widths,
-        "init": cfg.init,
-        "dataset": data.name,
-        "config": cfg.to_dict(),
-    }
-
-
 @app.command("train")
 def train(
     config: Path = typer.Option(..., "--config", help="YAML config (official keys)."),
@@ -43,24 +31,18 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a model of the zoo with the L1 penalty and save it as safetensors."""
-    from sparsemil.data.vision import load_vision_dataset
     from sparsemil.prune.config import load_prune_config
     from sparsemil.prune.export import save_checkpoint
-    from sparsemil.prune.l1 import train_l1
-    from sparsemil.prune.models import build_model
+    from sparsemil.prune.l1 import model_metadata, train_from_config
     from sparsemil.utils.io import atomic_write_json
 
     cfg = load_prune_config(config)
     if device:
         cfg.device = device
         cfg.validate()
-    data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
-    model = build_model(
-        cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
-    )
-    hist = train_l1(model, data, cfg, progress=not quiet)
+    model, data, hist = train_from_config(cfg, progress=not quiet)
     out.mkdir(parents=True, exist_ok=True)
-    meta = _model_meta(cfg, data)
+    meta = model_metadata(cfg, data)
     meta["final_test_acc"] = hist["test_acc"][-1] if hist["test_acc"] else None
     save_checkpoint(out / "model.safetensors", model.cpu(), meta)
     atomic_write_json(out / "config.json", cfg.to_dict())

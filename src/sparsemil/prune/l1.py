@@ -178,3 +178,34 @@ def train_l1(
     model.eval()
     hist["seconds"] = time.perf_counter() - t0
     return hist
+
+
+def model_metadata(cfg: PruneConfig, data: VisionData) -> dict[str, Any]:
+    """What :func:`sparsemil.prune.export.load_checkpoint` needs to rebuild the model."""
+    return {
+        "model": cfg.model,
+        "in_shape": list(data.in_shape),
+        "num_classes": data.num_classes,
+        "widths": cfg.widths,
+        "init": cfg.init,
+        "dataset": data.name,
+        "config": cfg.to_dict(),
+    }
+
+
+def train_from_config(
+    cfg: PruneConfig, progress: bool = True, device: str | torch.device | None = None
+) -> tuple[nn.Module, VisionData, dict[str, Any]]:
+    """Load ``cfg``'s dataset, build ``cfg``'s model and train it with the L1 penalty.
+
+    Returns ``(model, data, history)``; the model is on ``device`` (default: the config's).
+    """
+    from sparsemil.data.vision import load_vision_dataset
+    from sparsemil.prune.models import build_model
+
+    data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
+    model = build_model(
+        cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
+    )
+    hist = train_l1(model, data, cfg, progress=progress, device=device)
+    return model, data, hist

@@ -396,13 +396,11 @@ def run_limit(
     holds :class:`LimitOptions`. Also writes ``model.safetensors``, ``sweep.csv`` and
     ``history.json``. Returns the ``limit.json`` object.
     """
-    from sparsemil.data.vision import load_vision_dataset
     from sparsemil.prune.evaluate import batch_losses
     from sparsemil.prune.export import save_checkpoint
     from sparsemil.prune.hvp import HessianOperator
-    from sparsemil.prune.l1 import train_l1
+    from sparsemil.prune.l1 import model_metadata, train_from_config
     from sparsemil.prune.magnitude import prunable_parameters
-    from sparsemil.prune.models import build_model
     from sparsemil.prune.sweep import actual_ratios, vision_sweep
 
     say = log or (lambda _msg: None)
@@ -416,27 +414,11 @@ def run_limit(
     device = cfg.resolved_device()
 
     t0 = time.perf_counter()
-    data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
-    model = build_model(
-        cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
-    )
-    hist = train_l1(model, data, cfg, progress=progress, device=device)
+    model, data, hist = train_from_config(cfg, progress=progress, device=device)
     timings["train_s"] = time.perf_counter() - t0
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     model.eval()
-    save_checkpoint(
-        out / "model.safetensors",
-        model.cpu(),
-        {
-            "model": cfg.model,
-            "in_shape": list(data.in_shape),
-            "num_classes": data.num_classes,
-            "widths": cfg.widths,
-            "init": cfg.init,
-            "dataset": data.name,
-            "config": cfg.to_dict(),
-        },
-    )
+    save_checkpoint(out / "model.safetensors", model.cpu(), model_metadata(cfg, data))
     model.to(device)
     atomic_write_json(out / "history.json", hist)
 
