@@ -122,6 +122,11 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
         criterion=torch.nn.BCEWithLogitsLoss(),
         **kwargs,
     )
+    if name == "clam_sb" and type(model.inst_loss_fn).__name__ == "SmoothTop1SVM":
+        # torchmil's SmoothTop1SVM mis-broadcasts CLAM's (n, 1) targets (see mil/losses.py).
+        from sparsemil.mil.losses import SmoothTop1SVM
+
+        model.inst_loss_fn = SmoothTop1SVM(n_classes=2)
     return model
 
 
