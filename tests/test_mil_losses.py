@@ -14,7 +14,7 @@ from sparsemil.mil.losses import SmoothTop1SVM
 def _by_hand(x: list[list[float]], y: list[int], alpha=1.0, tau=1.0, thresh=1e3) -> float:
     """The loss of Berrada et al. (2018), k = 1, one row at a time in plain Python."""
     total = 0.0
-    for row, t in zip(x, y):
+    for row, t in zip(x, y, strict=True):
         aug = [s + (alpha if j != t else 0.0) - row[t] for j, s in enumerate(row)]
         top = sorted(row, reverse=True)
         if top[0] - top[1] >= tau * math.log(thresh):
@@ -29,7 +29,9 @@ def test_smooth_top1_svm_matches_hand_computation(shape):
     # rows 0-2 smooth, rows 3-4 confident (gap >= log 1000 = 6.9) -> hard branch
     x = [[0.3, -0.2], [1.0, 1.5], [-2.0, 0.5], [9.0, -1.0], [-4.0, 5.0]]
     y = [0, 1, 0, 1, 1]
-    yt = torch.tensor(y) if shape == "flat" else torch.tensor(y)[:, None].float()  # CLAM passes (n, 1)
+    yt = (
+        torch.tensor(y) if shape == "flat" else torch.tensor(y)[:, None].float()
+    )  # CLAM passes (n, 1)
     got = SmoothTop1SVM(n_classes=2)(torch.tensor(x), yt)
     assert got.shape == ()
     assert got.item() == pytest.approx(_by_hand(x, y), rel=1e-6)

@@ -34,16 +34,25 @@ class SmoothTop1SVM(torch.nn.Module):
         thresh: switch to the hard loss when the top-2 gap exceeds ``tau * log(thresh)``.
     """
 
-    def __init__(self, n_classes: int = 2, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3):
+    def __init__(
+        self, n_classes: int = 2, alpha: float = 1.0, tau: float = 1.0, thresh: float = 1e3
+    ):
         super().__init__()
         if n_classes < 2 or tau <= 0:
             raise ValueError("SmoothTop1SVM needs n_classes >= 2 and tau > 0")
-        self.n_classes, self.alpha, self.tau, self.thresh = int(n_classes), float(alpha), float(tau), float(thresh)
+        self.n_classes, self.alpha, self.tau, self.thresh = (
+            int(n_classes),
+            float(alpha),
+            float(tau),
+            float(thresh),
+        )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean loss (a scalar) over the ``n`` rows of ``x`` ``(n, K)``; ``y`` is ``(n,)`` or ``(n, 1)``."""
         if x.ndim != 2 or x.shape[1] != self.n_classes:
-            raise ValueError(f"expected scores of shape (n, {self.n_classes}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected scores of shape (n, {self.n_classes}), got {tuple(x.shape)}"
+            )
         y = y.reshape(-1).long()
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"{x.shape[0]} score rows but {y.shape[0]} targets")
