@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-L1_STRENGTHS = (1e-4, 5e-4, 2e-3)
+L1_STRENGTHS = (1e-4, 5e-4, 1e-3, 2e-3)
 SEEDS = (0, 1, 2)
 
 # name -> (config without lmbda/seed, description)

@@ -264,7 +264,16 @@ def write_table(
         "",
         "Published ABMIL accuracies (Ilse et al., 2018): Musk1 0.892, Musk2 0.858, Elephant 0.868 "
         "(their own optimiser settings and protocol; shown for reference beside every model of a "
-        "dataset). Our ABMIL uses the shared, untuned recipe above and lands below them.",
+        "dataset). Our ABMIL is torchmil's `ABMIL` with an identity feature extractor -- "
+        "attention pooling and a linear classifier straight on the raw features -- while Ilse "
+        "et al. put a fully connected embedding network in front of the pooling; with that and "
+        "the shared, untuned recipe above it lands below them.",
+        "",
+        "CLAM-SB's instance loss: torchmil's `SmoothTop1SVM` mis-broadcasts the `(n, 1)` "
+        "targets that `CLAM_SB` passes (a silently wrong loss on the smooth branch, a crash on "
+        "the hard branch once the instance classifier is confident), so `build_mil_model` swaps "
+        "in `sparsemil.mil.losses.SmoothTop1SVM` (same loss, correct shapes; tested against a "
+        "per-row hand computation).",
         "",
         "Model options on these tiny bags: "
         + "; ".join(
