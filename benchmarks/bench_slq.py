@@ -89,6 +89,21 @@ def pyhessian_style_slq(model, x, y, batch_size: int, v0: torch.Tensor, steps: i
     return np.sort(np.linalg.eigvalsh(T))
 
 
+def _forward_and_grad_seconds(model, x, y, reps: int = 3) -> tuple[float, float]:
+    """Wall seconds of one forward pass and of one loss gradient over ``(x, y)``."""
+    with torch.no_grad():
+        model(x)
+        t = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+        t_fwd = (time.perf_counter() - t) / reps
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    return t_fwd, (time.perf_counter() - t) / reps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="SLQ benchmark (FC5, digits)")
     ap.add_argument("--steps", type=int, default=128)
@@ -130,13 +145,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # HVP backends, one product each (after a warm-up)
     V = rademacher(sum(p.numel() for p in model.parameters()), 1, 7)
+    hvp_seconds: dict[str, float] = {}
     for method in ("linearize", "func", "autograd"):
         op = HessianOperator(model, cross_entropy_loss, fixed_batches(x, y, 2048), method=method)
         op.matvec(V[:, 0])
         t = time.perf_counter()
         for _ in range(3):
             op.matvec(V[:, 0])
-        print(f"  HVP backend {method:9s}: {(time.perf_counter() - t) / 3:.3f} s per product")
+        hvp_seconds[method] = (time.perf_counter() - t) / 3
+        print(f"  HVP backend {method:9s}: {hvp_seconds[method]:.3f} s per product")
+
+    # Cost floor: an exact HVP needs ~6 matmuls per layer for the tangent forward/backward
+    # (a forward pass needs 1, a gradient 3); double backward also re-runs forward + backward.
+    t_fwd, t_grad = _forward_and_grad_seconds(model, x, y)
+    print(
+        f"  one forward pass {t_fwd:.3f} s, one gradient {t_grad:.3f} s (whole split): the "
+        f"linearize HVP costs {hvp_seconds['linearize'] / t_fwd:.1f} forward passes"
+    )
 
     op = HessianOperator(model, cross_entropy_loss, fixed_batches(x, y, 2048))
     t = time.perf_counter()
@@ -156,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours (slq, {args.steps} steps):           {t_ours:8.1f} s ({op.backend})")
     print(f"PyHessian style ({args.steps} steps, bs {args.batch_size}): {t_ref:8.1f} s")
     print(f"speed-up: {t_ref / t_ours:.2f}x (target >= 3x)")
+    print(
+        f"per Lanczos step: ours {t_ours / args.steps:.3f} s = {t_ours / args.steps / t_fwd:.1f} "
+        f"forward passes, PyHessian style {t_ref / args.steps:.3f} s = "
+        f"{t_ref / args.steps / t_fwd:.1f} forward passes"
+    )
     print(f"Ritz values: max |diff| / spectral radius = {rel_scale:.2e}")
     print(f"Ritz values: max relative diff, 5 largest |theta| = {rel_each[top].max():.2e}")
     print(
