@@ -247,7 +247,7 @@ def slq(
     D = int(op.dim)
     if basis_dtype is None:
         basis_dtype = (
-            torch.float64 if num_runs * num_steps * D * 8 <= 2 * 1024**3 else torch.float32
+            torch.float64 if num_runs * num_steps * D * 8 <= 256 * 1024**2 else torch.float32
         )
     t0 = time.perf_counter()
     before = getattr(op, "num_products", 0)
