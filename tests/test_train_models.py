@@ -20,6 +20,7 @@ from sparsemil.train.module import model_inputs
 SMALL = {
     "mmil": {"embed_dim": 32, "num_subbags": 2, "grouping": "sequential"},
     "transmil": {"att_dim": 32},
+    "clam_sb": {"feat_ext_dim": 8, "feat_ext_dropout": 0.25},  # with a CLAM-style encoder
 }
 
 
@@ -103,3 +104,32 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(bare))
     with pytest.raises(SparsemilError, match="no 'sparsemil' metadata"):
         load_mil_checkpoint(bare)
+
+
+@pytest.mark.parametrize("name", ["abmil", "dsmil", "dtfdmil", "transmil"])
+def test_baselines_take_a_clam_style_instance_encoder(name):
+    torch.manual_seed(0)
+    model = build_mil_model(name, 12, 2, feat_ext_dim=6, **SMALL.get(name, {}))
+    enc = model.feat_ext
+    assert isinstance(enc, torch.nn.Sequential) and enc[0].weight.shape == (6, 12)
+    batch = {
+        "X": torch.randn(1, 5, 12),
+        "Y": torch.tensor([1]),
+        "mask": torch.ones(1, 5, dtype=torch.bool),
+    }
+    _, losses = model.compute_loss(
+        batch["Y"], batch["X"], **model_inputs(model, batch, "compute_loss")
+    )
+    sum(losses.values()).backward()
+    assert enc[0].weight.grad is not None and enc[0].weight.grad.abs().sum() > 0
+
+
+def test_encoder_options_are_validated():
+    with pytest.raises(SparsemilError, match="feat_ext_dim must be an integer"):
+        build_mil_model("abmil", 12, 2, feat_ext_dim=0)
+    with pytest.raises(SparsemilError, match="feat_ext_dropout must be"):
+        build_mil_model("abmil", 12, 2, feat_ext_dim=4, feat_ext_dropout=1.5)
+    with pytest.raises(SparsemilError, match="needs feat_ext_dim"):
+        build_mil_model("abmil", 12, 2, feat_ext_dropout=0.1)
+    with pytest.raises(SparsemilError, match="not an option of model 'mmil'"):
+        build_mil_model("mmil", 12, 2, feat_ext_dim=4)

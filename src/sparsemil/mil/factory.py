@@ -20,6 +20,10 @@ from sparsemil.errors import SparsemilError
 MODEL_NAMES: tuple[str, ...] = ("mmil", "abmil", "transmil", "dsmil", "clam_sb", "dtfdmil")
 #: Baselines whose torchmil implementation is binary only.
 BINARY_ONLY: frozenset[str] = frozenset({"abmil", "transmil", "dsmil", "clam_sb", "dtfdmil"})
+#: Options every torchmil baseline takes besides its constructor's: a CLAM-style instance
+#: encoder ``Linear(C, feat_ext_dim) -> ReLU -> Dropout(feat_ext_dropout)`` as its
+#: ``feat_ext`` (default: none, the features go straight to the model).
+ENCODER_OPTIONS: tuple[str, ...] = ("feat_ext_dim", "feat_ext_dropout")
 
 
 def _torchmil_class(name: str) -> type[torch.nn.Module]:
@@ -75,6 +79,8 @@ def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     params = inspect.signature(cls.__init__).parameters
     reserved = {"self", "in_shape", "in_dim", "n_classes", "feat_ext", "criterion"}
     allowed = sorted(p for p in params if p not in reserved)
+    if name != "mmil":
+        allowed = sorted([*allowed, *ENCODER_OPTIONS])
     for key in kwargs:
         if key not in allowed:
             import difflib
@@ -95,7 +101,8 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
         in_dim: C, the instance feature dimension.
         n_classes: number of bag classes (the torchmil baselines need 2).
         **kwargs: constructor options of the chosen class (e.g. ``embed_dim`` for MMIL,
-            ``att_dim`` for ABMIL); unknown options raise :class:`SparsemilError`.
+            ``att_dim`` for ABMIL), plus :data:`ENCODER_OPTIONS` for the baselines; unknown
+            options raise :class:`SparsemilError`.
 
     Returns:
         The model. Its ``compute_loss(Y, X, mask=...)`` returns ``(output, {name: loss})``;
@@ -115,10 +122,12 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
             "use --model mmil for more than two classes"
         )
     cls = _torchmil_class(name)
-    # A fresh identity and loss per model: torchmil's defaults are shared module instances.
+    enc_dim = kwargs.pop("feat_ext_dim", None)
+    enc_drop = kwargs.pop("feat_ext_dropout", 0.0)
+    # A fresh encoder and loss per model: torchmil's defaults are shared module instances.
     model = cls(
         in_shape=(int(in_dim),),
-        feat_ext=torch.nn.Identity(),
+        feat_ext=instance_encoder(int(in_dim), enc_dim, enc_drop),
         criterion=torch.nn.BCEWithLogitsLoss(),
         **kwargs,
     )
@@ -128,6 +137,23 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
 
         model.inst_loss_fn = SmoothTop1SVM(n_classes=2)
     return model
+
+
+def instance_encoder(in_dim: int, dim: int | None, dropout: float = 0.0) -> torch.nn.Module:
+    """CLAM-style per-instance encoder ``(B, N, in_dim) -> (B, N, dim)``; identity if ``dim`` is None."""
+    if dim is None:
+        if dropout:
+            raise SparsemilError("model_kwargs: feat_ext_dropout needs feat_ext_dim")
+        return torch.nn.Identity()
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise SparsemilError(f"model_kwargs: feat_ext_dim must be an integer >= 1 (got {dim!r})")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise SparsemilError(
+            f"model_kwargs: feat_ext_dropout must be a number in [0, 1) (got {dropout!r})"
+        )
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_dim, dim), torch.nn.ReLU(), torch.nn.Dropout(float(dropout))
+    )
 
 
 def bag_probabilities(output: torch.Tensor) -> torch.Tensor:
