@@ -213,13 +213,13 @@ def test_help_for_every_command(capsys):
 
 
 def test_benchmark_command_small_version(tmp_path):
-    """CI version of the benchmark: Musk1, 2 folds, 1 epoch, one seed, two models."""
+    """CI version of the benchmark: Musk1, 2 folds, 1 epoch, one seed, three models."""
     out, table = tmp_path / "bench", tmp_path / "table.md"
-    args = ["mil", "benchmark", "--datasets", "musk1", "--models", "abmil,mmil", "--seeds", "0",
+    args = ["mil", "benchmark", "--datasets", "musk1", "--models", "abmil,mmil,clam_sb", "--seeds", "0",
             "--folds", "2", "--max-epochs", "1", "--out", str(out), "--table", str(table)]  # fmt: skip
     assert main(args) == 0
     text = table.read_text()
-    for model in ("abmil", "mmil"):
+    for model in ("abmil", "mmil", "clam_sb"):
         m = json.loads((out / "musk1" / model / "seed_0" / "metrics.json").read_text())
         assert m["protocol"]["folds"] == 2 and m["protocol"]["config"]["max_epochs"] == 1
         acc = f"{m['accuracy']['mean']:.3f} ± {m['accuracy']['std']:.3f}"
