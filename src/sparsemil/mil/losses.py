@@ -23,9 +23,9 @@ class SmoothTop1SVM(torch.nn.Module):
     For scores ``x`` ``(n, K)`` and labels ``y``:
 
     * smooth: ``tau * logsumexp_j((x_j + alpha * [j != y] - x_y) / tau)``;
-    * hard: ``max_j(x_j + alpha * [j != y]) - x_y``, used for rows whose top score beats the
-      second by at least ``tau * log(thresh)`` (as in the original; there the two differ by at
-      most ``tau * log(1 + (K - 1) / thresh)``).
+    * hard: ``max_j(x_j + alpha * [j != y]) - x_y``, used (as in the original) for rows whose
+      top score beats the second by at least ``tau * log(thresh)``, where the smooth form is
+      numerically close to it.
 
     Args:
         n_classes: K.
