@@ -207,6 +207,29 @@ def _collect(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _goal_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """MMIL against ABMIL per dataset (goal: within one ABMIL std or better), and the best
+    model by mean accuracy, from the rows that have numbers (partial rows left out)."""
+    by = {(r["dataset"], r["model"]): r for r in rows if r["seeds_done"]}
+    out = []
+    for d, name in NAMES.items():
+        mm, ab = by.get((d, "mmil")), by.get((d, "abmil"))
+        if mm is None or ab is None or mm["partial"] or ab["partial"]:
+            continue
+        m, a, sd = mm["accuracy"]["mean"], ab["accuracy"]["mean"], ab["accuracy"]["std"]
+        verdict = "better" if m >= a else ("within one std" if m >= a - sd else "below one std")
+        done = [r for (dd, _), r in by.items() if dd == d and not r["partial"]]
+        best = max(done, key=lambda r: r["accuracy"]["mean"])
+        out.append(
+            f"- {name}: MMIL {m:.3f} vs ABMIL {a:.3f} ± {sd:.3f} -> **{verdict}**"
+            f" (MMIL {len(mm['seeds_done'])} seed(s), ABMIL {len(ab['seeds_done'])}); best mean "
+            f"accuracy here: {best['model']} {best['accuracy']['mean']:.3f}"
+        )
+    if not out:
+        return []
+    return ["**Goal: MMIL within one std of ABMIL or better (accuracy).**", "", *out]
+
+
 def _pm(m: dict[str, Any] | None) -> str:
     if not m or m.get("n", 0) == 0 or m.get("mean") is None or not np.isfinite(m["mean"]):
         return "–"
@@ -260,6 +283,7 @@ def write_table(
             f"{','.join(map(str, done))} | {r['folds']} | {r['max_epochs']} / {r['epochs_trained']:.0f} | "
             f"{r['batch']} | {r['num_test']} | {tt_s} | {pub_s} |"
         )
+    lines += ["", *_goal_lines(rows)]
     lines += [
         "",
         "Published ABMIL accuracies (Ilse et al., 2018): Musk1 0.892, Musk2 0.858, Elephant 0.868 "
