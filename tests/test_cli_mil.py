@@ -226,6 +226,11 @@ def test_benchmark_command_small_version(tmp_path):
         auc = f"{m['auc']['mean']:.3f} ± {m['auc']['std']:.3f}"
         row = next(ln for ln in text.splitlines() if ln.startswith(f"| Musk1 | {model} |"))
         assert acc in row and auc in row and "| 2 | 1 / 1 |" in row
+        with (out / "musk1" / model / "seed_0" / "predictions.csv").open() as fh:
+            preds = list(csv.DictReader(fh))
+        pos = np.mean([p["pred"] == "1" for p in preds])
+        true = np.mean([p["label"] == "1" for p in preds])
+        assert len(preds) == 92 and f"| {pos:.2f} / {true:.2f} |" in row
     assert "| Musk2 | abmil | – |" in text  # not run: no numbers
     assert "0.892" in text  # published ABMIL accuracy beside the rows
     # a second call reuses the finished runs (same numbers, nothing retrained)
@@ -290,3 +295,18 @@ def test_clam_csv_and_official_split_formats(tmp_path, subset):
     assert main(["mil", "train", "--data", str(split), "--format", "split", "--data-dir", str(tmp_path / "h5"),
                  "--model", "abmil", "--out", str(tmp_path / "run2")] + FAST) == 2  # fmt: skip
     assert not (tmp_path / "run2" / "metrics.json").exists()
+
+
+def test_benchmark_flags_collapsed_predictions():
+    """A row predicting one class for most bags is listed; a balanced one is not."""
+    from sparsemil.train.benchmark import _skew_lines
+
+    rows = [
+        {"dataset": "musk1", "model": "dsmil", "positive_share": (0.86, 0.45)},
+        {"dataset": "musk1", "model": "abmil", "positive_share": (0.55, 0.51)},
+        {"dataset": "musk2", "model": "mmil", "positive_share": None},
+    ]
+    text = "\n".join(_skew_lines(rows))
+    assert "Musk1 / dsmil: predicts class 1 for 86% of test bags, 45% are class 1" in text
+    assert "abmil" not in text and "mmil" not in text
+    assert _skew_lines(rows[1:]) == []
