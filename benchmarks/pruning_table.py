@@ -163,7 +163,8 @@ def _rows(profile: dict, seeds, strengths) -> list[tuple[str, str, float, int]]:
 LONGER_FACTOR = 3
 
 
-def _longer_rows(profile: dict, seeds, lmbda: float) -> list[tuple[str, str, float, int]]:
+def _longer_rows(profile: dict, seeds, strengths) -> list[tuple[str, str, float, int]]:
+    # weakest L1 first: those rows motivated the check
     return [
         (
             f"{name}-l1{lmbda:g}-s{seed}-e{LONGER_FACTOR * profile[name][0]['epoch']}",
@@ -171,15 +172,17 @@ def _longer_rows(profile: dict, seeds, lmbda: float) -> list[tuple[str, str, flo
             lmbda,
             seed,
         )
+        for lmbda in sorted(strengths)
         for seed in seeds
         for name in profile
     ]
 
 
-def longer_section(out: Path, out_long: Path, profile: dict, seeds, lmbda: float) -> list[str]:
-    """Markdown comparing the standard weakest-L1 rows with their longer-trained twins."""
-    lines, e_std, e_long = [], [], []
-    for row_long, name, lm, seed in _longer_rows(profile, seeds, lmbda):
+def longer_section(out: Path, out_long: Path, profile: dict, seeds, strengths) -> list[str]:
+    """Markdown comparing the standard rows with their longer-trained twins (every L1
+    strength), with the mean abs error per strength and overall."""
+    lines, by_l1 = [], {}
+    for row_long, name, lm, seed in _longer_rows(profile, seeds, strengths):
         f_long = out_long / row_long / "limit.json"
         f_std = out / f"{name}-l1{lm:g}-s{seed}" / "limit.json"
         if not (f_long.exists() and f_std.exists()):
@@ -187,30 +190,46 @@ def longer_section(out: Path, out_long: Path, profile: dict, seeds, lmbda: float
         a, b = json.loads(f_std.read_text()), json.loads(f_long.read_text())
         if a["abs_error"] is None or b["abs_error"] is None:
             continue
-        e_std.append(a["abs_error"])
-        e_long.append(b["abs_error"])
+        by_l1.setdefault(lm, []).append((a["abs_error"], b["abs_error"]))
         lines.append(
-            f"| {name} | {seed} | {a['epoch']} -> {b['epoch']} "
+            f"| {name} | {lm:g} | {seed} | {a['epoch']} -> {b['epoch']} "
             f"| {_fmt(a['predicted_ratio'])} -> {_fmt(b['predicted_ratio'])} "
             f"| {_fmt(a['actual_ratio']['drop_1pt'])} -> {_fmt(b['actual_ratio']['drop_1pt'])} "
             f"| {a['abs_error']:.3f} -> **{b['abs_error']:.3f}** "
+            f"| {b['dense']['test_acc']:.3f} "
             f"| {a['dense']['train_loss']:.4f} -> {b['dense']['train_loss']:.4f} |"
         )
     if not lines:
         return []
+    pairs = [p for v in by_l1.values() for p in v]
+    n_total = len(_longer_rows(profile, seeds, strengths))
+    done = "complete" if len(pairs) == n_total else f"{len(pairs)} of {n_total} rows so far"
+    per_l1 = [
+        f"| {lm:g} | {len(v)} | {np.mean([x for x, _ in v]):.3f} | **{np.mean([y for _, y in v]):.3f}** "
+        f"| {max(y for _, y in v):.3f} |"
+        for lm, v in sorted(by_l1.items())
+    ]
     return [
-        f"## Training-length check (L1 {lmbda:g})",
+        f"## Training-length check ({LONGER_FACTOR}x epochs, every row)",
         "",
-        f"The weakest-L1 rows once more, trained {LONGER_FACTOR}x as many epochs (the same factor "
-        "for every row, everything else unchanged; `python benchmarks/pruning_table.py "
-        "--longer`). If the theory fails at weak L1 because w* is not yet the sparse minimum it "
-        "assumes, longer training should bring prediction and measurement together.",
+        f"Every row once more, trained {LONGER_FACTOR}x as many epochs (the same factor for "
+        "every row and configuration, everything else unchanged: same epsilon rule, SLQ, solver, "
+        "criterion; `python benchmarks/pruning_table.py --longer`). The factor was chosen once, "
+        "after the weakest-L1 rows above missed, and not adjusted afterwards. The hypothesis: the "
+        "theory takes w* to be the minimiser of the L1-regularised loss; if the misses come from "
+        "w* not yet being that minimiser, longer training should bring prediction and "
+        f"measurement together. Status: {done}.",
         "",
-        f"- mean abs error over these {len(lines)} rows: {np.mean(e_std):.3f} -> "
-        f"**{np.mean(e_long):.3f}**",
+        f"- **mean abs error, {LONGER_FACTOR}x epochs: {np.mean([y for _, y in pairs]):.4f}** "
+        f"over {len(pairs)} rows (the same rows at the standard length: "
+        f"{np.mean([x for x, _ in pairs]):.4f}); goal <= 0.03",
         "",
-        "| config | seed | epochs | predicted | actual (drop_1pt) | abs err | train loss at w* |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| L1 strength | rows | mean abs error (standard) | mean abs error (longer) | max abs error (longer) |",
+        "| --- | --- | --- | --- | --- |",
+        *per_l1,
+        "",
+        "| config | L1 | seed | epochs | predicted | actual (drop_1pt) | abs err | dense acc (longer) | train loss at w* |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *lines,
         "",
     ]
@@ -470,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--longer",
         action="store_true",
-        help=f"also run the weakest-L1 rows with {LONGER_FACTOR}x the epochs (training-length check)",
+        help=f"also run every row with {LONGER_FACTOR}x the epochs (training-length check)",
     )
     ap.add_argument("--out-long", type=Path, default=REPO / "runs" / "pruning_long")
     ap.add_argument(
@@ -499,9 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads(json.dumps(profile[name][0]))
         cfg.update(lmbda=float(lmbda), seed=int(seed))
         todo.append((str(args.out / row_name), cfg))
-    weakest = min(strengths)
     if args.longer:
-        for row_name, name, lmbda, seed in _longer_rows(profile, seeds, weakest):
+        for row_name, name, lmbda, seed in _longer_rows(profile, seeds, strengths):
             if (args.out_long / row_name / "limit.json").exists():
                 continue
             cfg = json.loads(json.dumps(profile[name][0]))
@@ -509,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             todo.append((str(args.out_long / row_name), cfg))
 
     def write() -> dict:
-        extra = longer_section(args.out, args.out_long, profile, seeds, weakest)
+        extra = longer_section(args.out, args.out_long, profile, seeds, strengths)
         return write_markdown(doc, args.out, profile, rows, protocol, extra)
 
     t0 = time.perf_counter()
