@@ -1,6 +1,6 @@
 """SLQ speed: our implementation vs a PyHessian-style one, on FC5 with the digits data.
 
-    python benchmarks/bench_slq.py [--steps 128] [--threads 1] [--epochs 10]
+    python benchmarks/bench_slq.py [--steps 128] [--threads 1] [--epochs 10] [--device cuda]
 
 Both run ``--steps`` Lanczos steps from the same Rademacher probe on the Hessian of the mean
 training cross-entropy of FC5 (64-1000-600-300-100-10, D = 877,010) trained briefly with L1
@@ -93,15 +93,23 @@ def _forward_and_grad_seconds(model, x, y, reps: int = 3) -> tuple[float, float]
     """Wall seconds of one forward pass and of one loss gradient over ``(x, y)``."""
     with torch.no_grad():
         model(x)
+        _sync(x.device)
         t = time.perf_counter()
         for _ in range(reps):
             model(x)
+        _sync(x.device)
         t_fwd = (time.perf_counter() - t) / reps
     params = [p for p in model.parameters() if p.requires_grad]
     t = time.perf_counter()
     for _ in range(reps):
         torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    _sync(x.device)
     return t_fwd, (time.perf_counter() - t) / reps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (the model is trained on cpu)"
+    )
     ap.add_argument("--eigenthings", action="store_true", help="also time hessian_eigenthings")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     model = build_model("fc", data.in_shape, data.num_classes, seed=args.seed)
     train_l1(model, data, cfg, progress=False)
-    model.eval()
-    x, y = data.x_train, data.y_train
-    print(f"FC5 on digits: N = {len(y)} training samples, threads = {args.threads}")
+    device = torch.device(args.device)
+    model.to(device).eval()
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(
+        f"FC5 on digits: N = {len(y)} training samples, device {device}{name}, "
+        f"threads = {args.threads}"
+    )
 
     # HVP backends, one product each (after a warm-up)
     V = rademacher(sum(p.numel() for p in model.parameters()), 1, 7)
@@ -149,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("linearize", "func", "autograd"):
         op = HessianOperator(model, cross_entropy_loss, fixed_batches(x, y, 2048), method=method)
         op.matvec(V[:, 0])
+        _sync(device)
         t = time.perf_counter()
         for _ in range(3):
             op.matvec(V[:, 0])
+        _sync(device)
         hvp_seconds[method] = (time.perf_counter() - t) / 3
         print(f"  HVP backend {method:9s}: {hvp_seconds[method]:.3f} s per product")
 
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     t_ours = time.perf_counter() - t
     ritz_ours = np.sort(ours.ritz_values[0][np.isfinite(ours.ritz_values[0])])
 
-    v0 = rademacher(op.dim, 1, args.seed)[:, 0].float()
+    v0 = rademacher(op.dim, 1, args.seed)[:, 0].float().to(device)
     t = time.perf_counter()
     ritz_ref = pyhessian_style_slq(model, x, y, args.batch_size, v0, args.steps)
     t_ref = time.perf_counter() - t

@@ -12,7 +12,7 @@ inference mode):
 Prints wall times, the overall speed ratio, and the ratio of the pruning machinery alone (time
 outside the evaluation calls), then asserts that accuracy and loss curves are identical.
 
-    python benchmarks/bench_sweep.py [--n-ratios 1000] [--epochs 5] [--threads N]
+    python benchmarks/bench_sweep.py [--n-ratios 1000] [--epochs 5] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def naive_sweep(model, evaluate, ratios):
     return rows
 
 
-def _arg(argv: list[str], name: str, default: int) -> int:
+def _arg(argv: list[str], name: str, default):
     if name in argv:
-        return int(argv[argv.index(name) + 1])
+        return type(default)(argv[argv.index(name) + 1])
     return default
 
 
@@ -72,22 +72,25 @@ def main(argv: list[str]) -> int:
     n_ratios = _arg(argv, "--n-ratios", 1000)
     epochs = _arg(argv, "--epochs", 5)
     threads = _arg(argv, "--threads", 0)
+    device = torch.device(_arg(argv, "--device", "cpu"))
     if threads > 0:
         torch.set_num_threads(threads)
     data = load_vision_dataset("digits", seed=0)
     cfg = PruneConfig(model="fc", epoch=epochs, lr=0.01, lmbda=5e-5, batch_size=128, seed=0)
     model = build_model("fc", data.in_shape, data.num_classes, seed=0)
     t = time.perf_counter()
-    train_l1(model, data, cfg, progress=False, device="cpu")
+    train_l1(model, data, cfg, progress=False, device="cpu")  # same trained w* on any device
+    model.to(device)
     n_w = sum(m.weight.numel() for m, _ in prunable_parameters(model))
     print(
         f"FC5 on digits: {n_w} prunable weights, trained {epochs} epochs in "
-        f"{time.perf_counter() - t:.1f}s; {n_ratios} ratios; torch threads "
-        f"{torch.get_num_threads()}"
+        f"{time.perf_counter() - t:.1f}s; {n_ratios} ratios; device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f"; torch threads {torch.get_num_threads()}"
     )
 
     ratios = sweep_ratios(n_ratios)
-    base = vision_evaluator(data, "cpu", batch_size=8192)
+    base = vision_evaluator(data, device, batch_size=8192)
 
     ev_ours = TimedEval(base)
     t = time.perf_counter()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsemil.prune.limit import censored_abs_error
 from sparsemil.prune.mil_limit import run_mil_limit
 from sparsemil.train.benchmark import NAMES, bench_config
 from sparsemil.utils.io import atomic_write_text
@@ -88,9 +89,9 @@ def pred_and_error(r: dict) -> tuple[str, float | None, str]:
         err = r.get("abs_error")
         return fmt(r["predicted_ratio"]), err, fmt(err)
     b = r.get("_bound")
-    if b is None or act is None:
+    err = censored_abs_error(None, b, act)
+    if err is None:
         return "undefined", None, "undefined"
-    err = max(0.0, b["ratio"] - act) if b["side"] == ">=" else max(0.0, act - b["ratio"])
     return f"{'≥' if b['side'] == '>=' else '≤'} {b['ratio']:.3f}", err, f"≥ {err:.3f}"
 
 

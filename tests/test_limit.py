@@ -160,3 +160,17 @@ def test_reproduction_table_tiny(tmp_path):
     rows = [json.loads(p.read_text()) for p in tmp_path.glob("*/limit.json")]
     errors = [r["abs_error"] for r in rows]
     assert summary["mean_abs_error"] == pytest.approx(float(np.mean(errors)))
+
+
+def test_censored_abs_error_by_hand():
+    from sparsemil.prune.limit import censored_abs_error
+
+    assert censored_abs_error(0.8, None, 0.75) == pytest.approx(0.05)
+    top = {"side": ">=", "ratio": 0.995}
+    assert censored_abs_error(None, top, 0.995) == 0.0  # both censored at rho_max
+    assert censored_abs_error(None, top, 0.9) == pytest.approx(0.095)  # prediction >= 0.995
+    low = {"side": "<=", "ratio": 0.01}
+    assert censored_abs_error(None, low, 0.01) == 0.0
+    assert censored_abs_error(None, low, 0.2) == pytest.approx(0.19)
+    assert censored_abs_error(None, None, 0.5) is None
+    assert censored_abs_error(0.5, None, None) is None

@@ -120,6 +120,25 @@ def loss_epsilon(batch_losses: np.ndarray | torch.Tensor) -> float:
     return eps
 
 
+def censored_abs_error(
+    predicted: float | None, bound: dict[str, Any] | None, actual: float | None
+) -> float | None:
+    """``|predicted - actual|``; when the root of rho = gw(R(rho)) lies outside the swept
+    range (``predicted`` None, ``bound`` = ``{"side": ">=" | "<=", "ratio": r}``), the
+    smallest error consistent with the bound: 0 when ``actual`` lies on the bound's side
+    (e.g. both censored at the largest swept ratio), else its distance to ``r``.
+    ``None`` when there is nothing to compare.
+    """
+    if actual is None:
+        return None
+    if predicted is not None:
+        return abs(float(predicted) - float(actual))
+    if not bound:
+        return None
+    r = float(bound["ratio"])
+    return max(0.0, r - actual) if bound["side"] == ">=" else max(0.0, actual - r)
+
+
 def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """``loss_fn`` for classifiers: mean cross-entropy of ``(x, y)``."""
     x, y = batch

@@ -162,13 +162,16 @@ def lanczos(
     """Run Lanczos from each column of ``V0`` (D, runs) in lock-step, full reorthogonalisation.
 
     Returns the tridiagonal coefficients and, if ``return_basis``, the basis (runs, steps, D).
+    The basis and the reorthogonalisation live on ``op.device`` when the operator has one
+    (a GPU operator keeps the memory-bound Gram-Schmidt on the GPU), else on ``V0``'s device.
     """
     D, runs = V0.shape
     m = int(min(num_steps, D))
     if m < 1:
         raise SparsemilError("lanczos needs num_steps >= 1")
-    Q = torch.zeros(runs, m, D, dtype=basis_dtype)
-    q = V0.T.to(torch.float64)
+    device = torch.device(getattr(op, "device", V0.device))
+    Q = torch.zeros(runs, m, D, dtype=basis_dtype, device=device)
+    q = V0.T.to(device=device, dtype=torch.float64)
     q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
     Q[:, 0] = q.to(basis_dtype)
     alpha = np.full((runs, m), np.nan)
@@ -185,10 +188,12 @@ def lanczos(
         a = (qj * w).sum(dim=1)
         w = w - a[:, None] * qj
         if j > 0:
-            b_prev = torch.as_tensor(beta[idx, j - 1], dtype=torch.float64)
+            b_prev = torch.as_tensor(beta[idx, j - 1], dtype=torch.float64, device=device)
             w = w - b_prev[:, None] * Q[idx, j - 1].to(torch.float64)
         # a view of the basis when every run is active (no copy of the (runs, j, D) block)
-        basis = Q[:, : j + 1] if idx.size == runs else Q[torch.as_tensor(idx), : j + 1]
+        basis = (
+            Q[:, : j + 1] if idx.size == runs else Q[torch.as_tensor(idx, device=device), : j + 1]
+        )
         # full reorthogonalisation: classical Gram-Schmidt, repeated once more when the
         # first pass removed more than 1 - 1/sqrt(2) of the norm (DGKS criterion)
         for _ in range(2):
@@ -201,7 +206,8 @@ def lanczos(
                 w = w - torch.einsum("aj,ajd->ad", c, basis).to(torch.float64)
             if bool((torch.linalg.vector_norm(w, dim=1) > 0.7071 * before).all()):
                 break
-        b = torch.linalg.vector_norm(w, dim=1)
+        b = torch.linalg.vector_norm(w, dim=1).cpu()
+        a = a.cpu()
         alpha[idx, j] = a.numpy()
         steps[idx] = j + 1
         scale[idx] = np.maximum(scale[idx], np.maximum(np.abs(a.numpy()), b.numpy()))
