@@ -93,6 +93,53 @@ def test_sweep_equals_naive_loop(trained) -> None:
     assert res.test_acc[-1] < 0.5  # pruning 99.9% destroys the model: the sweep did prune
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_batched_sweep_equals_sequential(trained, chunk) -> None:
+    """Many ratios per vmapped pass: same pruned sets, distances and accuracies as the
+    in-place sweep; losses to float32 rounding; the model is left untouched."""
+    from sparsemil.prune.batched_sweep import batched_pruning_sweep, vision_evaluator_many
+
+    model, data = trained
+    w_star = {k: v.clone() for k, v in model.state_dict().items()}
+    ratios = np.concatenate([np.arange(0, 1, 0.05), [0.3, 0.1, 0.999]])
+    seq = pruning_sweep(model, vision_evaluator(data), ratios, progress=False)
+    bat = batched_pruning_sweep(
+        model, vision_evaluator_many(data, batch_size=500), ratios, chunk=chunk, progress=False
+    )
+    assert bat.num_pruned.tolist() == seq.num_pruned.tolist()
+    assert bat.distance.tolist() == seq.distance.tolist()
+    assert bat.test_acc.tolist() == seq.test_acc.tolist()
+    assert bat.extra["train_acc"].tolist() == seq.extra["train_acc"].tolist()
+    np.testing.assert_allclose(bat.test_loss, seq.test_loss, rtol=1e-5)
+    np.testing.assert_allclose(bat.train_loss, seq.train_loss, rtol=1e-5)
+    assert bat.dense["test_acc"] == seq.dense["test_acc"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w_star[k]), k
+
+
+def test_batched_sweep_conv_net() -> None:
+    """vmap over conv weights (LeNet, 28x28 inputs; only batched vs sequential is compared,
+    so seeded random images suffice): same pruned sets and accuracies."""
+    from types import SimpleNamespace
+
+    from sparsemil.prune.batched_sweep import batched_pruning_sweep, vision_evaluator_many
+
+    gen = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(
+        x_train=torch.randn(96, 1, 28, 28, generator=gen),
+        y_train=torch.randint(0, 10, (96,), generator=gen),
+        x_test=torch.randn(40, 1, 28, 28, generator=gen),
+        y_test=torch.randint(0, 10, (40,), generator=gen),
+    )
+    model = build_model("lenet", (1, 28, 28), 10, seed=0).eval()
+    ratios = np.linspace(0, 0.95, 9)
+    seq = pruning_sweep(model, vision_evaluator(data), ratios, progress=False)
+    bat = batched_pruning_sweep(model, vision_evaluator_many(data), ratios, chunk=4, progress=False)
+    assert bat.num_pruned.tolist() == seq.num_pruned.tolist()
+    assert bat.test_acc.tolist() == seq.test_acc.tolist()
+    np.testing.assert_allclose(bat.train_loss, seq.train_loss, rtol=1e-5)
+
+
 def test_vision_sweep_grid_and_eps(trained) -> None:
     model, data = trained
     res = vision_sweep(model, data, n_ratios=10, loss_batch_size=128, progress=False)

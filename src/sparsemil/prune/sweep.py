@@ -320,6 +320,7 @@ def vision_sweep(
     batch_size: int = 8192,
     loss_batch_size: int = 128,
     progress: bool = True,
+    chunk: int | None = None,
 ) -> SweepResult:
     """:func:`pruning_sweep` on a vision dataset with the official ratio grid.
 
@@ -334,16 +335,29 @@ def vision_sweep(
             per-mini-batch training losses at w*, non-shuffled order; use the training
             ``batch_size``).
         progress: tqdm bar.
+        chunk: ratios per forward pass (:func:`~sparsemil.prune.batched_sweep.batched_pruning_sweep`,
+            each pass then takes ``chunk`` times ``batch_size`` samples x weight sets);
+            ``None``: 32 on CUDA devices (evaluation there is launch-bound), else 1 (the
+            in-place sequential sweep; a CPU is compute-bound and gains nothing).
     """
     from sparsemil.prune.evaluate import batch_losses
 
     if device is None:
         device = next(model.parameters()).device
+    device = torch.device(device)
     model.to(device)
     grid = sweep_ratios(n_ratios) if ratios is None else np.asarray(ratios, dtype=np.float64)
-    result = pruning_sweep(
-        model, vision_evaluator(data, device, batch_size), grid, progress=progress
-    )
+    if chunk is None:
+        chunk = 32 if device.type == "cuda" else 1
+    if chunk > 1:
+        from sparsemil.prune.batched_sweep import batched_pruning_sweep, vision_evaluator_many
+
+        evaluate_many = vision_evaluator_many(data, device, batch_size * chunk)
+        result = batched_pruning_sweep(model, evaluate_many, grid, chunk=chunk, progress=progress)
+    else:
+        result = pruning_sweep(
+            model, vision_evaluator(data, device, batch_size), grid, progress=progress
+        )
     losses = batch_losses(model, data.x_train.to(device), data.y_train.to(device), loss_batch_size)
     result.dense["train_loss_std"] = (
         float(losses.double().std(unbiased=False)) if len(losses) > 1 else 0.0
