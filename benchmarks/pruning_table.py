@@ -1,6 +1,7 @@
 """Reproduction table: predicted vs actual pruning ratio; regenerates docs/results/pruning_limit.md.
 
-    python benchmarks/pruning_table.py                    # full protocol (36 rows)
+    python benchmarks/pruning_table.py                    # full protocol (48 rows)
+    python benchmarks/pruning_table.py --longer           # + every row with 3x epochs
     python benchmarks/pruning_table.py --tiny --out DIR   # CI-sized (2 rows)
 
 Every row is one ``run_limit`` (train with L1 -> sweep -> SLQ -> prediction) with a fixed
@@ -109,6 +110,9 @@ TINY = {
 
 DISCUSSION = """## Where theory and measurement disagree, and why
 
+- **Training length** (section "Training-length check" below): every row trained 3x as many
+  epochs, nothing else changed, lowers the error at every L1 strength and brings the mean
+  within the goal; the misses discussed next are those of the standard epoch budget.
 - **The error falls with the L1 strength** (per-L1 table): 0.121 at 1e-4, 0.042 at 5e-4,
   0.012 at 1e-3, 0.006 at 2e-3. At 1e-3 and 2e-3 all 24 rows are within 0.038 of the
   measured `drop_1pt` ratio. Over the three strengths >= 5e-4 the mean error is within the
@@ -298,7 +302,13 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 
 def write_markdown(
-    path: Path, out: Path, profile: dict, rows: list, protocol: str, extra: list[str] | None = None
+    path: Path,
+    out: Path,
+    profile: dict,
+    rows: list,
+    protocol: str,
+    extra: list[str] | None = None,
+    summary_extra: list[str] | None = None,
 ) -> dict:
     lines = []
     errs, errs_flat, errs_off = [], [], []
@@ -393,7 +403,8 @@ def write_markdown(
         "",
         f"- rows: {done} / {len(rows)}",
         f"- **mean |predicted - actual(drop_1pt)| = {_fmt(mean, 4)}** "
-        f"(max {_fmt(summary['max_abs_error'], 4)}); goal <= 0.03",
+        f"(max {_fmt(summary['max_abs_error'], 4)}) at the configurations' epoch budget; "
+        "goal <= 0.03",
         f"- without the weakest L1 strength ({min_l1:g}), {len(errs_strong)} rows: mean abs error "
         f"{_fmt(float(np.mean(errs_strong)) if errs_strong else None, 4)}",
         f"- same spectra, non-positive eigenvalues treated as flat: mean abs error "
@@ -402,6 +413,7 @@ def write_markdown(
         f"{_fmt(summary['mean_abs_error_official'], 4)}",
         f"- predicted vs the `train_loss_eps` criterion instead of `drop_1pt`: mean abs error "
         f"{_fmt(summary['mean_abs_error_vs_train_loss_eps'], 4)}",
+        *(summary_extra or []),
         "",
         "| configuration | rows | mean abs error | max abs error |",
         "| --- | --- | --- | --- |",
@@ -556,7 +568,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> dict:
         extra = longer_section(args.out, args.out_long, profile, seeds, strengths)
-        return write_markdown(doc, args.out, profile, rows, protocol, extra)
+        headline = [ln for ln in extra if ln.startswith("- **mean abs error, ")]
+        summary_extra = (
+            [
+                f"- every row trained {LONGER_FACTOR}x as many epochs (training-length check below): "
+                + headline[0][2:]
+            ]
+            if headline
+            else []
+        )
+        return write_markdown(doc, args.out, profile, rows, protocol, extra, summary_extra)
 
     t0 = time.perf_counter()
     if todo and args.workers > 1:
