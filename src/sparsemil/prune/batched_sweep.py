@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.magnitude import ParamRef, num_to_prune, prunable_parameters
+from sparsemil.prune.magnitude import ParamRef, prunable_parameters
 
 #: ``evaluate_many(model, stacked) -> {metric: (K,) array}`` where ``stacked`` maps qualified
 #: parameter names to ``(K, *shape)`` weights (one pruned version per ratio).
@@ -68,7 +68,7 @@ def batched_pruning_sweep(
     """
     from tqdm.auto import tqdm
 
-    from sparsemil.prune.sweep import SweepResult, _check_params
+    from sparsemil.prune.sweep import SweepResult, _check_params, counts_from_sorted
 
     if chunk < 1:
         raise SparsemilError(f"batched sweep: chunk must be >= 1, got {chunk}")
@@ -83,11 +83,7 @@ def batched_pruning_sweep(
         absw = [t.abs() for t in w]
         sorted_mags = torch.sort(torch.cat([a.reshape(-1) for a in absw])).values
     n_w = int(sorted_mags.numel())
-    sorted_np = sorted_mags.double().cpu().numpy()
-    ks = np.array([num_to_prune(r, n_w) for r in ratios], dtype=np.int64)
-    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
-    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
-    distance = np.sqrt(cum_sq[n_pruned])
+    ks, n_pruned, distance = counts_from_sorted(sorted_mags.double().cpu().numpy(), ratios)
     # prune |w| <= threshold (the k-th smallest magnitude, in the weights' own dtype)
     thresholds = sorted_mags[torch.as_tensor(ks - 1, device=sorted_mags.device)]
 

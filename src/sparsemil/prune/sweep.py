@@ -164,6 +164,18 @@ def _check_params(params: Sequence[ParamRef]) -> list[torch.Tensor]:
     return tensors
 
 
+def counts_from_sorted(
+    sorted_np: np.ndarray, ratios: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, n_pruned, distance)`` per ratio from the ascending magnitudes ``sorted_np`` (N_w,):
+    ``k = ceil(rho * N_w)`` (at least 1), ``n_pruned`` = every ``|w| <=`` the k-th smallest
+    (ties pruned), ``distance = sqrt(sum of the pruned squared magnitudes)`` (float64)."""
+    ks = np.array([num_to_prune(r, sorted_np.size) for r in ratios], dtype=np.int64)
+    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
+    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
+    return ks, n_pruned, np.sqrt(cum_sq[n_pruned])
+
+
 def pruned_counts_and_distances(
     model: nn.Module,
     ratios: Sequence[float] | np.ndarray,
@@ -179,12 +191,9 @@ def pruned_counts_and_distances(
     with torch.no_grad():
         mags = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
         sorted_np = torch.sort(mags).values.double().cpu().numpy()
-    n_w = sorted_np.size
     ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
-    ks = np.array([num_to_prune(r, n_w) for r in ratios], dtype=np.int64)
-    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
-    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
-    return n_pruned, np.sqrt(cum_sq[n_pruned])
+    _, n_pruned, distance = counts_from_sorted(sorted_np, ratios)
+    return n_pruned, distance
 
 
 def pruning_sweep(
@@ -220,11 +229,7 @@ def pruning_sweep(
         mags = torch.cat([s.abs().reshape(-1) for s in saved])
         sorted_mags, order = torch.sort(mags, stable=True)
     # Number pruned for each ratio: all |w| <= t_k, with t_k the k-th smallest.
-    ks = np.array([num_to_prune(r, n_w) for r in ratios], dtype=np.int64)
-    sorted_np = sorted_mags.double().cpu().numpy()
-    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
-    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
-    distance = np.sqrt(cum_sq[n_pruned])
+    _, n_pruned, distance = counts_from_sorted(sorted_mags.double().cpu().numpy(), ratios)
 
     # For each parameter: the sorted positions of its entries (ascending) and their flat indices
     # in that order, so the entries whose sorted position lies in [lo, hi) are one slice.
