@@ -68,7 +68,7 @@ def batched_pruning_sweep(
     """
     from tqdm.auto import tqdm
 
-    from sparsemil.prune.sweep import SweepResult, _check_params, counts_from_sorted
+    from sparsemil.prune.sweep import _check_params, counts_from_sorted, sweep_result
 
     if chunk < 1:
         raise SparsemilError(f"batched sweep: chunk must be >= 1, got {chunk}")
@@ -118,15 +118,7 @@ def batched_pruning_sweep(
     finally:
         model.train(was_training)
 
-    def take(key: str) -> np.ndarray:
-        vals = metrics.pop(key, None)
-        return np.asarray(vals if vals is not None else [math.nan] * len(ratios), dtype=np.float64)
-
-    test_acc, test_loss, train_loss = take("test_acc"), take("test_loss"), take("train_loss")
-    extra = {k: np.asarray(v, dtype=np.float64) for k, v in metrics.items()}
-    return SweepResult(
-        ratios, test_acc, test_loss, train_loss, distance, n_pruned, n_w, dense, extra
-    )
+    return sweep_result(ratios, metrics, distance, n_pruned, n_w, dense)
 
 
 def _split_many(

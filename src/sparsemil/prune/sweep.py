@@ -280,6 +280,21 @@ def pruning_sweep(
             for t, s in zip(tensors, saved, strict=True):
                 t.copy_(s)
 
+    return sweep_result(ratios, metrics, distance, n_pruned, n_w, dense)
+
+
+def sweep_result(
+    ratios: np.ndarray,
+    metrics: dict[str, list[float]],
+    distance: np.ndarray,
+    n_pruned: np.ndarray,
+    n_w: int,
+    dense: dict[str, float],
+) -> SweepResult:
+    """Assemble a :class:`SweepResult` from per-ratio metric lists (standard keys missing from
+    ``metrics`` become NaN; other keys go to ``extra``)."""
+    metrics = dict(metrics)
+
     def take(key: str) -> np.ndarray:
         vals = metrics.pop(key, None)
         return np.asarray(vals if vals is not None else [math.nan] * len(ratios), dtype=np.float64)
