@@ -11,8 +11,8 @@ on the digits training split.
   official config), ``loss.backward(create_graph=True)`` then ``torch.autograd.grad`` with
   the vector as ``grad_outputs``, summed weighted by batch size in a Python loop; Lanczos in
   float32 with one reorthogonalisation pass vector by vector; a dense symmetric eig of T.
-* ours: :class:`~sparsemil.prune.hvp.HessianOperator` (the whole split in one batch,
-  ``torch.func.linearize`` caching the primal pass) and :func:`~sparsemil.prune.slq.slq`
+* ours: :class:`~sparsemil.curvature.hvp.HessianOperator` (the whole split in one batch,
+  ``torch.func.linearize`` caching the primal pass) and :func:`~sparsemil.curvature.slq.slq`
   (float64 recurrence, CGS2 reorthogonalisation in matrix form, ``eigh_tridiagonal``).
 
 It prints the wall times, the speed-up and the Ritz-value agreement (max relative difference
@@ -126,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from sparsemil.curvature.hvp import HessianOperator, cross_entropy_loss, fixed_batches
+    from sparsemil.curvature.slq import rademacher, slq
     from sparsemil.data.vision import load_vision_dataset
-    from sparsemil.prune.config import config_from_dict
-    from sparsemil.prune.hvp import HessianOperator
-    from sparsemil.prune.l1 import train_l1
-    from sparsemil.prune.limit import cross_entropy_loss, fixed_batches
-    from sparsemil.prune.models import build_model
-    from sparsemil.prune.slq import rademacher, slq
+    from sparsemil.experiments.vision.config import config_from_dict
+    from sparsemil.experiments.vision.models import build_model
+    from sparsemil.experiments.vision.train import train_l1
 
     data = load_vision_dataset("digits", seed=args.seed)
     cfg = config_from_dict(

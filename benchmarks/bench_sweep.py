@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from sparsemil.data.vision import load_vision_dataset
-from sparsemil.prune.config import PruneConfig
-from sparsemil.prune.l1 import train_l1
+from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.experiments.vision.models import build_model
+from sparsemil.experiments.vision.train import train_l1
 from sparsemil.prune.magnitude import num_to_prune, prunable_parameters
-from sparsemil.prune.models import build_model
 from sparsemil.prune.sweep import pruning_sweep, sweep_ratios, vision_evaluator
 
 

@@ -1,7 +1,7 @@
 """Regenerate docs/results/mil_pruning_limit.md: predicted vs actual pruning ratio of MIL models.
 
 For every (dataset, model, L1 strength, seed): train on fold 0 of a stratified 5-fold split
-with the benchmark recipe plus the L1 penalty, then ``sparsemil.prune.mil_limit`` (global
+with the benchmark recipe plus the L1 penalty, then ``sparsemil.experiments.mil_bridge`` (global
 magnitude pruning of all Linear weights, sweep on the fold's test bags, Hessian over the
 training bags, epsilon = std of the per-bag training losses). Finished rows are reused
 (``OUT/<dataset>/<model>/l1_<l1>/seed_<s>/limit.json``), so the script resumes.
@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsemil.prune.limit import censored_abs_error
-from sparsemil.prune.mil_limit import run_mil_limit
-from sparsemil.train.benchmark import NAMES, bench_config
-from sparsemil.utils.io import atomic_write_text
+from sparsemil.experiments.mil_benchmark import NAMES, bench_config
+from sparsemil.experiments.mil_bridge import run_mil_limit
+from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.io import atomic_write_text
+from sparsemil.limit.predict import censored_abs_error
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"folds": 5, "max_epochs": 50, "n_ratios": 100, "lanczos_iter": 64}
@@ -46,10 +47,11 @@ def run_row(out: Path, d: str, m: str, l1: float, s: int) -> dict:
     cfg = dataclasses.replace(
         base, l1=l1, fold=0, model_kwargs=kwargs, early_stopping=False, progress=False
     )
-    return run_mil_limit(
-        cfg, run, n_ratios=SETTINGS["n_ratios"], lanczos_iter=SETTINGS["lanczos_iter"],
-        progress=False,
+    run_cfg = PruneConfig(
+        mil=cfg, sparse_epoch=SETTINGS["n_ratios"], lanczos_iter=SETTINGS["lanczos_iter"],
+        seed=cfg.seed, device="cpu",
     )  # fmt: skip
+    return run_mil_limit(run_cfg, run, progress=False)
 
 
 def fmt(v) -> str:
@@ -63,8 +65,8 @@ def bound_of(run: Path, r: dict) -> dict | None:
         return None
     if "predicted_bound" in r:
         return r["predicted_bound"]
+    from sparsemil.limit.width import gaussian_width
     from sparsemil.prune.sweep import SweepResult
-    from sparsemil.prune.width import gaussian_width
 
     spec = json.loads((run / "spectrum.json").read_text())
     sweep = SweepResult.from_csv(run / "sweep.csv")

@@ -185,7 +185,7 @@ def _longer_rows(profile: dict, seeds, strengths) -> list[tuple[str, str, float,
 def longer_section(out: Path, out_long: Path, profile: dict, seeds, strengths) -> list[str]:
     """Markdown comparing the standard rows with their longer-trained twins (every L1
     strength), with the mean abs error per strength and overall."""
-    from sparsemil.prune.limit import censored_abs_error
+    from sparsemil.limit.predict import censored_abs_error
 
     lines, by_l1, pairs, censored = [], {}, [], []
     for row_long, name, lm, seed in _longer_rows(profile, seeds, strengths):
@@ -238,7 +238,7 @@ def longer_section(out: Path, out_long: Path, profile: dict, seeds, strengths) -
         f"Censored rows ({n_censored}): where rho = gw(R(rho)) has no root below the largest "
         "swept ratio, the prediction is `>= rho_max`; its error counts as 0 when the measured "
         "ratio is rho_max too (test accuracy never fell), else as the distance to rho_max "
-        "(`sparsemil.prune.limit.censored_abs_error`).",
+        "(`sparsemil.limit.predict.censored_abs_error`).",
         "",
         f"- **mean abs error, {LONGER_FACTOR}x epochs: {np.mean([y for _, y in pairs]):.4f}** "
         f"over {len(pairs)} rows (the same rows at the standard length: "
@@ -262,8 +262,8 @@ def longer_section(out: Path, out_long: Path, profile: dict, seeds, strengths) -
 def _run_row(row_dir: str, cfg_dict: dict) -> str:
     import torch
 
-    from sparsemil.prune.config import config_from_dict
-    from sparsemil.prune.limit import run_limit
+    from sparsemil.experiments.vision.config import config_from_dict
+    from sparsemil.experiments.vision.run import run_limit
 
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict, where=row_dir)
@@ -274,8 +274,8 @@ def _run_row(row_dir: str, cfg_dict: dict) -> str:
 
 def _flat_prediction(row_dir: Path, doc: dict) -> float | None:
     """The prediction with non-positive eigenvalues treated as flat (same spectrum)."""
+    from sparsemil.limit.width import gaussian_width, predicted_ratio
     from sparsemil.prune.sweep import SweepResult
-    from sparsemil.prune.width import gaussian_width, predicted_ratio
 
     spec = json.loads((row_dir / "spectrum.json").read_text())
     vals = np.array(spec["ritz_values"], dtype=float)
@@ -442,7 +442,7 @@ def write_markdown(
         *lines,
         "",
     ]
-    from sparsemil.utils.io import atomic_write_json, atomic_write_text
+    from sparsemil.io import atomic_write_json, atomic_write_text
 
     atomic_write_text(path, "\n".join(head))
     atomic_write_json(out / "summary.json", summary)
@@ -480,12 +480,11 @@ def exact_check(row_dir: Path) -> dict:
     eigendecomposition; small nets only) next to the SLQ ones and the measured ratio."""
     import torch
 
+    from sparsemil.curvature.hvp import HessianOperator, cross_entropy_loss, fixed_batches
     from sparsemil.data.vision import load_vision_dataset
-    from sparsemil.prune.export import load_checkpoint
-    from sparsemil.prune.hvp import HessianOperator
-    from sparsemil.prune.limit import cross_entropy_loss, fixed_batches
+    from sparsemil.experiments.vision.models import load_checkpoint
+    from sparsemil.limit.width import gaussian_width, predicted_ratio
     from sparsemil.prune.sweep import SweepResult
-    from sparsemil.prune.width import gaussian_width, predicted_ratio
 
     torch.set_num_threads(1)
     doc = json.loads((row_dir / "limit.json").read_text())

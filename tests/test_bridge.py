@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from sparsemil.cli.main import main
+from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.data.mil_benchmarks import load_mil_benchmark
-from sparsemil.mil.mmil import MMILTransformer
-from sparsemil.prune.hvp import HessianOperator
-from sparsemil.prune.mil_limit import (
+from sparsemil.experiments.mil_bridge import (
     MILBags,
     bag_loss_fn,
     deterministic_grouping,
     make_evaluator,
     mil_limit,
 )
+from sparsemil.mil.mmil import MMILTransformer
 
 
 def _musk_bags(n: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -29,3 +29,25 @@ def test_console_script_exit_status_and_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.yaml" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_library_errors_name_fields_and_the_cli_adds_the_flag(tmp_path, capsys):
+    """A library message names the config field; the CLI appends that command's flag."""
+    from sparsemil.cli.main import main as cli_main
+    from sparsemil.cli.main import with_flags
+
+    assert with_flags("config c.yaml: key 'data_dir' must be a folder", ["mil", "cv"]).endswith(
+        "(flag: --data-dir)"
+    )
+    assert with_flags("key 'limit.hessian_samples' must be >= 1", ["prune", "run"]).endswith(
+        "(flag: --hessian-samples)"
+    )
+    assert with_flags("key 'lanczos_iter' must be >= 1", ["prune", "run"]) == (
+        "key 'lanczos_iter' must be >= 1"
+    )  # a config-only key gets no flag
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("limit:\n  hessian_samples: 0\n")
+    rc = cli_main(["prune", "run", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "limit.hessian_samples" in err and "--hessian-samples" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()

@@ -299,7 +299,7 @@ def test_clam_csv_and_official_split_formats(tmp_path, subset):
 
 def test_benchmark_flags_collapsed_predictions():
     """A row predicting one class for most bags is listed; a balanced one is not."""
-    from sparsemil.train.benchmark import _skew_lines
+    from sparsemil.experiments.mil_benchmark import _skew_lines
 
     rows = [
         {"dataset": "musk1", "model": "dsmil", "positive_share": (0.86, 0.45)},

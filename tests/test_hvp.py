@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from sparsemil.curvature.hvp import HessianOperator, hessian_parameters
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.hvp import HessianOperator, hessian_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -39,7 +39,7 @@ def _loss(model, batch):
 def _worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from sparsemil.prune.hvp import DistributedHessianOperator
+    from sparsemil.curvature.hvp import DistributedHessianOperator
 
     torch.set_num_threads(1)
     store = Path(out_dir) / "store"  # file rendezvous: no TCP port to race for
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def test_two_process_hvp_equals_single_process():
-    from sparsemil.prune.hvp import HessianOperator
+    from sparsemil.curvature.hvp import HessianOperator
 
     with tempfile.TemporaryDirectory() as tmp:
         _save_digits(Path(tmp) / "digits.pt")

@@ -12,12 +12,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from sparsemil.cli.main import main
+from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.hvp import HessianOperator
-from sparsemil.prune.limit import important_flat_fraction, loss_epsilon, threshold_indices
+from sparsemil.limit.predict import important_flat_fraction, loss_epsilon, threshold_indices
+from sparsemil.limit.width import gaussian_width, predicted_ratio
 from sparsemil.prune.magnitude import prunable_parameters
 from sparsemil.prune.sweep import SweepResult, actual_ratio
-from sparsemil.prune.width import gaussian_width, predicted_ratio
 
 CONFIG = """\
 model: mlp
@@ -74,7 +74,7 @@ def test_prune_run_end_to_end(tmp_path):
     assert pred == pytest.approx(doc["predicted_ratio"], abs=1e-9)
     # epsilon is the std of the per-mini-batch training losses (batch_size 64, fixed order)
     from sparsemil.data.vision import load_vision_dataset
-    from sparsemil.prune.export import load_checkpoint
+    from sparsemil.experiments.vision.models import load_checkpoint
 
     model, _ = load_checkpoint(out / "model.safetensors")
     data = load_vision_dataset("digits", seed=0)
@@ -163,7 +163,7 @@ def test_reproduction_table_tiny(tmp_path):
 
 
 def test_censored_abs_error_by_hand():
-    from sparsemil.prune.limit import censored_abs_error
+    from sparsemil.limit.predict import censored_abs_error
 
     assert censored_abs_error(0.8, None, 0.75) == pytest.approx(0.05)
     top = {"side": ">=", "ratio": 0.995}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsemil.cli.main import main
-from sparsemil.prune.export import load_checkpoint
+from sparsemil.experiments.vision.models import load_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.config import (
+from sparsemil.experiments.vision.config import (
     PruneConfig,
     config_from_dict,
     load_prune_config,
-    register_config_section,
 )
 
 OFFICIAL_STYLE = """\
@@ -88,20 +85,17 @@ def test_bad_values() -> None:
         config_from_dict({"model": "mlp"})
 
 
-@dataclass
-class _Section:
-    depth: int = 2
-    name: str = "x"
-
-
-def test_registered_section() -> None:
-    register_config_section("prune_test_section", _Section)
-    register_config_section("prune_test_section", _Section)  # idempotent
-    cfg = config_from_dict({"model": "fc", "prune_test_section": {"depth": 5}})
-    assert cfg.sections["prune_test_section"] == _Section(depth=5)
-    assert cfg.to_dict()["prune_test_section"] == {"depth": 5, "name": "x"}
-    assert config_from_dict(cfg.to_dict()).sections == cfg.sections
-    with pytest.raises(SparsemilError, match="'depth'"):
-        config_from_dict({"prune_test_section": {"dpeth": 1}})
-    with pytest.raises(ValueError):
-        register_config_section("lr", _Section)
+def test_limit_and_mil_sections_are_fields() -> None:
+    """Nested sections are typed fields: no import-time registry, round trip through a dict."""
+    cfg = config_from_dict({"model": "fc", "limit": {"hessian_samples": 64, "negative": "flat"}})
+    assert cfg.limit.hessian_samples == 64 and cfg.limit.negative == "flat"
+    assert cfg.to_dict()["limit"]["hessian_samples"] == 64
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SparsemilError, match="did you mean 'hessian_samples'"):
+        config_from_dict({"limit": {"hessian_sample": 1}})
+    with pytest.raises(SparsemilError, match="limit.negative"):
+        config_from_dict({"limit": {"negative": "clip"}})
+    mil = config_from_dict({"mil": {"data": "musk1", "l1": 1e-4, "max_epochs": 2}})
+    assert mil.mil is not None and mil.mil.l1 == 1e-4 and mil.mil.max_epochs == 2
+    with pytest.raises(SparsemilError, match="did you mean 'max_epochs'"):
+        config_from_dict({"mil": {"max_epoch": 2}})

@@ -7,15 +7,14 @@ import torch
 from torch import nn
 
 from sparsemil.errors import SparsemilError
+from sparsemil.experiments.vision.models import build_model, load_checkpoint
 from sparsemil.prune.export import (
-    load_checkpoint,
     load_sparse,
     save_checkpoint,
     save_sparse,
     serialized_bytes,
 )
 from sparsemil.prune.magnitude import prune_model
-from sparsemil.prune.models import build_model
 
 
 @pytest.fixture(autouse=True)

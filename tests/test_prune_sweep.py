@@ -10,10 +10,10 @@ import torch
 
 from sparsemil.data.vision import load_vision_dataset
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.config import PruneConfig
-from sparsemil.prune.l1 import train_l1
+from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.experiments.vision.models import build_model
+from sparsemil.experiments.vision.train import train_l1
 from sparsemil.prune.magnitude import prunable_parameters
-from sparsemil.prune.models import build_model
 from sparsemil.prune.sweep import (
     CRITERIA,
     SweepResult,

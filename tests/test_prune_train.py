@@ -10,9 +10,10 @@ from torch import nn
 
 from sparsemil.data.vision import load_vision_dataset
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.config import PruneConfig
-from sparsemil.prune.l1 import l1_params, l1_penalty, lr_at, train_l1
-from sparsemil.prune.models import build_model
+from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.experiments.vision.models import build_model
+from sparsemil.experiments.vision.train import lr_at, train_l1
+from sparsemil.prune.l1 import l1_params, l1_penalty
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from sparsemil.errors import SparsemilError
-from sparsemil.prune.hvp import HessianOperator
-from sparsemil.prune.slq import (
+from sparsemil.curvature.hvp import HessianOperator
+from sparsemil.curvature.slq import (
     DenseOperator,
     hutchinson_trace,
     lanczos,
@@ -20,8 +19,9 @@ from sparsemil.prune.slq import (
     spectral_density,
     top_eigenvalues,
 )
+from sparsemil.errors import SparsemilError
+from sparsemil.limit.width import gaussian_width, predicted_ratio
 from sparsemil.prune.sweep import pruned_counts_and_distances, sweep_ratios
-from sparsemil.prune.width import gaussian_width, predicted_ratio
 
 
 @pytest.fixture(scope="module")

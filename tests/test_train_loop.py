@@ -14,9 +14,10 @@ from miltrain_helpers import write_subset
 from sparsemil.data.bags import collate_bags
 from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import build_mil_model
+from sparsemil.prune.l1 import l1_penalty
 from sparsemil.train.config import MILTrainConfig
 from sparsemil.train.data import MILDataset, Standardizer, cv_folds, load_mil_data
-from sparsemil.train.module import MILModule, l1_norm, model_inputs
+from sparsemil.train.module import MILModule, model_inputs
 from sparsemil.train.trainer import DelayedEarlyStopping, check_batch_support, fit_fold
 
 
@@ -109,7 +110,7 @@ def test_l1_norm_and_l1_training_shrinks_weights(tmp_path, musk_subset):
     manual = sum(
         p.abs().sum() for n, p in model.named_parameters() if n.endswith(("weight", "bias"))
     )
-    torch.testing.assert_close(l1_norm(model), manual)
+    torch.testing.assert_close(l1_penalty(model), manual)
     norms = {}
     for lam in (0.0, 1e-2):
         cfg = MILTrainConfig(

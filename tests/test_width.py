@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.width import (
+from sparsemil.limit.width import (
     gaussian_width,
     gaussian_width_grid,
     official_density,

@@ -1,4 +1,4 @@
-"""``sparsemil demo``: the offline main job (see :mod:`sparsemil.demo`)."""
+"""``sparsemil demo``: the offline main job (see :mod:`sparsemil.experiments.demo`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def demo(
     """Offline demo on real data: MMIL vs torchmil baselines on Musk1 (k-fold CV), the
     pruning limit of the trained MMIL (theory vs measurement), the vision pruning-limit
     experiment on digits, and a self-contained report.html."""
-    from sparsemil.demo import run_demo
+    import torch
 
+    from sparsemil.experiments.demo import run_demo
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     run_demo(out, preset=preset, progress=progress, log=typer.echo)

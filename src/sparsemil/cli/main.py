@@ -27,12 +27,52 @@ app.add_typer(wsi.app, name="wsi")
 app.command("demo")(demo.demo)
 
 
+def command_flags(argv: list[str] | None) -> dict[str, str]:
+    """``{field: --flag}`` of the sub-command named by ``argv`` (its Typer parameters).
+
+    Typer derives each flag from the function parameter, which has the library's field name
+    (``data_dir`` -> ``--data-dir``), so this table is read off the commands, never written.
+    """
+    cmd = typer.main.get_command(app)
+    for token in argv or []:
+        sub = getattr(cmd, "commands", {}).get(token)
+        if sub is None:
+            break
+        cmd = sub
+    flags = {}
+    for param in cmd.params:
+        longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if param.name and longs:
+            flags[param.name] = longs[0]
+    if "threads" in flags:  # the config field behind --threads
+        flags.setdefault("num_threads", flags["threads"])
+    return flags
+
+
+def with_flags(message: str, argv: list[str] | None) -> str:
+    """Library errors name fields (``'data_dir'``, ``limit.hessian_samples``); append the
+    command-line flag of each named field that this command has."""
+    import re
+
+    flags = command_flags(argv if argv is not None else sys.argv[1:])
+    named = re.findall(r"'([A-Za-z_][\w.]*)'|^([a-z_][\w.]*)[ :]", message)
+    hits = []
+    for quoted, leading in named:
+        if leading == "config":  # "config FILE: key 'x' ..." names the key, not the file
+            continue
+        field = (quoted or leading).rsplit(".", 1)[-1]
+        flag = flags.get(field)
+        if flag and flag not in hits and flag not in message:
+            hits.append(flag)
+    return f"{message} (flag: {', '.join(hits)})" if hits else message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (also used by the console script)."""
     try:
         rc = app(args=argv, standalone_mode=False)
     except SparsemilError as err:
-        print(f"sparsemil: error: {err}", file=sys.stderr)
+        print(f"sparsemil: error: {with_flags(str(err), argv)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
         name = getattr(err, "filename", None) or ""

@@ -132,7 +132,12 @@ def _config(config: Path | None, **flags: Any) -> Any:
         )
     if flags.get("model") not in (None, cfg.model) and "model_kwargs" not in flags:
         flags["model_kwargs"] = {}  # options of the config's model do not apply to another
-    return cfg.override(**flags)
+    cfg = cfg.override(**flags)
+    if cfg.num_threads > 0:  # process-wide: set here, at the entry point
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
+    return cfg
 
 
 def _fmt(m: dict[str, Any]) -> str:
@@ -160,17 +165,17 @@ def train(
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "threads")}
     flags["num_threads"] = threads
     cfg = _config(config, **flags)
+    from sparsemil.io import atomic_write_json
     from sparsemil.train.data import holdout_fold, load_mil_data
     from sparsemil.train.evaluate import write_predictions_csv
-    from sparsemil.train.trainer import fit_fold, global_rank, preflight, prepare_out_dir
-    from sparsemil.utils.io import atomic_write_json
+    from sparsemil.train.trainer import fit_fold, is_launched_child, preflight, prepare_out_dir
 
     data = load_mil_data(cfg)
     split = holdout_fold(data, cfg)
     preflight(cfg, data)
     run_dir = prepare_out_dir(cfg.out or "runs/mil-train", resume, "metrics.json")
     result = fit_fold(cfg, data, split, run_dir, resume=resume)
-    if global_rank() != 0 or result is None:
+    if is_launched_child() or result is None:
         return
     rows = result.pop("predictions", [])
     metrics = {
@@ -260,6 +265,7 @@ def test(
     from torch.utils.data import DataLoader
 
     from sparsemil.data.bags import collate_bags
+    from sparsemil.io import atomic_write_json
     from sparsemil.train.config import MILTrainConfig
     from sparsemil.train.data import MILDataset, Standardizer, load_mil_data
     from sparsemil.train.evaluate import (
@@ -268,7 +274,6 @@ def test(
         prediction_rows,
         write_predictions_csv,
     )
-    from sparsemil.utils.io import atomic_write_json
 
     if num_test < 1:
         raise SparsemilError(f"--num-test must be >= 1 (got {num_test})")
@@ -412,7 +417,7 @@ def benchmark(
     """Cross-validate every model on the classic MIL benchmarks and (re)write the Markdown
     table. Finished (dataset, model, seed) runs are reused, so an interrupted benchmark
     continues where it stopped; the table is rewritten after every finished run."""
-    from sparsemil.train.benchmark import run_benchmark
+    from sparsemil.experiments.mil_benchmark import run_benchmark
 
     def split(s: str) -> list[str]:
         return [x.strip() for x in s.split(",") if x.strip()]
@@ -422,11 +427,14 @@ def benchmark(
     except ValueError:
         raise SparsemilError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
     if table_only:
-        from sparsemil.train.benchmark import rewrite_table
+        from sparsemil.experiments.mil_benchmark import rewrite_table
 
         rewrite_table(out, table, folds, seed_list)
         typer.echo(f"table: {table}")
         return
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only add contention
     run_benchmark(
         split(datasets),
         split(models),

@@ -28,25 +28,22 @@ def mil(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Predicted (Gaussian width) against measured pruning limit of a MIL checkpoint."""
+    from sparsemil.cli.prune_run import echo_limit
     from sparsemil.errors import SparsemilError
+    from sparsemil.experiments.mil_bridge import load_bridge_bags, mil_limit
+    from sparsemil.limit.predict import LimitOptions
     from sparsemil.mil.checkpoint import load_mil_checkpoint
-    from sparsemil.prune.mil_limit import load_bridge_bags, mil_limit
 
+    options = LimitOptions(negative=negative)
+    options.validate("--negative")
     if not checkpoint.is_file():
-        raise SparsemilError(f"--checkpoint {checkpoint}: no such file; pass a model.safetensors")
-    if negative not in ("abs", "flat"):
-        raise SparsemilError(f"--negative {negative!r}: use abs or flat")
+        raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
     model, meta = load_mil_checkpoint(checkpoint)
     bags = load_bridge_bags(meta, data=data, eval_split=eval_split)
     doc = mil_limit(
-        model, bags, out, n_ratios=n_ratios, lanczos_iter=lanczos_iter,
-        lanczos_num=lanczos_num, seed=seed, negative=negative, progress=progress,
+        model, bags, out, options=options, n_ratios=n_ratios, lanczos_iter=lanczos_iter,
+        lanczos_num=lanczos_num, seed=seed, progress=progress,
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
     )  # fmt: skip
-    pred, act = doc["predicted_ratio"], doc["actual_ratio"].get(doc["default_criterion"])
-    typer.echo(
-        f"predicted ratio {'undefined' if pred is None else f'{pred:.4f}'}; actual "
-        f"({doc['default_criterion']}) {'undefined' if act is None else f'{act:.4f}'}; "
-        f"epsilon {doc['epsilon']:.4g}; D {doc['D']}; wrote {out / 'limit.json'}"
-    )
+    echo_limit(doc, out)

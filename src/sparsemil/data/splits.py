@@ -29,7 +29,7 @@ import numpy as np
 from sparsemil.data.bags import BagRef
 from sparsemil.data.readers import parse_int
 from sparsemil.errors import SparsemilError
-from sparsemil.utils.io import atomic_path
+from sparsemil.io import atomic_path
 
 PathLike = str | os.PathLike[str]
 

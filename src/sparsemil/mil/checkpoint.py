@@ -8,7 +8,6 @@ The file's metadata key ``"sparsemil"`` holds
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,9 @@ from typing import Any
 import torch
 
 from sparsemil.errors import SparsemilError
-from sparsemil.utils.io import atomic_path
+from sparsemil.io import read_safetensors_meta, save_safetensors, state_tensors
 
 META_KEY = "sparsemil"
-
-
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies of the state dict; tensors sharing storage are cloned."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.detach().to("cpu").contiguous().clone()
-    return out
 
 
 def save_mil_checkpoint(
@@ -52,8 +42,6 @@ def save_mil_checkpoint(
     Returns:
         ``path``.
     """
-    from safetensors.torch import save_file
-
     extra = dict(extra or {})
     cfg = getattr(model, "config", None)
     if in_dim is None:
@@ -75,47 +63,17 @@ def save_mil_checkpoint(
         "model_kwargs": dict(model_kwargs),
         **extra,
     }
-    text = json.dumps(meta, default=_json_default)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(_state_tensors(model), str(tmp), metadata={META_KEY: text})
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return save_safetensors(path, state_tensors(model), META_KEY, meta)
 
 
 def read_mil_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``"sparsemil"`` metadata of a checkpoint, without loading the weights."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise SparsemilError(
-            f"checkpoint {path} does not exist; pass a .safetensors file written by `sparsemil mil train`"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
-        raise SparsemilError(
-            f"checkpoint {path} is not a readable safetensors file ({err}); "
-            "pass a .safetensors file written by `sparsemil mil train`"
-        ) from None
-    if raw is None:
+    meta = read_safetensors_meta(path, META_KEY)
+    if meta is None:
         raise SparsemilError(
             f"checkpoint {path} has no '{META_KEY}' metadata; it was not written by sparsemil "
             "(official MMIL checkpoints: use MMILTransformer.from_official)"
         )
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise SparsemilError(f"checkpoint {path}: metadata is not valid JSON ({err})") from None
     for key in ("model", "in_dim", "n_classes", "model_kwargs"):
         if key not in meta:
             raise SparsemilError(

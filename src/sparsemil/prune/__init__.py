@@ -1,18 +1,17 @@
-"""Pruning: L1 training, global magnitude pruning, sweeps, sparse export (and the limit).
+"""Torch-level pruning: magnitude masks, the L1 penalty, sweeps, criteria, sparse export.
 
-Modules (imported lazily, so ``import sparsemil.prune`` is cheap):
+Modules (imported lazily, so ``import sparsemil.prune`` is cheap). This package imports only
+torch/numpy and :mod:`sparsemil.errors` / :mod:`sparsemil.io`:
 
-- :mod:`~sparsemil.prune.models` -- ``build_model`` (fc, fc12, fc2, mlp, lenet, alexnet, vgg16,
-  resnet18, resnet50);
-- :mod:`~sparsemil.prune.config` -- ``PruneConfig``, ``load_prune_config``,
-  ``register_config_section``;
-- :mod:`~sparsemil.prune.l1` -- ``l1_params``, ``l1_penalty``, ``train_l1``;
+- :mod:`~sparsemil.prune.l1` -- ``l1_params``, ``l1_penalty``;
 - :mod:`~sparsemil.prune.magnitude` -- ``prunable_parameters``, ``global_magnitude_masks``,
   ``apply_masks``, ``remove_masks``, ``prune_model``;
 - :mod:`~sparsemil.prune.sweep` -- ``SweepResult``, ``pruning_sweep``, ``vision_sweep``,
-  ``actual_ratio``, ``CRITERIA``;
-- :mod:`~sparsemil.prune.export` -- checkpoints and ``save_sparse`` / ``load_sparse``;
-- :mod:`~sparsemil.prune.plots` -- ``plot_sweep``.
+  ``actual_ratio``, ``CRITERIA``; :mod:`~sparsemil.prune.batched_sweep` on GPUs;
+- :mod:`~sparsemil.prune.export` -- checkpoints and ``save_sparse`` / ``load_sparse``.
+
+``sparsemil.prune.hvp`` and ``sparsemil.prune.limit`` are re-exports of
+:mod:`sparsemil.curvature.hvp` and :mod:`sparsemil.limit.predict` kept for old import paths.
 """
 
 from __future__ import annotations
@@ -21,13 +20,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_model": "models",
-    "PruneConfig": "config",
-    "load_prune_config": "config",
-    "register_config_section": "config",
     "l1_params": "l1",
     "l1_penalty": "l1",
-    "train_l1": "l1",
     "prunable_parameters": "magnitude",
     "global_magnitude_masks": "magnitude",
     "apply_masks": "magnitude",
@@ -40,10 +34,8 @@ _EXPORTS = {
     "actual_ratios": "sweep",
     "CRITERIA": "sweep",
     "save_checkpoint": "export",
-    "load_checkpoint": "export",
     "save_sparse": "export",
     "load_sparse": "export",
-    "plot_sweep": "plots",
 }
 
 __all__ = sorted(_EXPORTS)

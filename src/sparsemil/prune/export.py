@@ -1,9 +1,9 @@
 """Checkpoints and compressed sparse export, all as safetensors (never pickle).
 
-**Checkpoints** (:func:`save_checkpoint` / :func:`load_checkpoint`): one ``.safetensors`` file with
+**Checkpoints** (:func:`save_checkpoint` / :func:`sparsemil.experiments.vision.models.load_checkpoint`): one ``.safetensors`` file with
 the model's ``state_dict``; its metadata key ``"sparsemil_prune"`` holds JSON ``{"model",
 "in_shape", "num_classes", "widths", "init", "config": {...}, ...}`` so the model can be rebuilt
-with :func:`sparsemil.prune.models.build_model`.
+with :func:`sparsemil.experiments.vision.models.build_model`.
 
 **Sparse export** (:func:`save_sparse` / :func:`load_sparse`), format ``sparsemil-bitmask-v1``:
 every floating-point tensor of the ``state_dict`` is stored either densely under its own name or,
@@ -28,94 +28,41 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 from torch import nn
 
 from sparsemil.errors import SparsemilError
-from sparsemil.utils.io import atomic_path
+from sparsemil.io import (
+    atomic_path,
+    json_default,
+    read_safetensors_meta,
+    save_safetensors,
+    state_tensors,
+)
 
 CHECKPOINT_KEY = "sparsemil_prune"
 SPARSE_KEY = "sparsemil_sparse"
 SPARSE_FORMAT = "sparsemil-bitmask-v1"
 
 
-def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
     """Write ``model``'s weights and the JSON ``meta`` (see module docstring) atomically."""
-    text = json.dumps(dict(meta), default=_json_default)
-    with atomic_path(path) as tmp:
-        save_file(_contiguous_state(model), str(tmp), metadata={CHECKPOINT_KEY: text})
-    return Path(path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return save_safetensors(path, state_tensors(model), CHECKPOINT_KEY, dict(meta))
 
 
 def read_metadata(path: str | Path, key: str = CHECKPOINT_KEY) -> dict[str, Any]:
-    """The JSON metadata ``key`` of a safetensors file (error if absent)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsemilError(f"checkpoint {path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise SparsemilError(f"checkpoint {path}: not a safetensors file ({err})") from None
-    if key not in meta:
-        raise SparsemilError(f"checkpoint {path}: no {key!r} metadata; write it with sparsemil")
-    return json.loads(meta[key])
+    """The JSON metadata ``key`` of a safetensors file.
 
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
-
-    Returns ``(model in eval mode, meta)``; a sparse export (:func:`save_sparse` with ``meta``) is
-    read as well.
+    Raises:
+        SparsemilError: missing/unreadable file, or no ``key`` metadata.
     """
-    from sparsemil.prune.models import build_model
-
-    path = Path(path)
-    try:
-        meta = read_metadata(path, CHECKPOINT_KEY)
-    except SparsemilError:
-        meta = None
+    meta = read_safetensors_meta(path, key)
     if meta is None:
-        raise SparsemilError(
-            f"checkpoint {path}: not a sparsemil prune checkpoint; create one "
-            f"with 'sparsemil prune train'"
-        )
-    model = build_model(
-        meta["model"],
-        meta["in_shape"],
-        int(meta["num_classes"]),
-        widths=meta.get("widths"),
-        init=meta.get("init", "kaiming_normal"),
-    )
-    with safe_open(str(path), framework="pt") as fh:
-        is_sparse = SPARSE_KEY in (fh.metadata() or {})
-    if is_sparse:
-        load_sparse(path, model)
-    else:
-        from safetensors.torch import load_file
+        raise SparsemilError(f"checkpoint {path}: no {key!r} metadata; write it with sparsemil")
+    return meta
 
-        state = load_file(str(path))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise SparsemilError(
-                f"checkpoint {path}: weights do not match the model ({err})"
-            ) from None
-    return model.to(device).eval(), meta
+
 
 
 # --------------------------------------------------------------------------- sparse export
@@ -179,17 +126,17 @@ def save_sparse(
         path: output ``.safetensors`` file.
         model: the (pruned) model; exact zeros are not stored.
         meta: optional checkpoint metadata (as for :func:`save_checkpoint`) so that
-            :func:`load_checkpoint` can rebuild the model from this file alone.
+            :func:`sparsemil.experiments.vision.models.load_checkpoint` can rebuild the model from this file alone.
 
     Returns:
         ``{"dense_bytes", "sparse_bytes"}``: the size of the dense checkpoint of the same model
         and ``meta`` (what :func:`save_checkpoint` writes) and of the written compressed file.
     """
-    state = _contiguous_state(model)
+    state = state_tensors(model)
     tensors, layout = sparse_state_dict(state)
     dense_meta = {}
     if meta is not None:
-        dense_meta[CHECKPOINT_KEY] = json.dumps(dict(meta), default=_json_default)
+        dense_meta[CHECKPOINT_KEY] = json.dumps(dict(meta), default=json_default)
     metadata = {SPARSE_KEY: json.dumps(layout), **dense_meta}
     dense_bytes = len(st_save(state, metadata=dense_meta or None))
     with atomic_path(path) as tmp:
@@ -214,12 +161,11 @@ def load_sparse(path: str | Path, model: nn.Module) -> nn.Module:
 
 def serialized_bytes(model: nn.Module) -> int:
     """Size in bytes of ``model``'s state dict as a dense safetensors blob."""
-    return len(st_save(_contiguous_state(model)))
+    return len(st_save(state_tensors(model)))
 
 
 __all__ = [
     "dense_from_sparse",
-    "load_checkpoint",
     "load_sparse",
     "read_metadata",
     "save_checkpoint",

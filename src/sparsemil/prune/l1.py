@@ -1,33 +1,15 @@
-"""Training with an L1 (or L2) penalty, as in the official code.
+"""The L1 (or L2) penalty: one definition for vision and MIL training.
 
-Loss per mini-batch: ``CE(model(x), y) + lmbda * sum_{theta in P} |theta|`` where ``P`` is, by
-default (``l1_scope: all``), every parameter whose name ends in ``weight`` or ``bias`` -- the
-official choice, which includes BatchNorm affine parameters. ``l1_scope: weights`` restricts it to
-Conv2d/Linear weights. ``regularizer: L2`` uses ``sum theta^2`` instead; ``l1: false`` disables
-the penalty.
-
-Optimiser: SGD with momentum (or Adam), ``weight_decay`` as given. Learning rate: linear warm-up
-over the first ``warm`` epochs (per iteration, as the official ``WarmUpLR``), then -- if
-``schedu`` -- a multistep (``milestones``/``gamma``) or cosine (``T_max = epoch``) schedule
-evaluated **per epoch**. (The official code calls ``scheduler.step()`` every iteration while its
-milestones are epoch numbers, so its decays happen after that many *iterations*.)
-
-Determinism: shuffling uses a ``torch.Generator`` seeded with ``cfg.seed``; no global RNG.
+``penalty = sum_{theta in P} |theta|`` (L1) or ``sum theta^2`` (L2), where ``P`` is, by default
+(``scope="all"``), every parameter whose name ends in ``weight`` or ``bias`` -- the official
+choice (QiaozheZhang/Global-One-shot-Pruning), which includes BatchNorm affine parameters;
+``scope="weights"`` restricts it to Conv/Linear weights. Multiply by the strength ``lmbda``.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from sparsemil.data.vision import VisionData
-from sparsemil.prune.config import PruneConfig
-from sparsemil.prune.evaluate import evaluate_split
 
 
 def l1_params(model: nn.Module, scope: str = "all") -> list[tuple[str, nn.Parameter]]:
@@ -36,18 +18,19 @@ def l1_params(model: nn.Module, scope: str = "all") -> list[tuple[str, nn.Parame
     Args:
         model: the network.
         scope: ``"all"`` (official: every parameter named ``*weight`` / ``*bias``) or
-            ``"weights"`` (only Conv2d/Linear weights).
+            ``"weights"`` (only Conv2d/Linear weights). Frozen parameters
+            (``requires_grad=False``) never carry the penalty.
     """
     if scope == "all":
         return [
             (n, p)
             for n, p in model.named_parameters()
-            if n.rsplit(".", 1)[-1] in ("weight", "bias")
+            if p.requires_grad and n.rsplit(".", 1)[-1] in ("weight", "bias")
         ]
     if scope == "weights":
         out = []
         for mname, m in model.named_modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
+            if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.requires_grad:
                 out.append((f"{mname}.weight" if mname else "weight", m.weight))
         return out
     raise ValueError(f"l1 scope must be 'all' or 'weights', got {scope!r}")
@@ -75,137 +58,11 @@ def l1_penalty(
     raise ValueError(f"regularizer must be 'L1' or 'L2', got {regularizer!r}")
 
 
-def lr_at(cfg: PruneConfig, epoch: int, it: int, iters_per_epoch: int) -> float:
-    """Learning rate at iteration ``it`` of ``epoch`` (warm-up per iteration, schedule per epoch)."""
-    lr = cfg.lr
-    if cfg.schedu:
-        if cfg.schedumode == "multistep":
-            lr *= cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
-        else:  # cosine annealing with T_max = cfg.epoch, eta_min = 0
-            lr *= 0.5 * (1.0 + math.cos(math.pi * epoch / max(cfg.epoch, 1)))
-    if cfg.warm > 0 and epoch < cfg.warm:
-        lr *= (epoch * iters_per_epoch + it) / (cfg.warm * iters_per_epoch + 1e-8)
-    return lr
 
 
-def make_optimizer(model: nn.Module, cfg: PruneConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, no Nesterov) or Adam over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optim == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_l1(
-    model: nn.Module,
-    data: VisionData,
-    cfg: PruneConfig,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
-    """Train ``model`` in place on ``data`` with the penalised loss; returns the history.
-
-    Args:
-        model: network mapping ``(B, *data.in_shape)`` to ``(B, data.num_classes)``.
-        data: tensors of the dataset (moved to ``device`` here).
-        cfg: batch_size, optim, lr, momentum, weight_decay, epoch, l1, lmbda, regularizer,
-            schedu, schedumode, milestones, gamma, warm, l1_scope, seed, eval_batch_size.
-        progress: show a tqdm bar per epoch (stderr).
-        device: defaults to ``cfg.resolved_device()``.
-
-    Returns:
-        dict of per-epoch lists ``epoch, lr, train_loss`` (mean penalised loss over the epoch's
-        batches), ``train_ce``, ``penalty`` (unscaled, at epoch end), ``test_acc``, ``test_loss``,
-        and ``seconds`` (total wall time).
-    """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device or cfg.resolved_device())
-    model.to(device)
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    n = int(y.shape[0])
-    iters = max(1, math.ceil(n / cfg.batch_size))
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    opt = make_optimizer(model, cfg)
-    pen_params = [p for _, p in l1_params(model, cfg.l1_scope)]
-    use_pen = cfg.l1 and cfg.lmbda > 0
-    hist: dict[str, Any] = {
-        k: [] for k in ("epoch", "lr", "train_loss", "train_ce", "penalty", "test_acc", "test_loss")
-    }
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epoch):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        tot_loss = torch.zeros((), dtype=torch.float64, device=device)
-        tot_ce = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(
-            range(iters),
-            desc=f"epoch {epoch + 1}/{cfg.epoch}",
-            disable=not progress,
-            leave=False,
-            unit="it",
-        )
-        for it in bar:
-            lr = lr_at(cfg, epoch, it, iters)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = perm[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-            ce = F.cross_entropy(model(x[idx]), y[idx])
-            loss = (
-                (ce + cfg.lmbda * l1_penalty(model, pen_params, cfg.regularizer)) if use_pen else ce
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += loss.detach().double()
-            tot_ce += ce.detach().double()
-        ev = evaluate_split(model, x_te, y_te, cfg.eval_batch_size)
-        with torch.no_grad():
-            pen = float(l1_penalty(model, pen_params, cfg.regularizer))
-        hist["epoch"].append(epoch + 1)
-        hist["lr"].append(lr_at(cfg, epoch, 0, iters))
-        hist["train_loss"].append(float(tot_loss) / iters)
-        hist["train_ce"].append(float(tot_ce) / iters)
-        hist["penalty"].append(pen)
-        hist["test_acc"].append(ev["acc"])
-        hist["test_loss"].append(ev["loss"])
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{cfg.epoch}: train loss {hist['train_loss'][-1]:.4f} "
-                f"test acc {ev['acc']:.4f}"
-            )
-    model.eval()
-    hist["seconds"] = time.perf_counter() - t0
-    return hist
 
 
-def model_metadata(cfg: PruneConfig, data: VisionData) -> dict[str, Any]:
-    """What :func:`sparsemil.prune.export.load_checkpoint` needs to rebuild the model."""
-    return {
-        "model": cfg.model,
-        "in_shape": list(data.in_shape),
-        "num_classes": data.num_classes,
-        "widths": cfg.widths,
-        "init": cfg.init,
-        "dataset": data.name,
-        "config": cfg.to_dict(),
-    }
 
 
-def train_from_config(
-    cfg: PruneConfig, progress: bool = True, device: str | torch.device | None = None
-) -> tuple[nn.Module, VisionData, dict[str, Any]]:
-    """Load ``cfg``'s dataset, build ``cfg``'s model and train it with the L1 penalty.
-
-    Returns ``(model, data, history)``; the model is on ``device`` (default: the config's).
-    """
-    from sparsemil.data.vision import load_vision_dataset
-    from sparsemil.prune.models import build_model
-
-    data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
-    model = build_model(
-        cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
-    )
-    hist = train_l1(model, data, cfg, progress=progress, device=device)
-    return model, data, hist

@@ -86,7 +86,7 @@ class SweepResult:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one row per ratio, atomically."""
-        from sparsemil.utils.io import atomic_path
+        from sparsemil.io import atomic_path
 
         cols = self.columns()
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:

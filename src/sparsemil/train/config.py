@@ -8,15 +8,12 @@ before epoch 50.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sparsemil.errors import SparsemilError
+from sparsemil import config as config_system
+from sparsemil.errors import SparsemilError, suggest
 
 FORMATS = ("auto", "mil-csv", "clam", "split", "folder", "h5", "pt", "dsmil-csv")
 """``folder`` / ``h5`` / ``pt`` / ``dsmil-csv`` read per-slide files through
@@ -111,32 +108,19 @@ class MILTrainConfig:
     # ------------------------------------------------------------------ helpers
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return config_system.field_names(cls)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return config_system.to_mapping(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> MILTrainConfig:
+    def from_dict(cls, d: dict[str, Any] | None, source: str = "config") -> MILTrainConfig:
         """Build from a mapping; unknown keys raise an error naming the nearest valid key."""
-        if not isinstance(d, dict):
-            raise SparsemilError(f"{source}: expected a mapping of options, got {type(d).__name__}")
-        names = cls.field_names()
-        for key in d:
-            if key not in names:
-                near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-                hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(names)}"
-                raise SparsemilError(f"{source}: unknown key '{key}'; {hint}")
-        cfg = cls(**d)
-        cfg.validate(source)
-        return cfg
+        return config_system.from_mapping(cls, d, source)
 
     def override(self, **flags: Any) -> MILTrainConfig:
-        """A copy with every flag that is not ``None`` replacing the config value."""
-        updates = {k: v for k, v in flags.items() if v is not None}
-        cfg = dataclasses.replace(self, **updates)
-        cfg.validate("command line")
-        return cfg
+        """A copy with every value that is not ``None`` replacing the config value."""
+        return config_system.override(self, "command line", **flags)
 
     def validate(self, source: str = "config") -> None:
         """Type and range checks; raises :class:`SparsemilError` naming the field."""
@@ -170,15 +154,9 @@ class MILTrainConfig:
         if self.fold >= self.folds and not self.folds_csv:
             raise bad("fold", f"must be < folds={self.folds} (got {self.fold})")
         if self.format not in FORMATS:
-            near = difflib.get_close_matches(str(self.format), FORMATS, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise bad("format", f"must be one of {', '.join(FORMATS)}{hint} (got {self.format!r})")
+            raise bad("format", f"is {self.format!r}{suggest(self.format, FORMATS)}")
         if self.model not in MODEL_NAMES:
-            near = difflib.get_close_matches(str(self.model), MODEL_NAMES, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise bad(
-                "model", f"must be one of {', '.join(MODEL_NAMES)}{hint} (got {self.model!r})"
-            )
+            raise bad("model", f"is {self.model!r}{suggest(self.model, MODEL_NAMES)}")
         if not isinstance(self.model_kwargs, dict):
             raise bad("model_kwargs", "must be a mapping of model options")
         if self.model != "mmil" and self.n_classes != 2:
@@ -192,29 +170,9 @@ class MILTrainConfig:
 def load_config(path: str | os.PathLike[str]) -> MILTrainConfig:
     """Read a YAML (``.yaml``/``.yml``) or JSON config file into :class:`MILTrainConfig`.
 
-    Relative ``data``/``data_dir``/``labels``/``folds_csv`` paths are resolved against the config's folder.
+    Relative ``data``/``data_dir``/``labels``/``folds_csv`` paths are resolved against the
+    config's folder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SparsemilError(f"config {path} does not exist; pass a YAML or JSON file")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            raw = json.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as err:  # noqa: BLE001 - YAML/JSON parse errors
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SparsemilError(
-            f"config {path} is not valid YAML/JSON ({first}); fix the syntax"
-        ) from None
-    if raw is None:
-        raw = {}
-    cfg = MILTrainConfig.from_dict(raw, source=f"config {path}")
-    for key in ("data", "data_dir", "labels", "folds_csv"):
-        value = getattr(cfg, key)
-        if value and not Path(value).is_absolute() and (path.parent / value).exists():
-            setattr(cfg, key, str(path.parent / value))
-    return cfg
+    return config_system.load(
+        MILTrainConfig, path, path_keys=("data", "data_dir", "labels", "folds_csv")
+    )

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsemil.io import atomic_write_json
 from sparsemil.train.config import MILTrainConfig
 from sparsemil.train.evaluate import (
     METRICS,
@@ -30,7 +31,6 @@ from sparsemil.train.evaluate import (
     mean_std,
     write_predictions_csv,
 )
-from sparsemil.utils.io import atomic_write_json
 
 
 def summarize_folds(results: list[dict[str, Any]], n_classes: int) -> dict[str, Any]:
@@ -64,14 +64,14 @@ def run_cv(
     """
     from sparsemil.data.splits import write_folds_csv
     from sparsemil.train.data import load_mil_data, run_folds
-    from sparsemil.train.trainer import fit_fold, global_rank, preflight, prepare_out_dir
+    from sparsemil.train.trainer import fit_fold, is_launched_child, preflight, prepare_out_dir
 
     t0 = time.time()
     data = load_mil_data(cfg)  # validates every bag before anything is trained
     folds = run_folds(data, cfg)
     preflight(cfg, data)
     out = prepare_out_dir(out, resume, "metrics.json")
-    rank0 = global_rank() == 0
+    rank0 = not is_launched_child()
     if rank0:
         write_folds_csv(
             out / "folds.csv",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from sparsemil.mil.factory import bag_loss, bag_probabilities, model_accepts
+from sparsemil.train.seeding import scoped_seed
 
 METRICS = ("accuracy", "balanced_accuracy", "auc", "f1", "loss")
 
@@ -118,7 +118,7 @@ def predict_bags(
     slide_ids: list[str] = []
     for t in range(int(num_test)):
         probs_t, loss_t = [], []
-        with _seeded(seed * 1000 + t):
+        with scoped_seed(seed * 1000 + t):
             if hasattr(model, "reseed"):  # MMIL: its own generator drives random grouping
                 model.reseed(seed * 1000 + t)
             for batch in loader:
@@ -152,26 +152,6 @@ def predict_bags(
         "slide_ids": slide_ids,
         "loss": torch.stack(all_losses).numpy(),
     }
-
-
-class _seeded:
-    """Context manager: seed torch/numpy/random, restore their states afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-
-    def __enter__(self) -> None:
-        self._torch = torch.get_rng_state()
-        self._np = np.random.get_state()
-        self._py = random.getstate()
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed % (2**32))
-        random.seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_rng_state(self._torch)
-        np.random.set_state(self._np)
-        random.setstate(self._py)
 
 
 def evaluate_predictions(pred: dict[str, Any], n_classes: int) -> dict[str, Any]:
@@ -215,7 +195,7 @@ def prediction_rows(pred: dict[str, Any], **extra: Any) -> list[dict[str, Any]]:
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
     """Write prediction rows as CSV atomically."""
-    from sparsemil.utils.io import atomic_write_text
+    from sparsemil.io import atomic_write_text
 
     buf = io.StringIO()
     if rows:

@@ -2,7 +2,7 @@
 
 Loss = sum of the model's ``compute_loss`` dict (the torchmil contract: bag loss plus any
 auxiliary loss, e.g. CLAM's instance loss or DTFD-MIL's tier-1 loss) + ``l1 * sum |theta|``
-over every ``.weight`` and ``.bias``. Optimiser AdamW, cosine learning-rate schedule over
+over every trainable ``.weight`` and ``.bias`` (:func:`sparsemil.prune.l1.l1_penalty`). Optimiser AdamW, cosine learning-rate schedule over
 ``max_epochs`` (stepped per epoch).
 """
 
@@ -16,23 +16,7 @@ import numpy as np
 import torch
 
 from sparsemil.mil.factory import bag_probabilities, model_accepts
-
-
-def l1_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Every trainable parameter whose name ends in ``weight`` or ``bias``."""
-    return [
-        p
-        for n, p in model.named_parameters()
-        if p.requires_grad and n.rsplit(".", 1)[-1] in ("weight", "bias")
-    ]
-
-
-def l1_norm(model: torch.nn.Module) -> torch.Tensor:
-    """``sum |theta|`` over :func:`l1_parameters` (a scalar tensor with gradient)."""
-    params = l1_parameters(model)
-    if not params:
-        return torch.zeros(())
-    return torch.stack([p.abs().sum() for p in params]).sum()
+from sparsemil.prune.l1 import l1_penalty
 
 
 def model_inputs(model: torch.nn.Module, batch: dict[str, Any], method: str) -> dict[str, Any]:
@@ -105,7 +89,7 @@ class MILModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, loss, _ = self._losses(batch)
         if self.l1 > 0:
-            loss = loss + self.l1 * l1_norm(self.model)
+            loss = loss + self.l1 * l1_penalty(self.model)
         b = int(batch["Y"].shape[0])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
         return loss

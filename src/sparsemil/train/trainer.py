@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +37,34 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sparsemil.data.bags import collate_bags
 from sparsemil.errors import SparsemilError
+from sparsemil.io import atomic_path, atomic_write_json
 from sparsemil.mil.checkpoint import save_mil_checkpoint
 from sparsemil.mil.factory import build_mil_model, model_accepts
 from sparsemil.train.config import MILTrainConfig
 from sparsemil.train.data import Fold, MILData, MILDataset, Standardizer
 from sparsemil.train.module import MILModule
-from sparsemil.utils.io import atomic_path, atomic_write_json
+from sparsemil.train.seeding import scoped_seed
 
 
 # --------------------------------------------------------------------------- ranks
-def global_rank() -> int:
+def global_rank(devices_per_node: int = 1) -> int:
     """This process's rank in a distributed run (0 when not distributed).
 
     Works before the process group exists: reads ``RANK`` (torchrun, SLURM via Lightning)
-    or ``NODE_RANK``/``LOCAL_RANK`` (processes launched by Lightning's DDP strategy).
+    or ``NODE_RANK``/``LOCAL_RANK`` (processes launched by Lightning's DDP strategy), with
+    ``devices_per_node`` the config's ``devices`` (read, never written, environment).
     """
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     node = int(os.environ.get("NODE_RANK", 0))
-    per_node = int(os.environ.get("SPARSEMIL_DEVICES", 1))
-    return node * per_node + local
+    return node * int(devices_per_node) + local
 
 
 def is_launched_child() -> bool:
-    """True in a worker process started by Lightning/torchrun with rank > 0."""
-    return global_rank() > 0
+    """True in a worker process started by Lightning/torchrun with rank > 0 (whatever the
+    number of devices per node: rank 0 is node 0, local rank 0)."""
+    return global_rank() > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -324,7 +327,7 @@ def merge_epoch_logs(logs: Path, out: Path) -> None:
         return
     import io
 
-    from sparsemil.utils.io import atomic_write_text
+    from sparsemil.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -333,37 +336,30 @@ def merge_epoch_logs(logs: Path, out: Path) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
-def fit_fold(
+@dataclass
+class FoldSetup:
+    """What :func:`build_fold` assembles for one split: the Lightning module, data module,
+    callbacks and the metadata stored with every checkpoint."""
+
+    module: MILModule
+    datamodule: MILDataModule
+    checkpoint: RunCheckpoint
+    callbacks: list[Callback]
+    std: Standardizer | None
+    model_kwargs: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def build_fold(
     cfg: MILTrainConfig,
     data: MILData,
     fold: Fold,
-    run_dir: str | os.PathLike[str],
-    resume: bool = False,
+    run_dir: Path,
     extra_callbacks: list[Callback] | None = None,
-) -> dict[str, Any] | None:
-    """Train ``cfg.model`` on ``fold.train`` (early stopping on ``fold.val``), then test on
-    ``fold.test`` with ``cfg.num_test`` passes.
-
-    Returns (on rank 0; ``None`` on other ranks) the result dict that is also written to
-    ``run_dir/result.json``: split sizes, epochs, best epoch, test metrics (mean over passes),
-    their test-time mean +- std, the ensemble over passes and per-slide predictions.
-    With ``resume=True`` a finished run is returned as is and an interrupted one continues
-    from ``run_dir/last.ckpt``.
-    """
-    from lightning.pytorch.loggers import CSVLogger
-
-    from sparsemil.train.evaluate import evaluate_predictions, predict_bags, prediction_rows
-
-    run_dir = Path(run_dir)
-    done = run_dir / "result.json"
-    if resume and done.is_file():
-        return json.loads(done.read_text()) if global_rank() == 0 else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SPARSEMIL_DEVICES", str(cfg.devices))
-
-    if cfg.num_threads > 0:
-        torch.set_num_threads(int(cfg.num_threads))
-    L.seed_everything(int(cfg.seed) * 1000 + int(fold.index), workers=True, verbose=False)
+) -> FoldSetup:
+    """Step 1 of :func:`fit_fold`: standardiser (training bags only), model, module, data
+    module and callbacks (checkpointing, early stopping on ``fold.val`` from
+    ``cfg.stop_start_epoch``)."""
     std = Standardizer.fit(data.bags, fold.train) if data.standardize else None
     kwargs = default_model_kwargs(cfg, data)
     model = build_mil_model(cfg.model, data.in_dim, data.n_classes, **kwargs)
@@ -383,7 +379,6 @@ def fit_fold(
     dm = MILDataModule(
         train_ds, val_ds, cfg.batch_size, int(cfg.seed) * 1000 + int(fold.index), cfg.num_workers
     )
-
     ckpt_cb = RunCheckpoint(run_dir, cfg.model, kwargs, meta)
     callbacks: list[Callback] = [ckpt_cb]
     if cfg.early_stopping and val_ds is not None:
@@ -392,23 +387,28 @@ def fit_fold(
             patience=cfg.patience, min_delta=cfg.min_delta, check_finite=True,
         ))  # fmt: skip
     callbacks += list(extra_callbacks or [])
-    if global_rank() == 0:
-        atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "data_source": data.source,
-                          "in_dim": data.in_dim, "n_classes": data.n_classes,
-                          "split": {"train": len(fold.train), "val": len(fold.val), "test": len(fold.test)}})  # fmt: skip
+    return FoldSetup(module, dm, ckpt_cb, callbacks, std, kwargs, meta)
+
+
+def fit_setup(
+    cfg: MILTrainConfig, setup: FoldSetup, run_dir: Path, resume: bool
+) -> L.Trainer:
+    """Step 2 of :func:`fit_fold`: Lightning's fit (resuming from ``run_dir/last.ckpt``)."""
+    from lightning.pytorch.loggers import CSVLogger
+
     logs = run_dir / "logs"
     attempt = len(list(logs.glob("attempt_*"))) if logs.is_dir() else 0
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.grad_clip or None,
-        logger=CSVLogger(save_dir=str(run_dir / "logs"), name="", version=f"attempt_{attempt}"),
-        callbacks=callbacks,
+        logger=CSVLogger(save_dir=str(logs), name="", version=f"attempt_{attempt}"),
+        callbacks=setup.callbacks,
         enable_checkpointing=False,
         enable_progress_bar=bool(cfg.progress),
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=1.0 if val_ds is not None else 0,
+        limit_val_batches=1.0 if setup.datamodule.val_ds is not None else 0,
         use_distributed_sampler=False,
         log_every_n_steps=1,
         plugins=[AtomicCheckpointIO()],
@@ -416,25 +416,38 @@ def fit_fold(
     )
     ckpt_path = run_dir / "last.ckpt"
     trainer.fit(
-        module,
-        datamodule=dm,
+        setup.module,
+        datamodule=setup.datamodule,
         ckpt_path=str(ckpt_path) if resume and ckpt_path.is_file() else None,
         weights_only=True,
     )
-    if not trainer.is_global_zero:
-        return None
-    merge_epoch_logs(logs, run_dir / "metrics.csv")
+    return trainer
 
-    # ---------------------------------------------------------------- test (rank 0)
+
+def test_fold(
+    cfg: MILTrainConfig,
+    data: MILData,
+    fold: Fold,
+    setup: FoldSetup,
+    trainer: L.Trainer,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Step 3 of :func:`fit_fold` (rank 0): reload the best weights, write
+    ``model.safetensors`` and score ``fold.test`` with ``cfg.num_test`` passes."""
     from safetensors.torch import load_file
 
+    from sparsemil.train.evaluate import evaluate_predictions, predict_bags, prediction_rows
+
     best = run_dir / "best.safetensors"
-    if ckpt_cb.best_epoch >= 0 and best.is_file():
-        module.model.load_state_dict(load_file(str(best)))
-    model = module.model.cpu()
-    summary = ckpt_cb.summary(trainer)
-    save_mil_checkpoint(run_dir / "model.safetensors", model, cfg.model, kwargs,
-                        {**meta, "epoch": summary["best_epoch"] if summary["best_epoch"] >= 0 else summary["epochs_done"] - 1})  # fmt: skip
+    if setup.checkpoint.best_epoch >= 0 and best.is_file():
+        setup.module.model.load_state_dict(load_file(str(best)))
+    model = setup.module.model.cpu()
+    summary = setup.checkpoint.summary(trainer)
+    epoch = summary["best_epoch"] if summary["best_epoch"] >= 0 else summary["epochs_done"] - 1
+    save_mil_checkpoint(
+        run_dir / "model.safetensors", model, cfg.model, setup.model_kwargs,
+        {**setup.meta, "epoch": epoch},
+    )  # fmt: skip
     result: dict[str, Any] = {
         "fold": fold.index,
         "n_train": len(fold.train),
@@ -445,7 +458,7 @@ def fit_fold(
     }
     if fold.test:
         loader = DataLoader(
-            MILDataset(data.bags, fold.test, std),
+            MILDataset(data.bags, fold.test, setup.std),
             batch_size=1,
             shuffle=False,
             collate_fn=collate_bags,
@@ -454,5 +467,45 @@ def fit_fold(
         ev = evaluate_predictions(pred, data.n_classes)
         result.update({k: ev[k] for k in ("metrics", "test_time", "ensemble")})
         result["predictions"] = prediction_rows(pred, fold=fold.index)
+    return result
+
+
+def fit_fold(
+    cfg: MILTrainConfig,
+    data: MILData,
+    fold: Fold,
+    run_dir: str | os.PathLike[str],
+    resume: bool = False,
+    extra_callbacks: list[Callback] | None = None,
+) -> dict[str, Any] | None:
+    """Train ``cfg.model`` on ``fold.train`` (early stopping on ``fold.val``), then test on
+    ``fold.test`` with ``cfg.num_test`` passes: build -> fit -> test -> write.
+
+    Returns (on rank 0; ``None`` on other ranks) the result dict that is also written to
+    ``run_dir/result.json``: split sizes, epochs, best epoch, test metrics (mean over passes),
+    their test-time mean +- std, the ensemble over passes and per-slide predictions.
+    With ``resume=True`` a finished run is returned as is and an interrupted one continues
+    from ``run_dir/last.ckpt``. All global RNGs are seeded with ``cfg.seed * 1000 + fold``
+    for the fold and restored afterwards (:func:`sparsemil.train.seeding.scoped_seed`).
+    """
+    run_dir = Path(run_dir)
+    done = run_dir / "result.json"
+    rank0 = not is_launched_child()
+    if resume and done.is_file():
+        return json.loads(done.read_text()) if rank0 else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with scoped_seed(int(cfg.seed) * 1000 + int(fold.index)):
+        setup = build_fold(cfg, data, fold, run_dir, extra_callbacks)
+        if rank0:
+            split = {"train": len(fold.train), "val": len(fold.val), "test": len(fold.test)}
+            atomic_write_json(run_dir / "config.json", {
+                **cfg.to_dict(), "data_source": data.source, "in_dim": data.in_dim,
+                "n_classes": data.n_classes, "split": split,
+            })  # fmt: skip
+        trainer = fit_setup(cfg, setup, run_dir, resume)
+        if not trainer.is_global_zero:
+            return None
+        merge_epoch_logs(run_dir / "logs", run_dir / "metrics.csv")
+        result = test_fold(cfg, data, fold, setup, trainer, run_dir)
     atomic_write_json(done, result)
     return result

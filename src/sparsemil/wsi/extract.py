@@ -310,7 +310,7 @@ def write_h5(
     """Write the CLAM/Trident layout to a temporary name and rename it onto ``h5_path``."""
     import h5py
 
-    from sparsemil.utils.io import atomic_path
+    from sparsemil.io import atomic_path
 
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:

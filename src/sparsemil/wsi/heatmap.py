@@ -257,7 +257,7 @@ def attention_heatmap(
     """
     from PIL import Image
 
-    from sparsemil.utils.io import atomic_path
+    from sparsemil.io import atomic_path
     from sparsemil.wsi.slide import open_slide, read_thumbnail, share_mode
 
     coords = np.asarray(coords)

@@ -198,7 +198,7 @@ def overlay_png(tissue: TissueMask, out_png, coords=None, patch_size_level0: int
     """
     from PIL import Image, ImageDraw
 
-    from sparsemil.utils.io import atomic_path
+    from sparsemil.io import atomic_path
     from sparsemil.wsi.slide import share_mode
 
     img = tissue.image.astype(np.float32)

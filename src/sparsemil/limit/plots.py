@@ -1,14 +1,17 @@
-"""Plots of the pruning sweep (matplotlib, Agg backend, atomic PNG writes)."""
+"""Plots of the pruning sweep and the limit prediction (matplotlib ``Figure`` objects, no
+pyplot and no global backend switch; atomic PNG writes)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from sparsemil.curvature.slq import SpectrumResult, spectral_density
+from sparsemil.io import atomic_path
 from sparsemil.prune.sweep import SweepResult
-from sparsemil.utils.io import atomic_path
 
 
 def plot_sweep(
@@ -27,14 +30,12 @@ def plot_sweep(
         actual: ``{criterion: ratio or None}``; a dotted line per defined criterion.
         title: figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     order = np.argsort(sweep.ratios, kind="stable")
     r = sweep.ratios[order]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(r, sweep.test_acc[order], c="tab:red", label="test accuracy")
     if "train_acc" in sweep.extra:
         ax.plot(r, sweep.extra["train_acc"][order], c="k", lw=0.8, label="train accuracy")
@@ -67,5 +68,45 @@ def plot_sweep(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return Path(path)
+
+
+def plot_prediction(path: Path, R_curve, gw_curve, distance, ratios, pred, title) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    ax.plot(distance, ratios, c="tab:blue", label="actual (R(rho), rho)")
+    ax.plot(R_curve, gw_curve, c="tab:green", label="theory gw(R)")
+    if pred is not None:
+        ax.axhline(pred, ls="--", c="k", lw=0.8, label=f"predicted ratio {pred:.3f}")
+    ax.set_xlabel("R = ||w* - w_rho||")
+    ax.set_ylabel("pruning ratio")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
+
+
+def plot_spectral_density(path: Path, spectrum: SpectrumResult, bins: int, title: str) -> dict[str, Any]:
+    from matplotlib.figure import Figure
+
+    grid, dens = spectral_density(spectrum.ritz_values, spectrum.ritz_weights, num_bins=bins)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    ax.semilogy(grid, dens + 1e-7, c="tab:blue")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches="tight")
+    step = float(grid[1] - grid[0])
+    return {
+        "bins": int(bins),
+        "grid_min": float(grid[0]),
+        "grid_max": float(grid[-1]),
+        "bin_width": step,
+    }

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsemil.io import atomic_write_text
 from sparsemil.train.config import MILTrainConfig
-from sparsemil.utils.io import atomic_write_text
 
 #: Published ABMIL accuracies on the classic benchmarks (Ilse et al. 2018), as given in the issue.
 PUBLISHED_ABMIL = {"musk1": 0.892, "musk2": 0.858, "elephant": 0.868}
@@ -97,7 +97,6 @@ def run_benchmark(
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every cell, seed-major so that every row gets seed 0 first; rewrite
     ``table`` after each finished run. Returns the row summaries."""
-    import torch
 
     from sparsemil.data.mil_benchmarks import MIL_BENCHMARKS
     from sparsemil.errors import SparsemilError
@@ -107,13 +106,12 @@ def run_benchmark(
     for d in datasets:
         if d not in MIL_BENCHMARKS:
             raise SparsemilError(
-                f"--datasets: unknown benchmark {d!r}; use {', '.join(MIL_BENCHMARKS)}"
+                f"datasets: unknown benchmark {d!r}; use {', '.join(MIL_BENCHMARKS)}"
             )
     for m in models:
         check_model_name(m)
     if not seeds:
-        raise SparsemilError("--seeds: give at least one seed")
-    torch.set_num_threads(1)  # tiny models: threads only add contention
+        raise SparsemilError("seeds: give at least one seed")
     out = Path(out)
     rows = _collect(out)
     write_table(table, rows, folds, seeds, max_epochs)

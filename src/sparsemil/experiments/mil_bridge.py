@@ -1,6 +1,6 @@
 """The bridge: how sparse can a trained MIL model be pruned?
 
-The same theory as for vision models (:mod:`sparsemil.prune.limit`), with MIL pieces:
+The same theory as for vision models (:mod:`sparsemil.limit.predict`), with MIL pieces:
 
 - **Model:** any checkpoint written by the MIL trainer (MMIL-Transformer or a torchmil
   baseline), rebuilt with :func:`sparsemil.mil.checkpoint.load_mil_checkpoint`; features are
@@ -20,6 +20,7 @@ The same theory as for vision models (:mod:`sparsemil.prune.limit`), with MIL pi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.errors import SparsemilError
+from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.limit.predict import LimitOptions, important_flat_fraction, predict_limit
+from sparsemil.limit.report import write_limit
+from sparsemil.prune.magnitude import prunable_parameters
+from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
 
 MILBatch = dict[str, torch.Tensor]
 
@@ -129,7 +136,7 @@ def load_bridge_bags(
     from sparsemil.train.data import MILDataset, Standardizer, holdout_fold, load_mil_data
 
     if eval_split not in ("test", "val"):
-        raise SparsemilError(f"--eval-split {eval_split!r}: use 'test' or 'val'")
+        raise SparsemilError(f"eval_split {eval_split!r}: use 'test' or 'val'")
     cfg_dict = dict(meta.get("train_config") or {})
     if data is not None:
         cfg_dict["data"] = str(data)
@@ -171,33 +178,69 @@ def load_bridge_bags(
     )
 
 
+def _hessian_bags(bags: Sequence[MILBatch], samples: int | None, seed: int) -> list[MILBatch]:
+    """The training bags of the Hessian: all, or a seeded subset of ``samples`` in order."""
+    if samples is None or samples >= len(bags):
+        return list(bags)
+    gen = torch.Generator().manual_seed(int(seed))
+    keep = torch.sort(torch.randperm(len(bags), generator=gen)[:samples]).values.tolist()
+    return [bags[i] for i in keep]
+
+
+def _to_device(bags: Sequence[MILBatch], device: str) -> list[MILBatch]:
+    return [{k: v.to(device) for k, v in b.items()} for b in bags]
+
+
 def mil_limit(
     model: nn.Module,
     bags: MILBags,
     out_dir: str | Path,
+    options: LimitOptions | None = None,
     n_ratios: int = 200,
     lanczos_iter: int = 64,
     lanczos_num: int = 1,
     seed: int = 0,
-    negative: str = "abs",
-    hvp_method: str = "autograd",
+    device: str = "cpu",
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     title: str = "",
 ) -> dict[str, Any]:
     """Sweep + spectrum + prediction for a trained MIL ``model``; writes ``limit.json``,
-    ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object."""
-    from sparsemil.prune.hvp import HessianOperator
-    from sparsemil.prune.limit import predict_limit, write_limit
-    from sparsemil.prune.magnitude import prunable_parameters
-    from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
+    ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object.
 
+    Args:
+        model: a MIL model (torchmil contract); moved to ``device`` and put in eval mode.
+        bags: training and evaluation bags (:func:`load_bridge_bags`).
+        out_dir: output folder.
+        options: the ``limit:`` section; every key is honoured: ``hessian_samples`` (seeded
+            subset of training bags), ``hvp_method``, ``negative``, ``important`` /
+            ``important_ratios`` / ``important_tol``, ``density_bins``, ``official_grid``.
+            ``hessian_batch_size`` must stay at its default: one bag is one Hessian batch
+            (bags differ in size and are never padded). ``threads`` is applied by the caller.
+        n_ratios, lanczos_iter, lanczos_num, seed: sweep grid and SLQ settings.
+        device: torch device of the sweep and the Hessian.
+
+    Raises:
+        SparsemilError: ``n_ratios < 2``, no ``nn.Linear`` weights, or a non-default
+            ``limit.hessian_batch_size``.
+    """
+    opts = options or LimitOptions()
+    opts.validate()
+    if opts.hessian_batch_size != LimitOptions().hessian_batch_size:
+        raise SparsemilError(
+            "limit.hessian_batch_size: a MIL Hessian takes one bag per batch (bags differ "
+            "in size and are never padded); remove the key, or use limit.hessian_samples "
+            "to bound the number of bags"
+        )
     if n_ratios < 2:
-        raise SparsemilError("--n-ratios must be at least 2")
-    model = model.cpu().eval()
+        raise SparsemilError(f"n_ratios {n_ratios}: must be at least 2")
+    model = model.to(device).eval()
     params = prunable_parameters(model, include=(nn.Linear,))
     if not params:
         raise SparsemilError("the MIL model has no nn.Linear weights to prune")
+    bags = dataclasses.replace(
+        bags, train=_to_device(bags.train, device), eval=_to_device(bags.eval, device)
+    )
     evaluate = make_evaluator(bags)
     timings: dict[str, float] = {}
 
@@ -211,8 +254,14 @@ def mil_limit(
     actual = actual_ratios(sweep, eps=eps)
 
     t0 = time.perf_counter()
+    hess_bags = _hessian_bags(bags.train, opts.hessian_samples, seed)
+    important = None
     with deterministic_grouping(model):
-        op = HessianOperator(model, bag_loss_fn, bags.train, method=hvp_method)
+        op = HessianOperator(model, bag_loss_fn, hess_bags, method=opts.hvp_method)
+        if opts.important:
+            important = important_flat_fraction(
+                op, params, opts.important_ratios, opts.important_tol
+            )
         result = predict_limit(
             op,
             sweep.ratios,
@@ -221,13 +270,15 @@ def mil_limit(
             num_runs=lanczos_num,
             num_steps=lanczos_iter,
             seed=seed,
-            negative=negative,
+            negative=opts.negative,
+            flat_fraction=important["fraction"] if important else 0.0,
+            official_grid=opts.official_grid,
         )
     timings["spectrum_s"] = time.perf_counter() - t0
     info = {
         "timings": timings,
         "hessian": {
-            "bags": len(bags.train),
+            "bags": len(hess_bags),
             "loss": "mean over training bags of the per-bag loss (one bag per batch, no padding)",
             "grouping": "sequential (deterministic)",
             "hvp_backend": op.backend,
@@ -243,37 +294,44 @@ def mil_limit(
         "lanczos_iter": lanczos_iter,
         "lanczos_num": lanczos_num,
         "seed": seed,
-        "negative": negative,
+        "negative": opts.negative,
+        "important": important,
+        "device": device,
+        "options": dataclasses.asdict(opts),
         **(extra or {}),
     }
-    return write_limit(out, result, sweep, eps, actual, extra=info, title=title)
+    return write_limit(
+        out, result, sweep, eps, actual, extra=info, title=title, density_bins=opts.density_bins
+    )
 
 
 def run_mil_limit(
-    cfg: Any,
-    out_dir: str | Path,
-    n_ratios: int = 200,
-    lanczos_iter: int = 64,
-    lanczos_num: int = 1,
-    negative: str = "abs",
-    eval_split: str = "test",
-    progress: bool = True,
+    cfg: PruneConfig, out_dir: str | Path, eval_split: str = "test", progress: bool = True
 ) -> dict[str, Any]:
-    """Train a MIL model with ``cfg.l1`` on the config's split, then :func:`mil_limit`.
+    """``prune run`` with a ``mil:`` section: train that MIL model with its ``l1``, then
+    :func:`mil_limit` with the config's ``limit:`` section and official keys.
 
-    ``cfg`` is a :class:`~sparsemil.train.config.MILTrainConfig` (its ``l1`` is the L1
-    strength); the model goes to ``out_dir/train/model.safetensors``, the limit files to
-    ``out_dir``. The SLQ probe seed is ``cfg.seed``.
+    The MIL config's ``seed`` is set to ``cfg.seed`` (also the SLQ probe seed); the model goes
+    to ``out_dir/train/model.safetensors``, the limit files to ``out_dir``. The device is
+    ``cfg.device`` for the Hessian and sweep.
+
+    Raises:
+        SparsemilError: ``cfg.mil`` is missing or has no ``data``.
     """
     from sparsemil.mil.checkpoint import load_mil_checkpoint
     from sparsemil.train.data import holdout_fold, load_mil_data
     from sparsemil.train.trainer import fit_fold, preflight
 
-    data = load_mil_data(cfg)  # validates every bag before training
-    preflight(cfg, data)
+    if cfg.mil is None:
+        raise SparsemilError("config: the MIL bridge needs a 'mil:' section")
+    if cfg.mil.data is None:
+        raise SparsemilError("config [mil]: key 'data' is required (a bag source)")
+    mil_cfg = dataclasses.replace(cfg.mil, seed=cfg.seed, progress=progress)
+    data = load_mil_data(mil_cfg)  # validates every bag before training
+    preflight(mil_cfg, data)
     out = Path(out_dir)
     t0 = time.perf_counter()
-    fit_fold(cfg, data, holdout_fold(data, cfg), out / "train")
+    fit_fold(mil_cfg, data, holdout_fold(data, mil_cfg), out / "train")
     train_s = time.perf_counter() - t0
     model, meta = load_mil_checkpoint(out / "train" / "model.safetensors")
     bags = load_bridge_bags(meta, eval_split=eval_split)
@@ -281,12 +339,19 @@ def run_mil_limit(
         model,
         bags,
         out,
-        n_ratios=n_ratios,
-        lanczos_iter=lanczos_iter,
-        lanczos_num=lanczos_num,
+        options=cfg.limit,
+        n_ratios=cfg.sparse_epoch,
+        lanczos_iter=cfg.lanczos_iter,
+        lanczos_num=cfg.lanczos_num,
         seed=int(cfg.seed),
-        negative=negative,
+        device=cfg.resolved_device(),
         progress=progress,
-        title=f"{cfg.model} on {Path(str(cfg.data)).stem} (l1 {cfg.l1:g}, seed {cfg.seed})",
-        extra={"model": cfg.model, "l1": cfg.l1, "train_s": train_s, "train_config": cfg.to_dict()},
+        title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
+        f"(l1 {mil_cfg.l1:g}, seed {mil_cfg.seed})",
+        extra={
+            "model": mil_cfg.model,
+            "l1": mil_cfg.l1,
+            "train_s": train_s,
+            "train_config": mil_cfg.to_dict(),
+        },
     )

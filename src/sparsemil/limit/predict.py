@@ -1,0 +1,290 @@
+"""The predicted pruning limit: spectrum + Gaussian width + sweep -> ``limit.json`` and plots.
+
+Pipeline (:func:`run_limit`, used by ``sparsemil prune run``):
+
+1. train with the L1 penalty (:func:`sparsemil.prune.l1.train_l1`);
+2. the pruning sweep (:func:`sparsemil.prune.sweep.vision_sweep`): accuracy/loss and the
+   continuous distance ``R(rho) = ||w* - w_rho||_2`` over all trainable parameters;
+3. epsilon = the std (ddof 0, ``np.std`` as the official code) of the per-mini-batch training
+   cross-entropy at w*, mini-batches of ``batch_size`` in the fixed, non-shuffled order.
+   A fixed rule, never fitted to the measured ratio;
+4. the Hessian of the training cross-entropy at w* (the L1 term has no curvature) over a
+   fixed, seeded subset of the training set (``limit.hessian_samples``, default all), model in
+   eval mode, BatchNorm parameters excluded; SLQ with ``lanczos_num`` runs x ``lanczos_iter``
+   steps;
+5. the predicted ratio: the root of ``rho = gw(R(rho))`` (bisection on the interpolated R(rho);
+   also reported: the grid solution and the official grid-density/integer-R variant).
+
+The model-agnostic core is :func:`predict_limit` (operator + sweep + epsilon -> result) and
+:func:`write_limit` (result -> files); the MIL bridge calls them with its own model, loss and
+sweep. Options beyond the official keys live in the config section ``limit:``
+(:class:`LimitOptions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsemil.curvature.slq import SpectrumResult, slq
+from sparsemil.errors import SparsemilError
+from sparsemil.limit.width import (
+    NEGATIVE,
+    gaussian_width,
+    gaussian_width_grid,
+    official_density,
+    official_predicted_ratio,
+    predicted_ratio,
+)
+
+DEFAULT_CRITERION = "drop_1pt"
+
+
+@dataclass
+class LimitOptions:
+    """The ``limit:`` section of a prune config (all optional).
+
+    Attributes:
+        hessian_samples: size of the seeded training subset for the Hessian (None: all).
+        hessian_batch_size: samples per Hessian-vector-product batch (only speed/memory;
+            the operator is the mean over samples whatever the split).
+        negative: ``abs`` (official) or ``flat`` for non-positive eigenvalues.
+        important: apply the important-eigenvalue (flat-fraction) correction.
+        important_ratios: number of ratios ``i / n`` whose threshold weight is tested.
+        important_tol: Hessian-row L1 norm below which a direction counts as flat.
+        hvp_method: ``auto``, ``linearize``, ``func`` or ``autograd``.
+        density_bins: grid points of the plotted density.
+        official_grid: also compute the official grid-density / integer-R prediction.
+        threads: torch CPU threads (None: leave torch's default).
+    """
+
+    hessian_samples: int | None = None
+    hessian_batch_size: int = 2048
+    negative: str = "abs"
+    important: bool = False
+    important_ratios: int = 100
+    important_tol: float = 1e-7
+    hvp_method: str = "auto"
+    density_bins: int = 2000
+    official_grid: bool = True
+    threads: int | None = None
+
+    def validate(self, where: str = "config [limit]") -> None:
+        """Raise :class:`SparsemilError` naming the ``limit.<key>`` that is out of range."""
+
+        def bad(field: str, msg: str) -> SparsemilError:
+            return SparsemilError(f"{where}: key 'limit.{field}' {msg}")
+
+        if self.hessian_samples is not None and self.hessian_samples < 1:
+            raise bad("hessian_samples", "must be >= 1 or null")
+        if self.hessian_batch_size < 1:
+            raise bad("hessian_batch_size", "must be >= 1")
+        if self.negative not in NEGATIVE:
+            raise bad("negative", f"must be one of {', '.join(NEGATIVE)}")
+        if self.important_ratios < 1:
+            raise bad("important_ratios", "must be >= 1")
+        if not self.important_tol > 0:
+            raise bad("important_tol", "must be > 0")
+        if self.hvp_method not in ("auto", "linearize", "func", "autograd"):
+            raise bad("hvp_method", "must be auto, linearize, func or autograd")
+        if self.density_bins < 10:
+            raise bad("density_bins", "must be >= 10")
+        if self.threads is not None and self.threads < 1:
+            raise bad("threads", "must be >= 1 or null")
+
+
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def loss_epsilon(batch_losses: np.ndarray | torch.Tensor) -> float:
+    """epsilon = std (ddof 0) of the per-mini-batch training losses at w* (official rule)."""
+    arr = np.asarray(batch_losses, dtype=np.float64).reshape(-1)
+    if arr.size < 2:
+        raise SparsemilError(
+            "epsilon: need at least 2 mini-batches of training loss (lower batch_size)"
+        )
+    eps = float(np.std(arr))
+    if not eps > 0:
+        raise SparsemilError("epsilon: the per-batch training losses are all equal (eps = 0)")
+    return eps
+
+
+def censored_abs_error(
+    predicted: float | None, bound: dict[str, Any] | None, actual: float | None
+) -> float | None:
+    """``|predicted - actual|``; when the root of rho = gw(R(rho)) lies outside the swept
+    range (``predicted`` None, ``bound`` = ``{"side": ">=" | "<=", "ratio": r}``), the
+    smallest error consistent with the bound: 0 when ``actual`` lies on the bound's side
+    (e.g. both censored at the largest swept ratio), else its distance to ``r``.
+    ``None`` when there is nothing to compare.
+    """
+    if actual is None:
+        return None
+    if predicted is not None:
+        return abs(float(predicted) - float(actual))
+    if not bound:
+        return None
+    r = float(bound["ratio"])
+    return max(0.0, r - actual) if bound["side"] == ">=" else max(0.0, actual - r)
+
+
+
+
+
+
+def threshold_indices(
+    op: Any, prunable: list[tuple[nn.Module, str]], num_ratios: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat operator indices of the pruning-threshold weight for ratios ``i / num_ratios``.
+
+    The threshold weight at ratio rho is the k-th smallest |w| over the prunable weights,
+    ``k = max(1, ceil(rho N_w))`` (first occurrence on ties, as the official code).
+    """
+    from sparsemil.prune.magnitude import num_to_prune
+
+    offsets = {}
+    pos = 0
+    for p, n in zip(op.params, op.numels, strict=True):
+        offsets[id(p)] = pos
+        pos += n
+    tensors = [getattr(m, name) for m, name in prunable]
+    missing = [i for i, t in enumerate(tensors) if id(t) not in offsets]
+    if missing:
+        raise SparsemilError("important eigenvalues: a prunable weight is not in the Hessian")
+    flat_idx = torch.cat(
+        [torch.arange(t.numel()) + offsets[id(t)] for t in tensors]
+    )  # prunable order -> operator index
+    mags = torch.cat([t.detach().abs().reshape(-1).cpu() for t in tensors]).double()
+    order = torch.sort(mags, stable=True).indices
+    ratios = np.arange(num_ratios, dtype=np.float64) / num_ratios
+    ks = np.array([num_to_prune(r, mags.numel()) for r in ratios])
+    return ratios, flat_idx[order[ks - 1]].numpy()
+
+
+def important_flat_fraction(
+    op: Any, prunable: list[tuple[nn.Module, str]], num_ratios: int = 100, tol: float = 1e-7
+) -> dict[str, Any]:
+    """The important-eigenvalue correction: fraction f of threshold weights with a flat row.
+
+    For each ratio ``i / num_ratios`` the Hessian row of the threshold weight is computed
+    batch by batch; its L1 norm is the mean over the batches of ``||H_b e_j||_1`` (divided by
+    the number of batches -- the official code divides by the number of samples, making the
+    norms ``batch_size`` times too small). ``f`` = fraction of rows with norm < ``tol``.
+    """
+    ratios, idx = threshold_indices(op, prunable, num_ratios)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    E = torch.zeros(op.dim, uniq.size, dtype=torch.float64)
+    E[torch.as_tensor(uniq), torch.arange(uniq.size)] = 1.0
+    total = torch.zeros(uniq.size, dtype=torch.float64)
+    n_batches = 0
+    for _, HE in op.per_batch_matmat(E):
+        total += HE.abs().sum(dim=0)
+        n_batches += 1
+    norms = (total / max(n_batches, 1)).numpy()[inverse]
+    flat = norms < tol
+    return {
+        "fraction": float(flat.mean()),
+        "ratios": ratios.tolist(),
+        "row_l1_norms": norms.tolist(),
+        "tol": tol,
+        "num_batches": n_batches,
+    }
+
+
+# --------------------------------------------------------------------------- core
+
+
+def predict_limit(
+    op: Any,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    num_runs: int = 1,
+    num_steps: int = 128,
+    seed: int = 0,
+    negative: str = "abs",
+    flat_fraction: float = 0.0,
+    official_grid: bool = True,
+    spectrum: SpectrumResult | None = None,
+) -> dict[str, Any]:
+    """Spectrum (unless given) + gw + solver. Model-agnostic: ``op`` is any operator.
+
+    Args:
+        op: Hessian operator (``.dim``, ``.matmat``) at w*.
+        ratios, distance: the sweep's ratio grid and ``R(rho)``.
+        eps: loss tolerance epsilon.
+        num_runs, num_steps, seed: SLQ settings (``lanczos_num``, ``lanczos_iter``).
+        negative: ``abs`` or ``flat``.
+        flat_fraction: important-eigenvalue fraction f (0: off).
+        official_grid: also the official grid-density / integer-R prediction.
+        spectrum: reuse an SLQ result instead of computing one.
+
+    Returns:
+        dict with ``predicted_ratio`` (bisection), ``predicted_ratio_grid``,
+        ``predicted_ratio_official`` (or None), ``spectrum`` (SpectrumResult) and the gw
+        curve on the R range.
+    """
+    if spectrum is None:
+        spectrum = slq(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
+    nodes, weights = spectrum.nodes_weights()
+
+    def gw(R: np.ndarray) -> np.ndarray:
+        return gaussian_width(
+            R, nodes, weights, eps, negative=negative, flat_fraction=flat_fraction
+        )
+
+    ratios = np.asarray(ratios, dtype=np.float64)
+    distance = np.asarray(distance, dtype=np.float64)
+    pred = predicted_ratio(ratios, distance, gw, method="bisect")
+    pred_grid = predicted_ratio(ratios, distance, gw, method="grid")
+    # When rho = gw(R(rho)) has no root on the swept range, say on which side it lies:
+    # gw above every swept ratio -> the predicted limit is >= the largest swept ratio.
+    h_ends = gw(np.interp([ratios.min(), ratios.max()], ratios, distance)) - np.array(
+        [ratios.min(), ratios.max()]
+    )
+    bound = None
+    if pred is None and h_ends[-1] > 0:
+        bound = {"side": ">=", "ratio": float(ratios.max())}
+    elif pred is None and h_ends[0] < 0:
+        bound = {"side": "<=", "ratio": float(ratios.min())}
+    r_max = float(np.nanmax(distance)) if distance.size else 0.0
+    R_curve = np.linspace(0.0, max(r_max, 1e-12), 400)
+    out: dict[str, Any] = {
+        "predicted_ratio": pred,
+        "predicted_ratio_grid": pred_grid,
+        "predicted_bound": bound,
+        "R_at_prediction": None if pred is None else float(np.interp(pred, ratios, distance)),
+        "R_curve": R_curve,
+        "gw_curve": gw(R_curve),
+        "gw_at_actual": gw(distance),
+        "spectrum": spectrum,
+        "predicted_ratio_official": None,
+    }
+    if official_grid:
+        grid, dens = official_density(spectrum.ritz_values, spectrum.ritz_weights)
+        R_int = np.arange(0, int(math.ceil(r_max)) + 2)
+        if dens.sum() > 0:
+            gw_int = np.asarray(
+                gaussian_width_grid(R_int, grid, dens, eps, negative, flat_fraction)
+            )
+            out["predicted_ratio_official"] = official_predicted_ratio(ratios, distance, gw_int)
+        out["official_grid_nonzero_bins"] = int((dens > 0).sum())
+    return out
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------- end to end
+
+
