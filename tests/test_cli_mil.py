@@ -145,7 +145,8 @@ def test_bad_options_are_one_line_errors(tmp_path, subset, capsys):
         )
         == 2
     )
-    assert "batch-size must be 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "batch_size must be 1" in err and "--batch-size" in err
     assert not (tmp_path / "o3" / "metrics.json").exists()
 
 
@@ -241,16 +242,14 @@ def test_benchmark_command_small_version(tmp_path):
 
 def _write_slide_features(folder, subset):
     """One CLAM-style .h5 per bag (datasets ``features`` and ``coords``), real Musk1 rows."""
-    import h5py
-
+    from sparsemil.data.h5 import write_h5_file
     from sparsemil.data.readers import read_mil_csv
 
     folder.mkdir()
     bags = read_mil_csv(subset)
     for b in bags:
-        with h5py.File(folder / f"slide_{b.slide_id}.h5", "w") as f:
-            f["features"] = b.features
-            f["coords"] = np.stack([np.arange(b.n_instances), np.zeros(b.n_instances)], 1)
+        xy = np.stack([np.arange(b.n_instances), np.zeros(b.n_instances)], 1)
+        write_h5_file(folder / f"slide_{b.slide_id}.h5", b.features, xy)
     return bags
 
 

@@ -27,6 +27,7 @@ from sparsemil.data import (
     read_h5,
     read_mil_csv,
     read_pt,
+    write_h5_file,
 )
 from sparsemil.errors import SparsemilError
 
@@ -50,13 +51,9 @@ def musk1_bags(mil_csv_dir: Path) -> list[Bag]:
 
 
 def write_h5(path: Path, bag: Bag, batch_dim: bool = False, coords: bool = True) -> Path:
-    with h5py.File(path, "w") as f:
-        feats = bag.features[None] if batch_dim else bag.features
-        f.create_dataset("features", data=feats)
-        if coords:
-            xy = np.stack([np.arange(bag.n_instances) * 256, np.arange(bag.n_instances)], 1)
-            f.create_dataset("coords", data=xy.astype(np.int64))
-    return path
+    feats = bag.features[None] if batch_dim else bag.features
+    xy = np.stack([np.arange(bag.n_instances) * 256, np.arange(bag.n_instances)], 1)
+    return write_h5_file(path, feats, xy.astype(np.int64) if coords else None)
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -112,7 +109,7 @@ def test_mil_csv_ragged_row(tmp_path: Path, mil_csv_dir: Path):
     lines[2] = lines[2].rsplit(",", 1)[0]  # drop the last feature of line 3
     p = tmp_path / "ragged.csv"
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match="ragged row with 167 cells") as e:
         read_mil_csv(p)
     assert f"{p}:3: ragged row with 167 cells, but line 1 has 168" in one_line(e)
 
@@ -124,7 +121,7 @@ def test_mil_csv_non_numeric_cell(tmp_path: Path, mil_csv_dir: Path):
     lines[3] = ",".join(cells)
     p = tmp_path / "bad_cell.csv"
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match="non-numeric cell 'abc'") as e:
         read_mil_csv(p)
     assert f"{p}:4:10: non-numeric cell 'abc'" in one_line(e)
 
@@ -137,7 +134,7 @@ def test_mil_csv_label_must_be_integer(tmp_path: Path, mil_csv_dir: Path, label,
     lines[0] = label + lines[0][1:]
     p = tmp_path / "label.csv"
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match=":1:1: bag label .* is not an integer") as e:
         read_mil_csv(p)
     msg = one_line(e)
     assert f"{p}:1:1: bag label {label!r} is not an integer" in msg and line_hint in msg
@@ -167,9 +164,7 @@ def test_h5_roundtrip(tmp_path: Path, musk1_bags: list[Bag], batch_dim: bool):
 
 
 def test_h5_half_precision_features_become_float32(tmp_path: Path, musk1_bags: list[Bag]):
-    p = tmp_path / "half.h5"
-    with h5py.File(p, "w") as f:
-        f["features"] = musk1_bags[0].features.astype(np.float16)
+    p = write_h5_file(tmp_path / "half.h5", musk1_bags[0].features.astype(np.float16))
     bag = read_h5(p)
     assert bag.features.dtype == np.float32 and bag.coords is None
     np.testing.assert_allclose(bag.features, musk1_bags[0].features, rtol=1e-3)
@@ -182,7 +177,7 @@ def test_truncated_h5_is_reported(tmp_path: Path, musk1_bags: list[Bag], cut: fl
     bad = tmp_path / "truncated.h5"
     bad.write_bytes(data[: int(len(data) * cut)])
     for fn in (read_h5, h5_info):
-        with pytest.raises(SparsemilError) as e:
+        with pytest.raises(SparsemilError, match="corrupt or unreadable HDF5 file") as e:
             fn(bad)
         assert f"{bad}: corrupt or unreadable HDF5 file" in one_line(e)
         assert "re-copy" in str(e.value)
@@ -197,18 +192,22 @@ def test_random_bytes_h5_is_reported(tmp_path: Path):
 
 def test_h5_without_features_names_its_datasets(tmp_path: Path):
     p = tmp_path / "patches.h5"
-    with h5py.File(p, "w") as f:
+    # a foreign layout (CLAM's patch file) that write_h5_file refuses to write
+    with h5py.File(p, "w") as f:  # malformed on purpose
         f["coords"] = np.zeros((4, 2), dtype=np.int64)
         f["imgs"] = np.zeros((4, 8, 8, 3), dtype=np.uint8)
     for fn in (read_h5, h5_info):
-        with pytest.raises(SparsemilError) as e:
+        with pytest.raises(SparsemilError, match="no 'features' dataset") as e:
             fn(p)
         assert f"{p}: no 'features' dataset (the file has: coords, imgs)" in one_line(e)
 
 
 def test_h5_coords_length_mismatch(tmp_path: Path, musk1_bags: list[Bag]):
     p = tmp_path / "mismatch.h5"
-    with h5py.File(p, "w") as f:
+    with pytest.raises(SparsemilError, match=r"coords has shape \(1, 2\) but features has 4"):
+        write_h5_file(p, musk1_bags[0].features, np.zeros((1, 2)))  # the writer refuses it
+    assert not p.exists()
+    with h5py.File(p, "w") as f:  # malformed on purpose (another tool's broken file)
         f["features"] = musk1_bags[0].features
         f["coords"] = np.zeros((1, 2))
     with pytest.raises(SparsemilError, match=r"coords has shape \(1, 2\) but features has 4"):
@@ -235,7 +234,7 @@ def test_pt_refuses_pickled_objects(tmp_path: Path):
     p = tmp_path / "evil.pt"
     with open(p, "wb") as fh:
         pickle.dump({"features": Path("x")}, fh, protocol=2)
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match=r"cannot be read by torch\.load") as e:
         read_pt(p)
     assert f"{p}: cannot be read by torch.load(weights_only=True)" in one_line(e)
 
@@ -344,12 +343,12 @@ def test_source_h5_folder_with_clam_csv(tmp_path: Path, musk1_bags: list[Bag]):
         "case_id,slide_id,label\n"
         + "".join(f"c{i},slide_{i:02d},{names[b.label]}\n" for i, b in enumerate(bags))
     )
-    src = load_bag_source(d, label_csv=lab)
+    src = load_bag_source(d, labels=lab)
     assert src.format == "h5" and src.lazy and src.dim == 166 and len(src) == 12
     # sorted-unique rule: "musk" < "non-musk" -> musk = 0, non-musk = 1
     assert src.class_names == ["musk", "non-musk"]
     assert src.labels.tolist() == [1 - b.label for b in bags]
-    explicit = load_bag_source(d, "h5", label_csv=lab, label_map={"non-musk": 0, "musk": 1})
+    explicit = load_bag_source(d, "h5", labels=lab, label_map={"non-musk": 0, "musk": 1})
     assert explicit.labels.tolist() == [b.label for b in bags]
     loaded = explicit.load(3)
     np.testing.assert_array_equal(loaded.features, bags[3].features)
@@ -370,7 +369,7 @@ def test_source_pt_and_dsmil_folders(tmp_path: Path, musk1_bags: list[Bag]):
     lab = tmp_path / "labels.csv"
     lab.write_text("slide_id,label\n" + "".join(rows))
     for d, fmt in ((pt_dir, "pt"), (cs_dir, "dsmil-csv")):
-        src = load_bag_source(d, label_csv=lab)
+        src = load_bag_source(d, labels=lab)
         assert src.format == fmt and len(src) == 6 and src.dim == 166
         assert src.labels.tolist() == [b.label for b in bags]
     # DSMIL's bag list: paths relative to the folder above the data set, header "0,label"
@@ -387,19 +386,21 @@ def test_source_pt_and_dsmil_folders(tmp_path: Path, musk1_bags: list[Bag]):
 def test_source_errors_name_the_problem(tmp_path: Path, musk1_bags: list[Bag]):
     with pytest.raises(SparsemilError, match=r"data path .*missing_dir does not exist"):
         load_bag_source(tmp_path / "missing_dir")
-    with pytest.raises(SparsemilError, match=r"unknown --format 'parquet'"):
-        load_bag_source(tmp_path, format="parquet")
+    with pytest.raises(SparsemilError, match=r"unknown format 'xyz'; valid: auto, clam"):
+        load_bag_source(tmp_path, format="xyz")
+    with pytest.raises(SparsemilError, match=r"unknown format 'mil_csv'; did you mean 'mil-csv'"):
+        load_bag_source(tmp_path, format="mil_csv")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SparsemilError, match="holds no .h5, .pt or .csv files"):
         load_bag_source(empty)
     d = _h5_folder(tmp_path, musk1_bags[:2])
-    with pytest.raises(SparsemilError, match="no labels were given.*--label-csv"):
+    with pytest.raises(SparsemilError, match="no labels were given; fix: set 'labels'"):
         load_bag_source(d)
     lab = tmp_path / "labels.csv"
     lab.write_text("slide_id,label\nslide_00,0\nslide_07,1\n")
-    with pytest.raises(SparsemilError) as e:
-        load_bag_source(d, label_csv=lab)
+    with pytest.raises(SparsemilError, match="slide 'slide_07' has no feature file") as e:
+        load_bag_source(d, labels=lab)
     msg = one_line(e)
     assert f"dataset CSV {lab}:3: slide 'slide_07' has no feature file: {d / 'slide_07.h5'}" in msg
     assert "auto-detected as 'h5'" in msg  # the guess is named

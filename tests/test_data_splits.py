@@ -5,20 +5,24 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
 from sparsemil.data import (
     Bag,
+    Fold,
+    holdout_fold,
     load_bag_source,
     read_clam_csv,
     read_folds_csv,
     read_mil_csv,
     read_official_split,
+    run_folds,
+    stratified_holdout,
     stratified_kfold,
     write_folds_csv,
+    write_h5_file,
 )
 from sparsemil.errors import SparsemilError
 
@@ -62,10 +66,10 @@ def test_stratified_kfold_on_musk1(musk1_bags: list[Bag]):
 
 def test_stratified_kfold_too_few_members():
     y = [0, 0, 0] + [1] * 10
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match="class 0 has only 3 bags") as e:
         stratified_kfold(y, n_splits=5, seed=0)
     msg = str(e.value)
-    assert "class 0 has only 3 bags, fewer than the 5 folds" in msg and "--folds 3" in msg
+    assert "class 0 has only 3 bags, fewer than the 5 folds" in msg and "set 'folds' to 3" in msg
     with pytest.raises(SparsemilError, match="integer >= 2"):
         stratified_kfold(y, n_splits=1, seed=0)
     with pytest.raises(SparsemilError, match="at least two classes"):
@@ -113,9 +117,7 @@ def _h5_dir(tmp_path: Path, bags: list[Bag], names: list[str]) -> Path:
     d = tmp_path / "h5"
     d.mkdir(exist_ok=True)
     for b, name in zip(bags, names, strict=True):
-        with h5py.File(d / f"{name}.h5", "w") as f:
-            f["features"] = b.features
-            f["coords"] = np.zeros((b.n_instances, 2), dtype=np.int64)
+        write_h5_file(d / f"{name}.h5", b.features, np.zeros((b.n_instances, 2), np.int64))
     return d
 
 
@@ -162,7 +164,7 @@ def test_official_split_missing_file(tmp_path: Path, musk1_bags: list[Bag]):
         lambda: read_official_split(split, d),
         lambda: load_bag_source(d, split_csv=split),
     ):
-        with pytest.raises(SparsemilError) as e:
+        with pytest.raises(SparsemilError, match="has no feature file") as e:
             call()
         msg = str(e.value)
         assert "\n" not in msg
@@ -228,7 +230,7 @@ def test_clam_splits_csv_with_label_csv(tmp_path: Path, musk1_bags: list[Bag]):
     split = _write_columns(
         tmp_path / "splits_0.csv", {"train": names[:6], "val": names[6:8], "test": names[8:]}
     )
-    src = load_bag_source(d, "h5", split_csv=split, label_csv=lab)
+    src = load_bag_source(d, "h5", split_csv=split, labels=lab)
     assert src.splits[0].val.tolist() == [6, 7] and src.splits[0].test.tolist() == [8, 9]
     with pytest.raises(SparsemilError, match="no train_label column"):
         read_official_split(split, d)
@@ -241,3 +243,87 @@ def test_dataset_csv_saved_by_excel_with_bom(tmp_path: Path, musk1_bags: list[Ba
     text = "slide_id,label\r\n" + "".join(f"s{i},{b.label}\r\n" for i, b in enumerate(bags))
     lab.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert [r.label for r in read_clam_csv(lab, d)] == [b.label for b in bags]
+
+
+def test_fold_is_sorted_int64_and_unpacks():
+    f = Fold([3, 1], np.array([5]), (4, 0), index=2)
+    train, val, test = f
+    assert train.tolist() == [1, 3] and val.dtype == np.int64 and test.tolist() == [0, 4]
+    assert f.index == 2 and [p.size for p in f] == [2, 1, 2]
+
+
+def test_one_holdout_rule_for_kfold_and_split_files(tmp_path: Path, musk1_bags: list[Bag]):
+    """A split file without a val column gets its validation part by the k-fold rule."""
+    bags = musk1_bags[30:60]
+    names = [f"s{i:02d}" for i in range(len(bags))]
+    d = _h5_dir(tmp_path, bags, names)
+    split = _write_columns(
+        tmp_path / "noval.csv",
+        {
+            "train": names[:24],
+            "train_label": [b.label for b in bags[:24]],
+            "test": names[24:],
+            "test_label": [b.label for b in bags[24:]],
+        },
+    )
+    src = load_bag_source(split, "split", data_dir=d)  # data: the split CSV, files in data_dir
+    assert src.format == "split" and src.slide_ids == names
+    fold = holdout_fold(src, fold=0, n_folds=5, seed=3, val_fraction=0.25)
+    y = src.labels
+    want_val = stratified_holdout(np.arange(24), y, 0.25, np.random.default_rng([3, 0]))
+    assert fold.val.tolist() == want_val.tolist()
+    assert fold.train.tolist() == sorted(set(range(24)) - set(want_val.tolist()))
+    assert fold.test.tolist() == list(range(24, 30))
+    for c in (0, 1):
+        assert int((y[fold.val] == c).sum()) == round(0.25 * int((y[:24] == c).sum()))
+    # the same rule inside stratified_kfold: fold f's val is drawn with rng [seed, f]
+    k = stratified_kfold(y, 3, seed=3, val_fraction=0.25)[1]
+    trval = np.sort(np.concatenate([k.train, k.val]))
+    again = stratified_holdout(trval, y, 0.25, np.random.default_rng([3, 1]))
+    assert k.val.tolist() == again.tolist() and k.index == 1
+
+
+def test_folds_of_a_run(tmp_path: Path, musk1_bags: list[Bag]):
+    src = load_bag_source("musk1")
+    drawn = run_folds(src, 4, seed=5, val_fraction=0.1)
+    p = write_folds_csv(tmp_path / "folds.csv", drawn, src.slide_ids, src.labels)
+    replayed = run_folds(src, 10, seed=99, val_fraction=0.5, folds_csv=p)
+    assert [f.index for f in replayed] == [0, 1, 2, 3]
+    for a, b in zip(drawn, replayed, strict=True):
+        assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=True))
+    assert holdout_fold(src, 2, 10, 0, 0.1, folds_csv=p).test.tolist() == drawn[2].test.tolist()
+    with pytest.raises(SparsemilError, match=r"fold 4 is out of range: folds CSV .* has 4 folds"):
+        holdout_fold(src, 4, 10, 0, 0.1, folds_csv=p)
+    assert holdout_fold(src, 1, 4, 5, 0.1).test.tolist() == drawn[1].test.tolist()
+    with pytest.raises(
+        SparsemilError, match=r"folds CSV .*nope\.csv does not exist; fix: check 'folds_csv'"
+    ):
+        run_folds(src, 4, 0, 0.1, folds_csv=tmp_path / "nope.csv")
+    with_split = load_bag_source("musk1", split_csv=p)
+    with pytest.raises(SparsemilError, match=r"folds_csv .* cannot be combined with the"):
+        run_folds(with_split, 4, 0, 0.1, folds_csv=p)
+
+
+def test_dataset_and_split_csvs_as_data(tmp_path: Path, musk1_bags: list[Bag]):
+    """``clam`` and ``split`` formats (auto-detected): data is the CSV, files in data_dir."""
+    bags = musk1_bags[40:50]
+    names = [f"s{i}" for i in range(10)]
+    d = _h5_dir(tmp_path, bags, names)
+    lab = tmp_path / "ds.csv"
+    lab.write_text(
+        "slide_id,label\n" + "".join(f"{n},{b.label}\n" for n, b in zip(names, bags, strict=True))
+    )
+    clam = load_bag_source(lab, data_dir=d)
+    assert clam.format == "clam" and clam.slide_ids == names and clam.splits is None
+    assert "auto-detected as 'clam'" in clam.notes[0]
+    splits_k = _write_columns(
+        tmp_path / "splits_0.csv", {"train": names[:6], "val": names[6:8], "test": names[8:]}
+    )
+    split = load_bag_source(splits_k, data_dir=d, labels=lab)  # CLAM splits_k + dataset CSV
+    assert split.format == "split" and split.splits[0].val.tolist() == [6, 7]
+    with pytest.raises(
+        SparsemilError, match=r"data_dir .*nowhere is not a folder; fix: set 'data_dir'"
+    ):
+        load_bag_source(lab, "clam", data_dir=tmp_path / "nowhere")
+    with pytest.raises(SparsemilError, match=r"labels .*ds\.csv is not used with format clam"):
+        load_bag_source(lab, "clam", data_dir=d, labels=lab)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
-from sparsemil.data import Bag, BagRef, load_bag_source, read_mil_csv, validate_bags
+from sparsemil.data import (
+    Bag,
+    BagRef,
+    as_bag,
+    load_bag_source,
+    read_mil_csv,
+    validate_bags,
+    write_h5_file,
+)
 from sparsemil.errors import SparsemilError
 
 
@@ -23,7 +30,7 @@ def copy_bags(bags: list[Bag], n: int) -> list[Bag]:
 
 
 def error_of(bags, n_classes: int = 2, **kw) -> str:
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match=r"^(musk1\.csv: |n_classes)") as e:
         validate_bags(bags, n_classes, source="musk1.csv", **kw)
     msg = str(e.value)
     assert "\n" not in msg
@@ -73,7 +80,7 @@ def test_labels_out_of_range(musk1_bags: list[Bag]):
     bags[1] = dataclasses.replace(bags[1], label=2)
     msg = error_of(bags)
     assert f"bag '{bags[1].slide_id}' ({bags[1].path}) has label 2, outside 0..1" in msg
-    assert "--n-classes 3" in msg
+    assert "set 'n_classes' to 3" in msg
     validate_bags(bags, 3, source="musk1.csv")  # fine with three classes
     bags[1] = dataclasses.replace(bags[1], label=-1)
     assert "has no label" in error_of(bags)
@@ -88,9 +95,7 @@ def test_missing_data_file(tmp_path: Path, musk1_bags: list[Bag]):
 
 
 def _h5(path: Path, feats: np.ndarray) -> Path:
-    with h5py.File(path, "w") as f:
-        f["features"] = feats
-    return path
+    return write_h5_file(path, feats)
 
 
 def test_h5_refs_checked_by_shape_then_values_on_load(tmp_path: Path, musk1_bags: list[Bag]):
@@ -101,11 +106,11 @@ def test_h5_refs_checked_by_shape_then_values_on_load(tmp_path: Path, musk1_bags
     refs = [BagRef(good, 1, "good"), BagRef(noisy, 1, "noisy")]
     validate_bags(refs, 2, source="folder")  # shapes only: NaN not seen yet
     with pytest.raises(SparsemilError, match=r"bag 'noisy' \(.*noisy\.h5\) has 1 non-finite"):
-        refs[1].load()
+        as_bag(refs[1])
     msg = error_of(refs, deep=True)
     assert "has 1 non-finite feature values (1 NaN, 0 Inf) in 1 of its" in msg
     narrow = _h5(tmp_path / "narrow.h5", musk1_bags[2].features[:, :10])
-    with pytest.raises(SparsemilError) as e:
+    with pytest.raises(SparsemilError, match="feature dimension mismatch") as e:
         validate_bags(refs[:1] + [BagRef(narrow, 0, "narrow")], 2, source="folder")
     assert (
         f"bag 'narrow' ({narrow}) has 10 features per instance but bag 'good' ({good}) has 166"
@@ -126,7 +131,7 @@ def test_corrupt_h5_in_folder_stops_before_training(tmp_path: Path, musk1_bags: 
     lab = tmp_path / "labels.csv"
     lab.write_text("slide_id,label\ns0,1\ns1,1\ns2,0\n")
     with pytest.raises(SparsemilError, match=rf"{d / 's1.h5'}: corrupt or unreadable HDF5 file"):
-        load_bag_source(d, label_csv=lab)
+        load_bag_source(d, labels=lab)
 
 
 def test_load_bag_source_validates_mil_csv(tmp_path: Path, mil_csv_dir: Path):
@@ -165,5 +170,5 @@ def test_small_h5_folder_values_checked_up_front(tmp_path: Path, musk1_bags: lis
     with pytest.raises(
         SparsemilError, match=r"bag 'b' \(.*b\.h5\) has 1 non-finite .*\(0 NaN, 1 Inf\)"
     ):
-        load_bag_source(d, label_csv=lab)
-    assert len(load_bag_source(d, label_csv=lab, deep=False)) == 2  # shapes only
+        load_bag_source(d, labels=lab)
+    assert len(load_bag_source(d, labels=lab, deep=False)) == 2  # shapes only

@@ -161,13 +161,66 @@ def test_bags_of_varying_size_with_weights():
 def test_validation_errors(digits):
     x, y = digits
     model = _net()
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="at least one batch"):
         HessianOperator(model, ce, [])
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="method='nope'"):
         HessianOperator(model, ce, [(x, y)], method="nope")
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="weights: 2 values for 1 batches"):
         HessianOperator(model, ce, [(x, y)], weights=[1.0, 2.0])
     op = HessianOperator(model, ce, [(x, y)])
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match=r"matvec expects shape"):
         op.matvec(torch.zeros(3))
     assert np.isclose(sum(op.weights), 1.0)
+
+
+def test_linear_operator_interface_against_scipy_and_exact_hessian(digits):
+    """``shape``/``dtype``/``@``/``to_scipy()``: the top eigenvalues by our Lanczos and by
+    ``scipy.sparse.linalg.eigsh(op.to_scipy())`` equal the exact dense Hessian's."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    from sparsemil.curvature.operator import (
+        CurvatureOperator,
+        DenseOperator,
+        PerBatchCurvatureOperator,
+    )
+    from sparsemil.curvature.slq import top_eigenvalues
+
+    x, y = digits
+    x = x.double()
+    model = _net(2).double()
+    op = HessianOperator(model, ce, [(x[:150], y[:150]), (x[150:], y[150:])])
+    D = op.dim
+    assert op.shape == (D, D) and op.dtype == torch.float64
+    assert isinstance(op, CurvatureOperator) and isinstance(op, PerBatchCurvatureOperator)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(D, dtype=torch.float64, generator=gen).requires_grad_()
+    hv = op @ v
+    assert hv.shape == (D,) and hv.dtype == v.dtype and not hv.requires_grad
+    assert torch.equal(hv, (op @ v[:, None]).squeeze(1))
+    V = torch.randn(D, 3, dtype=torch.float64, generator=gen)
+    HV = op @ V
+    assert HV.shape == (D, 3)
+    torch.testing.assert_close(HV[:, 1], op @ V[:, 1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(SparsemilError, match=r"operator @ x: x must have shape"):
+        op @ V[None]
+
+    He = exact_hessian(
+        model, lambda ps: F.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+    )
+    exact = torch.linalg.eigvalsh(He).numpy()[::-1]
+    k = 4
+    sp = op.to_scipy()
+    assert isinstance(sp, LinearOperator) and sp.shape == (D, D) and sp.dtype == np.float64
+    np.testing.assert_allclose(sp @ V.numpy(), HV.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sp.matvec(v.detach().numpy()), hv.numpy(), rtol=1e-12, atol=1e-14)
+    by_scipy = np.sort(eigsh(sp, k=k, which="LA", return_eigenvectors=False))[::-1]
+    ours = top_eigenvalues(op, k=k, num_steps=96)
+    scale = exact[0]
+    np.testing.assert_allclose(by_scipy, exact[:k], rtol=0, atol=1e-8 * scale)
+    np.testing.assert_allclose(ours, exact[:k], rtol=0, atol=1e-8 * scale)
+    # the dense test helper implements the same protocol
+    dense = DenseOperator(He)
+    assert isinstance(dense, CurvatureOperator) and dense.shape == (D, D)
+    assert torch.equal(dense @ v.detach(), (dense @ v.detach()[:, None]).squeeze(1))
+    by_dense = np.sort(eigsh(dense.to_scipy(), k=k, which="LA", return_eigenvectors=False))
+    np.testing.assert_allclose(by_dense[::-1], exact[:k], rtol=0, atol=1e-10 * scale)

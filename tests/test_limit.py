@@ -95,9 +95,9 @@ def test_prune_run_bad_option(tmp_path, capsys):
 
 def test_loss_epsilon_rule():
     assert loss_epsilon([1.0, 2.0, 3.0, 4.0]) == pytest.approx(np.std([1, 2, 3, 4]))
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="at least 2 mini-batches"):
         loss_epsilon([1.0])
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="all equal"):
         loss_epsilon([2.0, 2.0])
 
 
@@ -174,3 +174,36 @@ def test_censored_abs_error_by_hand():
     assert censored_abs_error(None, low, 0.2) == pytest.approx(0.19)
     assert censored_abs_error(None, None, 0.5) is None
     assert censored_abs_error(0.5, None, None) is None
+
+
+def test_predict_limit_returns_a_typed_prediction():
+    """On a diagonal operator with D Lanczos steps the quadrature is exact, so the prediction
+    equals the root of rho = gw(R(rho)) with the exact eigenvalues."""
+    from sparsemil.curvature.operator import DenseOperator
+    from sparsemil.limit.predict import LimitPrediction, predict_limit
+
+    lam = np.linspace(0.01, 2.0, 40)
+    ratios = np.arange(100) / 100
+    distance = 3.0 * ratios
+    eps = 0.05
+    res = predict_limit(
+        DenseOperator(np.diag(lam)), ratios, distance, eps, num_runs=2, num_steps=40
+    )
+    assert isinstance(res, LimitPrediction)
+    exact = predicted_ratio(ratios, distance, lambda R: gaussian_width(R, lam, None, eps))
+    assert res.predicted_ratio == pytest.approx(exact, abs=1e-8)
+    assert res.R_at_prediction == pytest.approx(3.0 * exact, abs=1e-7)
+    assert res.predicted_bound is None and res.predicted_ratio_grid is not None
+    assert res.R_curve.shape == res.gw_curve.shape == (400,)
+    assert res.gw_at_actual.shape == ratios.shape
+    assert res.predicted_ratio_official is not None and res.official_grid_nonzero_bins > 0
+    again = predict_limit(
+        DenseOperator(np.diag(lam)),
+        ratios,
+        distance,
+        eps,
+        official_grid=False,
+        spectrum=res.spectrum,
+    )
+    assert again.predicted_ratio == res.predicted_ratio
+    assert again.predicted_ratio_official is None and again.official_grid_nonzero_bins is None

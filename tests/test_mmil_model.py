@@ -285,9 +285,9 @@ def test_compute_loss_predict_and_wrapper():
     logits, losses = model.compute_loss(y, x)
     assert set(losses) == {"CrossEntropyLoss"}
     assert torch.allclose(losses["CrossEntropyLoss"], torch.nn.functional.cross_entropy(logits, y))
-    pred = model.predict(x)
+    pred = model.predict(x, return_inst_pred=False)
     assert not pred.requires_grad and torch.allclose(pred, logits.detach(), atol=1e-6)
-    pred, att = model.predict(x, return_inst_pred=True)
+    pred, att = model.predict(x)  # torchmil's default: instance predictions too
     assert att.shape == (2, 9)
     out = MILModelWrapper(model)(TensorDict({"X": x, "mask": torch.ones(2, 9)}, batch_size=[2]))
     assert torch.allclose(out, logits, atol=1e-6)
@@ -371,3 +371,57 @@ def test_gradient_flow_on_musk1(mil_csv_dir):
     with torch.no_grad():
         final = model.compute_loss(y, x, mask=mask)[1]["CrossEntropyLoss"].item()
     assert final < 0.8 * first
+
+
+def test_positional_arguments_follow_torchmil():
+    """``forward(X, mask, return_att)``, ``predict(X, mask, return_inst_pred)``,
+    ``compute_loss(Y, X, mask)``; coords / group_ids are keyword-only."""
+    import inspect
+
+    from torchmil.models import ABMIL
+
+    for method in ("forward", "predict", "compute_loss"):
+        ours = inspect.signature(getattr(MMILTransformer, method)).parameters.values()
+        positional = [p.name for p in ours if p.kind is p.POSITIONAL_OR_KEYWORD]
+        theirs = list(inspect.signature(getattr(ABMIL, method)).parameters)
+        assert positional == theirs, method
+    model = small(grouping="sequential").eval()
+    x = torch.randn(2, 9, 12)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    logits, att = model.predict(x, mask, True)
+    assert logits.shape == (2, 2) and att.shape == (2, 9) and (att[1, 6:] == 0).all()
+    assert torch.equal(model.predict(x, mask, False), logits)
+    with torch.no_grad():
+        out, att2 = model(x, mask, True)
+    assert torch.equal(out, logits) and torch.equal(att2, att)
+    with pytest.raises(TypeError, match="positional"):
+        model(x, mask, False, torch.zeros(2, 9, 2))
+
+
+def test_compute_loss_takes_a_criterion():
+    model = small(grouping="sequential")
+    x, y = torch.randn(2, 9, 12), torch.tensor([0, 1])
+    logits, losses = model.compute_loss(y, x, criterion=torch.nn.MultiMarginLoss())
+    assert set(losses) == {"MultiMarginLoss"}
+    torch.testing.assert_close(
+        losses["MultiMarginLoss"], torch.nn.functional.multi_margin_loss(logits, y)
+    )
+
+    def half_ce(out, target):
+        return 0.5 * torch.nn.functional.cross_entropy(out, target)
+
+    _, losses = model.compute_loss(y, x, None, criterion=half_ce)
+    torch.testing.assert_close(
+        losses["half_ce"], 0.5 * torch.nn.functional.cross_entropy(logits, y)
+    )
+
+
+def test_generator_state_roundtrip():
+    model = small(grouping="random", num_subbags=4)
+    x = _bag(40)
+    state = model.get_rng_state()
+    _, a = model(x, return_att=True)
+    model.set_rng_state(state)
+    _, b = model(x, return_att=True)
+    assert torch.equal(a, b)

@@ -105,7 +105,7 @@ def test_state_dict_problems_are_listed(ref_dir, cases):
     del bad["layers.1.GroupsMSGAttenLayer.AttenLayer.attn.to_out.0.bias"]
     bad["extra.weight"] = torch.zeros(3)
     bad["fc2.weight"] = torch.zeros(3, 64)
-    with pytest.raises(SparsemilError) as err:
+    with pytest.raises(SparsemilError, match="official state_dict does not match") as err:
         MMILTransformer.from_official(bad, config)
     msg = str(err.value)
     assert "missing keys: layers.1.GroupsMSGAttenLayer.AttenLayer.attn.to_out.0.bias" in msg

@@ -68,7 +68,7 @@ def test_official_keys_load(tmp_path) -> None:
 def test_unknown_key_suggests_nearest(tmp_path, key: str, suggestion: str) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(f"model: fc\n{key}: 1\n")
-    with pytest.raises(SparsemilError) as err:
+    with pytest.raises(SparsemilError, match=f"unknown key '{key}'") as err:
         load_prune_config(path)
     msg = str(err.value)
     assert repr(key) in msg and repr(suggestion) in msg and "\n" not in msg

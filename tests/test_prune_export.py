@@ -91,7 +91,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_not_a_checkpoint(tmp_path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not safetensors")
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="bad.safetensors: not a readable safetensors"):
         load_checkpoint(bad)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="missing.safetensors: file not found"):
         load_checkpoint(tmp_path / "missing.safetensors")

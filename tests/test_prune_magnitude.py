@@ -98,9 +98,9 @@ def test_mask_count_with_many_ties(ratio: float) -> None:
 def test_num_to_prune_validation() -> None:
     assert num_to_prune(0.3, 10) == 3  # 0.3 * 10 is 3.0000000000000004 in binary
     assert num_to_prune(0.1, 10) == 1
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match=r"ratio: must be in \[0, 1\], got 1.5"):
         num_to_prune(1.5, 10)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match=r"ratio: must be in \[0, 1\], got -0.1"):
         num_to_prune(-0.1, 10)
 
 

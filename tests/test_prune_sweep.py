@@ -195,7 +195,7 @@ def test_criteria_edge_cases() -> None:
         s.ratios[perm], s.test_acc[perm], s.test_loss, s.train_loss[perm], s.distance, dense=s.dense
     )
     assert actual_ratio(shuffled, "drop_1pt") == pytest.approx(0.1)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="criterion: unknown 'nope'"):
         actual_ratio(s, "nope")
 
 
@@ -207,7 +207,7 @@ def test_criterion_train_loss_eps() -> None:
     s_low = _curve([0.9] * 3, train_loss=[0.5, 0.6, 0.7], std=0.05)
     assert actual_ratio(s_low, "train_loss_eps") is None
     no_std = _curve([0.9] * 3)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="no train_loss_std known"):
         actual_ratio(no_std, "train_loss_eps")
     assert actual_ratios(no_std)["train_loss_eps"] is None
 

@@ -120,7 +120,7 @@ def test_npz_from_digits(tmp_path) -> None:
     evil = tmp_path / "evil.npz"
     obj = np.empty(2, dtype=object)
     np.savez(evil, x_train=obj, y_train=raw.target[:2], x_test=obj, y_test=raw.target[:2])
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="evil.npz: not a readable .npz without pickles"):
         load_vision_dataset("npz", data_path=evil)
     missing = tmp_path / "partial.npz"
     np.savez(missing, x_train=raw.data[:5], y_train=raw.target[:5])
@@ -194,7 +194,7 @@ def test_malicious_pickle_is_refused(tmp_path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     path.rename(folder / "data_batch_1")
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="not allowed"):
         load_vision_dataset("cifar10", data_path=tmp_path)
     assert not marker.exists()
     # an allowed-looking module with a forbidden name is refused too
@@ -205,10 +205,10 @@ def test_malicious_pickle_is_refused(tmp_path) -> None:
 
 
 def test_missing_dataset_messages(tmp_path) -> None:
-    with pytest.raises(SparsemilError) as err:
+    with pytest.raises(SparsemilError, match="data_path") as err:
         load_vision_dataset("mnist")
     assert "data_path" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(SparsemilError) as err:
+    with pytest.raises(SparsemilError, match="fashion-mnist|idx") as err:
         load_vision_dataset("fashion-mnist", data_path=tmp_path)
     assert str(tmp_path) in str(err.value)
     with pytest.raises(SparsemilError, match="cifar-10-batches-py"):

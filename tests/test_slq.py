@@ -155,9 +155,9 @@ def test_breakdown_on_low_rank_operator():
 
 def test_slq_validation():
     op = DenseOperator(np.eye(4))
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match=r"num_runs \(lanczos_num\)"):
         slq(op, num_runs=0)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="which='middle'"):
         top_eigenvalues(op, which="middle")
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="square matrix"):
         DenseOperator(np.ones((2, 3)))

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from miltrain_helpers import write_subset
 from sparsemil.data.bags import collate_bags
+from sparsemil.data.splits import stratified_kfold
 from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import build_mil_model
 from sparsemil.prune.l1 import l1_penalty
 from sparsemil.train.config import MILTrainConfig
-from sparsemil.train.data import MILDataset, Standardizer, cv_folds, load_mil_data
+from sparsemil.train.data import MILDataset, Standardizer, load_mil_data
 from sparsemil.train.module import MILModule, model_inputs
 from sparsemil.train.trainer import DelayedEarlyStopping, check_batch_support, fit_fold
 
@@ -53,7 +54,7 @@ def test_resume_after_kill_loses_no_epoch_and_matches_uninterrupted(tmp_path, mu
         data=str(musk_subset), model=model, model_kwargs=kw, max_epochs=4, folds=2, progress=False
     )
     data = load_mil_data(cfg)
-    fold = cv_folds(data, 2, 0, 0.1)[0]
+    fold = stratified_kfold(data.labels, 2, 0, 0.1)[0]
     full = fit_fold(cfg, data, fold, tmp_path / "a")
     with pytest.raises(RuntimeError, match="killed"):
         fit_fold(cfg, data, fold, tmp_path / "b", extra_callbacks=[_Kill(2)])
@@ -101,7 +102,7 @@ def test_early_stopping_in_a_real_fit(tmp_path, musk_subset):
         lr=0.5, folds=2, progress=False,
     )  # fmt: skip
     data = load_mil_data(cfg)
-    r = fit_fold(cfg, data, cv_folds(data, 2, 0, 0.1)[0], tmp_path / "r")
+    r = fit_fold(cfg, data, stratified_kfold(data.labels, 2, 0, 0.1)[0], tmp_path / "r")
     assert 3 <= r["epochs_done"] < 30 and r["stopped_early"]
 
 
@@ -123,7 +124,7 @@ def test_l1_norm_and_l1_training_shrinks_weights(tmp_path, musk_subset):
             progress=False,
         )
         data = load_mil_data(cfg)
-        r = fit_fold(cfg, data, cv_folds(data, 2, 0, 0.1)[0], tmp_path / f"l1_{lam}")
+        r = fit_fold(cfg, data, stratified_kfold(data.labels, 2, 0, 0.1)[0], tmp_path / f"l1_{lam}")
         w = load_file(r["checkpoint"])
         norms[lam] = sum(
             float(t.abs().sum()) for k, t in w.items() if k.endswith(("weight", "bias"))
@@ -141,7 +142,7 @@ def test_padded_batch_loss_equals_mean_of_single_bag_losses(musk_subset):
         ("abmil", {}),
         ("mmil", {"embed_dim": 16, "num_subbags": 2, "grouping": "sequential"}),
     ):
-        module = MILModule(build_mil_model(name, data.in_dim, **kw))
+        module = MILModule(build_mil_model(name, data.dim, **kw))
         module.model.eval()
         batch = collate_bags([ds[i] for i in range(4)])
         assert (~batch["mask"]).any()  # bags of different sizes: real padding
@@ -152,12 +153,14 @@ def test_padded_batch_loss_equals_mean_of_single_bag_losses(musk_subset):
 
 def test_models_without_mask_reject_padded_batches():
     model = build_mil_model("transmil", 8, att_dim=16)
-    with pytest.raises(SparsemilError, match="batch-size must be 1"):
-        check_batch_support(model, "transmil", 4)
-    check_batch_support(model, "transmil", 1)
-    assert "mask" not in model_inputs(
-        model, {"mask": torch.ones(1, 2, dtype=torch.bool)}, "compute_loss"
-    )
+    with pytest.raises(SparsemilError, match="transmil' has no padding mask, so batch_size must"):
+        check_batch_support("transmil", 4)
+    check_batch_support("transmil", 1)
+    with pytest.raises(SparsemilError, match="dsmil' ignores the padding mask.*'accumulate_grad"):
+        check_batch_support("dsmil", 2)
+    check_batch_support("abmil", 8)
+    check_batch_support("mmil", 8)
+    assert "mask" not in model_inputs(model, {"mask": torch.ones(1, 2, dtype=torch.bool)})
 
 
 def test_standardizer_uses_training_statistics_only(musk_subset):

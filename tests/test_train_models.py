@@ -40,9 +40,7 @@ def test_every_model_trains_through_compute_loss(name):
     model = build_mil_model(name, 12, 2, **SMALL.get(name, {}))
     x = torch.randn(1, 7, 12)
     batch = {"X": x, "Y": torch.tensor([1]), "mask": torch.ones(1, 7, dtype=torch.bool)}
-    out, losses = model.compute_loss(
-        batch["Y"], batch["X"], **model_inputs(model, batch, "compute_loss")
-    )
+    out, losses = model.compute_loss(batch["Y"], batch["X"], **model_inputs(model, batch))
     probs = bag_probabilities(out)
     assert probs.shape == (1, 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(1))
@@ -117,9 +115,7 @@ def test_baselines_take_a_clam_style_instance_encoder(name):
         "Y": torch.tensor([1]),
         "mask": torch.ones(1, 5, dtype=torch.bool),
     }
-    _, losses = model.compute_loss(
-        batch["Y"], batch["X"], **model_inputs(model, batch, "compute_loss")
-    )
+    _, losses = model.compute_loss(batch["Y"], batch["X"], **model_inputs(model, batch))
     sum(losses.values()).backward()
     assert enc[0].weight.grad is not None and enc[0].weight.grad.abs().sum() > 0
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 import csv
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from miltrain_helpers import write_subset
 from sparsemil.cli.main import main
-from sparsemil.data.bags import BagRef, as_bag
+from sparsemil.data.bags import BagRef
+from sparsemil.data.h5 import write_h5_file
 from sparsemil.data.mil_benchmarks import load_mil_benchmark
+from sparsemil.data.readers import as_bag
+from sparsemil.data.splits import stratified_kfold
 from sparsemil.train.config import MILTrainConfig
-from sparsemil.train.data import cv_folds, load_mil_data
+from sparsemil.train.data import load_mil_data, standardize_for
 
 FAST = ["--max-epochs", "1", "--no-progress", "--threads", "1", "--model", "abmil"]
 PER_CLASS = 5
@@ -46,9 +48,7 @@ def _write_slides(folder, bags, fmt):
     for sid, b in bags.items():
         x = np.asarray(b.features, dtype=np.float32)
         if fmt == "h5":
-            with h5py.File(folder / f"{sid}.h5", "w") as fh:
-                fh.create_dataset("features", data=x)
-                fh.create_dataset("coords", data=np.arange(2 * len(x)).reshape(-1, 2))
+            write_h5_file(folder / f"{sid}.h5", x, np.arange(2 * len(x)).reshape(-1, 2))
         elif fmt == "pt":
             torch.save({"features": torch.from_numpy(x)}, folder / f"{sid}.pt")
         else:  # DSMIL per-slide CSV with the pandas header 0..C-1; %.9g round-trips float32
@@ -83,8 +83,9 @@ def test_folder_formats_read_the_real_bags(tmp_path, musk_bags, fmt):
     kind = "h5" if fmt == "folder" else fmt  # "folder" lets the data layer guess the type
     folder = _write_slides(tmp_path / "feats", musk_bags, kind)
     labels = _write_labels(tmp_path / "labels.csv", musk_bags)
-    data = load_mil_data(MILTrainConfig(data=str(folder), format=fmt, labels=str(labels)))
-    assert data.in_dim == 166 and data.n_classes == 2 and not data.standardize
+    cfg = MILTrainConfig(data=str(folder), format=fmt, labels=str(labels))
+    data = load_mil_data(cfg)
+    assert data.dim == 166 and data.n_classes == 2 and not standardize_for(data, cfg)
     assert all(isinstance(b, BagRef) for b in data.bags)  # lazy: read per bag on demand
     assert data.slide_ids == list(musk_bags)
     for ref in data.bags:
@@ -131,7 +132,8 @@ def test_cv_on_h5_folder_and_folds_csv_replay(tmp_path, musk_bags):
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["protocol"]["folds_csv"] == str(out1 / "folds.csv")
     data = load_mil_data(MILTrainConfig(data=str(folder), labels=str(labels)))
-    fresh = [sorted(data.slide_ids[i] for i in f.test) for f in cv_folds(data, 2, 1, 0.1)]
+    drawn = stratified_kfold(data.labels, 2, 1, 0.1)
+    fresh = [sorted(data.slide_ids[i] for i in f.test) for f in drawn]
     assert fresh != _test_ids(out1, 2)
 
     # mil train --fold 1 --folds-csv trains and tests on that fold of the file
@@ -158,12 +160,13 @@ def test_folds_csv_with_other_slides_is_one_line_error(tmp_path, musk_bags, caps
     assert err.startswith("sparsemil: error:") and len(err.splitlines()) == 1
     assert str(bad) in err and "not_a_bag" in err
     assert not (out / "metrics.json").exists()
-    # a folder without --labels names the missing option
+    # a folder without labels names the missing field
     folder = _write_slides(tmp_path / "pt", dict(list(musk_bags.items())[:2]), "pt")
     args = ["mil", "cv", "--data", str(folder), "--out", str(tmp_path / "o2")] + FAST
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "--labels" in err and len(err.splitlines()) == 1
+    assert "no labels were given; fix: set 'labels'" in err and len(err.splitlines()) == 1
+    assert "(flag: --data, --labels" in err  # the CLI names the flags of the fields
 
 
 @pytest.mark.parametrize("model", ["dsmil", "clam_sb", "dtfdmil"])
@@ -176,5 +179,5 @@ def test_partial_mask_models_reject_padded_batches(tmp_path, model, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert model in err and "batch-size must be 1" in err and "--accumulate-grad-batches" in err
+    assert model in err and "batch_size must be 1" in err and "--accumulate-grad-batches" in err
     assert not (out / "metrics.json").exists()

@@ -47,9 +47,9 @@ def test_negative_eigenvalue_options():
     term = r2 / (R**2 + r2)
     assert gaussian_width(R, lam, None, eps, negative="abs") == pytest.approx(term)
     assert gaussian_width(R, lam, None, eps, negative="flat") == pytest.approx((1 + term) / 2)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="negative='clip'"):
         gaussian_width(R, lam, None, eps, negative="clip")
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="eps must be > 0"):
         gaussian_width(R, lam, None, 0.0)
 
 
@@ -117,7 +117,7 @@ def test_solver_without_a_crossing_returns_none():
     ratios = np.linspace(0, 0.5, 51)
     distance = ratios * 0.01
     assert predicted_ratio(ratios, distance, lambda R: np.ones_like(R)) is None
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="equal length"):
         predicted_ratio(ratios, distance[:-1], lambda R: R)
-    with pytest.raises(SparsemilError):
+    with pytest.raises(SparsemilError, match="method='newton'"):
         predicted_ratio(ratios, distance, lambda R: R, method="newton")

@@ -96,18 +96,14 @@ def test_mmil_model_gets_coords(cmu, tmp_path):
 
 
 def test_heatmap_cli_with_checkpoint(cmu, tmp_path, capsys):
-    import h5py
-
+    from sparsemil.data.h5 import write_h5_file
     from sparsemil.mil.checkpoint import save_mil_checkpoint
     from sparsemil.mil.factory import build_mil_model
 
     feats, coords = _bag(seed=2)
     h5 = tmp_path / "cmu.h5"
-    with h5py.File(h5, "w") as f:
-        f["features"] = feats
-        f["coords"] = coords
-        f["coords"].attrs["patch_size"] = 256
-        f["coords"].attrs["patch_level"] = 0
+    geometry = {"patch_size": 256, "patch_level": 0}
+    write_h5_file(h5, feats, coords, coords_attrs=geometry)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_mil_model("abmil", C)
@@ -121,9 +117,7 @@ def test_heatmap_cli_with_checkpoint(cmu, tmp_path, capsys):
     assert Image.open(out).size == thumbnail_size((2220, 2967), 400) == (299, 400)
     assert "20 patches" in stdout and "Traceback" not in err
     # wrong feature dimension: a clear one-line error
-    with h5py.File(h5, "a") as f:
-        del f["features"]
-        f["features"] = np.zeros((coords.shape[0], C + 1), np.float32)
+    write_h5_file(h5, np.zeros((coords.shape[0], C + 1), np.float32), coords, coords_attrs=geometry)
     rc = main([*args, "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2 and "17-d" in err and "16-d" in err and "Traceback" not in err

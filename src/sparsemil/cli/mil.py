@@ -110,6 +110,49 @@ O_RESUME = typer.Option(
     False, "--resume", help="Continue a killed run in --out from its last finished epoch."
 )
 
+#: The options of ``mil train`` and ``mil cv``, written once: (field, type, option). Each
+#: name is a field of :class:`sparsemil.train.config.MILTrainConfig` (``threads`` sets
+#: ``num_threads``); ``None`` means "keep the config file's value".
+TRAINING_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("data", str | None, O_DATA), ("format", str | None, O_FORMAT),
+    ("data_dir", str | None, O_DATA_DIR), ("labels", str | None, O_LABELS),
+    ("n_classes", int | None, O_NCLS), ("model", str | None, O_MODEL),
+    ("model_kwargs", str | None, O_MKW), ("seed", int | None, O_SEED),
+    ("folds", int | None, O_FOLDS), ("folds_csv", str | None, O_FOLDS_CSV),
+    ("max_epochs", int | None, O_EPOCHS), ("lr", float | None, O_LR),
+    ("weight_decay", float | None, O_WD), ("batch_size", int | None, O_BS),
+    ("accumulate_grad_batches", int | None, O_ACC), ("l1", float | None, O_L1),
+    ("patience", int | None, O_PAT), ("stop_start_epoch", int | None, O_START),
+    ("early_stopping", bool | None, O_ES), ("val_fraction", float | None, O_VAL),
+    ("standardize", bool | None, O_STD), ("num_test", int | None, O_NTEST),
+    ("accelerator", str | None, O_ACCEL), ("devices", int | None, O_DEV),
+    ("num_nodes", int | None, O_NODES), ("strategy", str | None, O_STRAT),
+    ("threads", int | None, O_THREADS), ("progress", bool | None, O_PROG),
+    ("out", str | None, O_OUT),
+]  # fmt: skip
+
+
+def with_training_options(fn: Any) -> Any:
+    """Give command ``fn(config, ..., **options)`` the :data:`TRAINING_OPTIONS` as keyword
+    parameters (Typer reads ``__signature__``), so the option list exists once."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=tp)
+        for name, tp, opt in TRAINING_OPTIONS
+    ]
+    fn.__signature__ = sig.replace(parameters=[*own, *shared])
+    return fn
+
+
+def training_config(config: Path | None, options: dict[str, Any]) -> Any:
+    """The :class:`MILTrainConfig` of a ``train``/``cv`` call: file, then flags."""
+    flags = dict(options)
+    flags["num_threads"] = flags.pop("threads", None)
+    return _config(config, **flags)
+
 
 def _config(config: Path | None, **flags: Any) -> Any:
     from sparsemil.train.config import MILTrainConfig, load_config
@@ -145,33 +188,26 @@ def _fmt(m: dict[str, Any]) -> str:
 
 
 @app.command("train")
+@with_training_options
 def train(
-    config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
-    data_dir: str | None = O_DATA_DIR, labels: str | None = O_LABELS, n_classes: int | None = O_NCLS,
-    model: str | None = O_MODEL, model_kwargs: str | None = O_MKW, seed: int | None = O_SEED,
-    folds: int | None = O_FOLDS, folds_csv: str | None = O_FOLDS_CSV,
-    fold: int | None = typer.Option(None, "--fold", help="Without a split CSV: train on fold FOLD of --folds or --folds-csv (default 0)."),
-    max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
-    batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
-    patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
-    val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
-    accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
-    strategy: str | None = O_STRAT, threads: int | None = O_THREADS, progress: bool | None = O_PROG,
-    out: str | None = O_OUT,
+    config: Path | None = O_CONFIG,
+    fold: int | None = typer.Option(
+        None, "--fold",
+        help="Without a split CSV: train on fold FOLD of --folds or --folds-csv (default 0).",
+    ),
     resume: bool = O_RESUME,
+    **options: Any,
 ) -> None:  # fmt: skip
     """Train one model (checkpoints, early stopping, CSV logs) and test it on the split's
     test part. Writes OUT/model.safetensors, OUT/metrics.json and OUT/predictions.csv."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "threads")}
-    flags["num_threads"] = threads
-    cfg = _config(config, **flags)
+    cfg = training_config(config, {**options, "fold": fold})
     from sparsemil.io import atomic_write_json
-    from sparsemil.train.data import holdout_fold, load_mil_data
+    from sparsemil.train.data import holdout_for, load_mil_data
     from sparsemil.train.evaluate import write_predictions_csv
     from sparsemil.train.trainer import fit_fold, is_launched_child, preflight, prepare_out_dir
 
     data = load_mil_data(cfg)
-    split = holdout_fold(data, cfg)
+    split = holdout_for(data, cfg)
     preflight(cfg, data)
     run_dir = prepare_out_dir(cfg.out or "runs/mil-train", resume, "metrics.json")
     result = fit_fold(cfg, data, split, run_dir, resume=resume)
@@ -197,25 +233,11 @@ def train(
 
 
 @app.command("cv")
-def cv(
-    config: Path | None = O_CONFIG, data: str | None = O_DATA, format: str | None = O_FORMAT,
-    data_dir: str | None = O_DATA_DIR, labels: str | None = O_LABELS, n_classes: int | None = O_NCLS,
-    model: str | None = O_MODEL, model_kwargs: str | None = O_MKW, seed: int | None = O_SEED,
-    folds: int | None = O_FOLDS, folds_csv: str | None = O_FOLDS_CSV,
-    max_epochs: int | None = O_EPOCHS, lr: float | None = O_LR, weight_decay: float | None = O_WD,
-    batch_size: int | None = O_BS, accumulate_grad_batches: int | None = O_ACC, l1: float | None = O_L1,
-    patience: int | None = O_PAT, stop_start_epoch: int | None = O_START, early_stopping: bool | None = O_ES,
-    val_fraction: float | None = O_VAL, standardize: bool | None = O_STD, num_test: int | None = O_NTEST,
-    accelerator: str | None = O_ACCEL, devices: int | None = O_DEV, num_nodes: int | None = O_NODES,
-    strategy: str | None = O_STRAT, threads: int | None = O_THREADS, progress: bool | None = O_PROG,
-    out: str | None = O_OUT,
-    resume: bool = O_RESUME,
-) -> None:  # fmt: skip
+@with_training_options
+def cv(config: Path | None = O_CONFIG, resume: bool = O_RESUME, **options: Any) -> None:
     """Stratified k-fold cross-validation. Writes OUT/metrics.json (accuracy, auc, ... as
     {mean, std} over folds; per-fold results; predictions), OUT/predictions.csv, OUT/folds.csv."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "threads")}
-    flags["num_threads"] = threads
-    cfg = _config(config, **flags)
+    cfg = training_config(config, options)
     from sparsemil.train.cv import run_cv
 
     out_dir = cfg.out or "runs/mil-cv"
@@ -289,18 +311,19 @@ def test(
     )
     cfg.validate("command line")
     d = load_mil_data(cfg)
-    if d.in_dim != int(meta["in_dim"]):
+    if d.dim != int(meta["in_dim"]):
         raise SparsemilError(
-            f"{data}: bags have {d.in_dim} features but checkpoint {checkpoint} expects {meta['in_dim']}; use features from the same encoder"
+            f"{data}: bags have {d.dim} features but checkpoint {checkpoint} expects {meta['in_dim']}; use features from the same encoder"
         )
     if part == "auto":
-        idx = d.split["test"] if d.split and d.split.get("test") else list(range(len(d.bags)))
+        idx = d.splits[0].test.tolist() if d.splits else []
+        idx = idx or list(range(len(d.bags)))
     elif part == "all":
         idx = list(range(len(d.bags)))
     else:
-        if not d.split:
+        if not d.splits:
             raise SparsemilError(f"--part {part} needs a split CSV (--format split) as --data")
-        idx = d.split.get(part) or []
+        idx = getattr(d.splits[0], part).tolist()
     if not idx:
         raise SparsemilError(f"{data}: the selected part ({part}) has no bags")
     std = Standardizer.from_meta(meta.get("standardize"))
@@ -343,7 +366,7 @@ def predict(
     from torch.utils.data import DataLoader
 
     from sparsemil.data.bags import BagRef, collate_bags
-    from sparsemil.data.readers import BAG_SUFFIXES, read_mil_csv
+    from sparsemil.data.readers import BAG_SUFFIXES, as_bag, read_mil_csv
     from sparsemil.train.data import MILDataset, Standardizer
     from sparsemil.train.evaluate import predict_bags, prediction_rows, write_predictions_csv
 
@@ -365,7 +388,7 @@ def predict(
         bags = [BagRef(path=data, label=-1, slide_id=data.stem)]
     checked = []
     for b in bags:  # validate every bag before predicting
-        bag = b.load() if isinstance(b, BagRef) else b
+        bag = as_bag(b)
         if bag.n_instances == 0:
             raise SparsemilError(f"bag {bag.where()} is empty; remove it")
         if bag.dim != int(meta["in_dim"]):

@@ -94,9 +94,12 @@ def heatmap(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
 ) -> None:
     """Draw the MIL model's per-patch attention over a slide thumbnail, with a colour bar."""
+    import numpy as np
+
+    from sparsemil.data.h5 import read_h5_file
     from sparsemil.errors import SparsemilError
     from sparsemil.wsi.extract import resolve_device
-    from sparsemil.wsi.heatmap import attention_heatmap, patch_size_level0_from_attrs, read_h5_bag
+    from sparsemil.wsi.heatmap import attention_heatmap
 
     if not checkpoint.is_file():
         raise SparsemilError(f"--checkpoint {checkpoint}: no such file")
@@ -108,7 +111,10 @@ def heatmap(
 
     if cmap not in colormaps:
         raise SparsemilError(f"--cmap {cmap!r}: not a matplotlib colour map (e.g. jet, viridis)")
-    feats, coords, attrs = read_h5_bag(h5)
+    if not h5.is_file():
+        raise SparsemilError(f"--h5 {h5}: no such file")
+    bag = read_h5_file(h5, need_coords=True)
+    feats, coords = bag.features, bag.coords.astype(np.int64)
     model, meta = load_mil_checkpoint(checkpoint)
     in_dim = meta.get("in_dim")
     if in_dim is not None and int(in_dim) != feats.shape[1]:
@@ -123,7 +129,7 @@ def heatmap(
         downs = list(s.level_downsamples)
     finally:
         s.close()
-    ps0 = patch_size_level0_from_attrs(attrs, downs)
+    ps0 = bag.patch_size_level0(downs)
     res = attention_heatmap(
         slide,
         feats,

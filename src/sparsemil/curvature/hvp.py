@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsemil.curvature.operator import LinearOperatorBase
 from sparsemil.errors import SparsemilError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -109,8 +110,14 @@ def _agrees(a: Tensor, b: Tensor, rtol: float = 1e-4) -> bool:
     return float((a - b).abs().max()) <= rtol * max(scale, 1e-30) if b.numel() else True
 
 
-class HessianOperator:
+class HessianOperator(LinearOperatorBase):
     """Matrix-free Hessian of the weighted mean of ``loss_fn`` over ``batches``.
+
+    A linear operator in the manner of SciPy: ``shape`` ``(D, D)``, ``dtype`` (the
+    parameters'), ``op @ v`` for ``v`` of shape ``(D,)`` or ``(D, k)`` (same shape out, a
+    detached tensor), :meth:`matmat`, and :meth:`to_scipy` for ``scipy.sparse.linalg``
+    (e.g. ``eigsh(op.to_scipy(), k=5)``). It implements
+    :class:`~sparsemil.curvature.operator.PerBatchCurvatureOperator`.
 
     Args:
         model: the network at the weights w* (not modified; mode restored after each call).
@@ -128,6 +135,7 @@ class HessianOperator:
 
     Attributes:
         dim: D, the number of parameters in ``theta``.
+        dtype: the parameters' dtype (products are computed in it, accumulated in float64).
         num_products: how many Hessian-vector products have been computed.
     """
 
@@ -217,11 +225,12 @@ class HessianOperator:
         return torch.func.grad(loss_of)
 
     def _apply_tangent_fn(self, fn: Callable, V: Tensor) -> Tensor:
-        """Apply a per-vector tangent map to the rows of V (k, D) -> (k, D)."""
+        """Apply a per-vector tangent map to the rows of V (k, D) -> (k, D), detached (model
+        parameters outside the Hessian, e.g. BatchNorm's, would otherwise leave a graph)."""
         k = V.shape[0]
         if k > 1 and self.dim <= self.vmap_max_dim:
-            return self._flatten(torch.func.vmap(fn)(self.split(V)), k)
-        return torch.stack([self._flatten(fn(self.split(V[i])), None) for i in range(k)])
+            return self._flatten(torch.func.vmap(fn)(self.split(V)), k).detach()
+        return torch.stack([self._flatten(fn(self.split(V[i])), None) for i in range(k)]).detach()
 
     def _hvp_linearize(self, index: int, V: Tensor) -> Tensor:
         fn = self._linear_cache.get(index)
@@ -258,11 +267,11 @@ class HessianOperator:
                     retain_graph=i < V.shape[0] - 1,
                     allow_unused=True,
                 )
-                hv = [
+                parts = [
                     torch.zeros_like(p) if h is None else h
                     for h, p in zip(hv, self.params, strict=True)
                 ]
-                rows.append(self._flatten(hv, None).detach())
+                rows.append(self._flatten(parts, None).detach())
         return torch.stack(rows)
 
     def _hvp_batch(self, index: int, V: Tensor) -> Tensor:
@@ -296,7 +305,7 @@ class HessianOperator:
             raise SparsemilError(
                 f"Hessian-vector product ({self._resolved} backend) is not finite; the loss "
                 "or its gradient is NaN/Inf at these weights, or the backend cannot trace "
-                "this model (try hvp_method 'autograd')"
+                "this model (try method='autograd', config key limit.hvp_method)"
             )
         return out
 
@@ -323,10 +332,10 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ public
     def matmat(self, V: Tensor) -> Tensor:
-        """H @ V for V of shape (D, k); returns (D, k) in V's dtype."""
+        """H @ V for V of shape (D, k); returns (D, k) in V's dtype on the operator's device."""
         if V.dim() != 2 or V.shape[0] != self.dim:
             raise SparsemilError(f"matmat expects shape ({self.dim}, k), got {tuple(V.shape)}")
-        rows = V.T.to(device=self.device, dtype=self.dtype)
+        rows = V.detach().T.to(device=self.device, dtype=self.dtype)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -340,17 +349,9 @@ class HessianOperator:
         self.num_products += V.shape[1]
         return out.T.to(V.dtype).contiguous()
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """H @ v for v of shape (D,); returns (D,) in v's dtype."""
-        if v.shape != (self.dim,):
-            raise SparsemilError(f"matvec expects shape ({self.dim},), got {tuple(v.shape)}")
-        return self.matmat(v.reshape(-1, 1)).reshape(-1)
-
-    __matmul__ = matvec
-
     def per_batch_matmat(self, V: Tensor) -> Iterator[tuple[float, Tensor]]:
         """Yield ``(w_b, H_b @ V)`` batch by batch (V: (D, k) -> (D, k), float64)."""
-        rows = V.T.to(device=self.device, dtype=self.dtype).contiguous()
+        rows = V.detach().T.to(device=self.device, dtype=self.dtype).contiguous()
         was_training = self.model.training
         self.model.eval()
         try:

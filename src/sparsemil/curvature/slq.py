@@ -1,7 +1,10 @@
 """Stochastic Lanczos quadrature (SLQ): the Hessian's eigenvalue density, trace, extremes.
 
-Any object with ``.dim`` (D) and ``.matmat(V: (D, k)) -> (D, k)`` is an operator here
-(:class:`~sparsemil.curvature.hvp.HessianOperator`, or :class:`DenseOperator` for a matrix).
+The functions take any :class:`~sparsemil.curvature.operator.CurvatureOperator` (``shape``
+(D, D) and ``matmat(V: (D, k)) -> (D, k)``): :class:`~sparsemil.curvature.hvp.HessianOperator`,
+or :class:`~sparsemil.curvature.operator.DenseOperator` for an explicit matrix. An operator's
+optional ``device`` (where the Lanczos basis lives) and ``num_products`` (a product counter,
+reported) are used when present.
 
 SLQ (Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each of ``num_runs`` runs draw
 a Rademacher probe v (entries +-1, seeded), run ``num_steps`` Lanczos steps from
@@ -41,39 +44,29 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
+from sparsemil.curvature.operator import CurvatureOperator, DenseOperator
 from sparsemil.errors import SparsemilError
 
-
-class Operator(Protocol):
-    """A symmetric linear operator on R^D."""
-
-    dim: int
-
-    def matmat(self, V: Tensor) -> Tensor: ...
-
-
-class DenseOperator:
-    """Wrap a symmetric (D, D) matrix as an operator (float64)."""
-
-    def __init__(self, matrix: Tensor | np.ndarray) -> None:
-        self.matrix = torch.as_tensor(matrix, dtype=torch.float64)
-        if self.matrix.dim() != 2 or self.matrix.shape[0] != self.matrix.shape[1]:
-            raise SparsemilError(
-                f"DenseOperator needs a square matrix, got {tuple(self.matrix.shape)}"
-            )
-        self.dim = int(self.matrix.shape[0])
-        self.num_products = 0
-
-    def matmat(self, V: Tensor) -> Tensor:
-        self.num_products += V.shape[1]
-        return (self.matrix @ V.to(torch.float64)).to(V.dtype)
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "LanczosResult",
+    "SpectrumResult",
+    "hutchinson_trace",
+    "lanczos",
+    "rademacher",
+    "ritz_pairs",
+    "slq",
+    "spectral_density",
+    "top_eigenvalues",
+]
 
 
 @dataclass
@@ -151,8 +144,28 @@ def rademacher(dim: int, num: int, seed: int) -> Tensor:
     return (bits.to(torch.float64) * 2.0 - 1.0).T.contiguous()
 
 
+def _reorthogonalise(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from each row of ``w`` (a, D) its components along ``basis`` (a, j, D).
+
+    Classical Gram-Schmidt in matrix form, repeated once more when the first pass removed
+    more than 1 - 1/sqrt(2) of the norm (DGKS criterion). A float32 basis (large D) takes the
+    products in float32 and the update in float64.
+    """
+    for _ in range(2):
+        before = torch.linalg.vector_norm(w, dim=1)
+        if basis.dtype == torch.float64:
+            c = torch.einsum("ajd,ad->aj", basis, w)
+            w = w - torch.einsum("aj,ajd->ad", c, basis)
+        else:
+            c = torch.einsum("ajd,ad->aj", basis, w.to(basis.dtype))
+            w = w - torch.einsum("aj,ajd->ad", c, basis).to(torch.float64)
+        if bool((torch.linalg.vector_norm(w, dim=1) > 0.7071 * before).all()):
+            break
+    return w
+
+
 def lanczos(
-    op: Operator,
+    op: CurvatureOperator,
     V0: Tensor,
     num_steps: int,
     basis_dtype: torch.dtype = torch.float64,
@@ -168,7 +181,7 @@ def lanczos(
     D, runs = V0.shape
     m = int(min(num_steps, D))
     if m < 1:
-        raise SparsemilError("lanczos needs num_steps >= 1")
+        raise SparsemilError(f"lanczos: num_steps must be >= 1, got {num_steps}")
     device = torch.device(getattr(op, "device", V0.device))
     Q = torch.zeros(runs, m, D, dtype=basis_dtype, device=device)
     q = V0.T.to(device=device, dtype=torch.float64)
@@ -194,18 +207,7 @@ def lanczos(
         basis = (
             Q[:, : j + 1] if idx.size == runs else Q[torch.as_tensor(idx, device=device), : j + 1]
         )
-        # full reorthogonalisation: classical Gram-Schmidt, repeated once more when the
-        # first pass removed more than 1 - 1/sqrt(2) of the norm (DGKS criterion)
-        for _ in range(2):
-            before = torch.linalg.vector_norm(w, dim=1)
-            if basis.dtype == torch.float64:
-                c = torch.einsum("ajd,ad->aj", basis, w)
-                w = w - torch.einsum("aj,ajd->ad", c, basis)
-            else:  # float32 basis (large D): products in float32, update in float64
-                c = torch.einsum("ajd,ad->aj", basis, w.to(basis.dtype))
-                w = w - torch.einsum("aj,ajd->ad", c, basis).to(torch.float64)
-            if bool((torch.linalg.vector_norm(w, dim=1) > 0.7071 * before).all()):
-                break
+        w = _reorthogonalise(w, basis)
         b = torch.linalg.vector_norm(w, dim=1).cpu()
         a = a.cpu()
         alpha[idx, j] = a.numpy()
@@ -220,9 +222,7 @@ def lanczos(
                 continue
             beta[r, j] = bv
             Q[r, j + 1] = (w[pos] / bv).to(basis_dtype)
-    first = alpha[:, 0].copy()
-    result = LanczosResult(alpha=alpha, beta=beta, num_steps=steps, first_alpha=first)
-    return result, (Q if return_basis else None)
+    return LanczosResult(alpha, beta, steps, alpha[:, 0].copy()), (Q if return_basis else None)
 
 
 def ritz_pairs(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +234,7 @@ def ritz_pairs(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def slq(
-    op: Operator,
+    op: CurvatureOperator,
     num_runs: int = 1,
     num_steps: int = 128,
     seed: int = 0,
@@ -248,9 +248,10 @@ def slq(
     """
     if num_runs < 1 or num_steps < 1:
         raise SparsemilError(
-            "slq needs num_runs >= 1 and num_steps >= 1 (lanczos_num, lanczos_iter)"
+            f"slq: num_runs (lanczos_num) and num_steps (lanczos_iter) must be >= 1, "
+            f"got {num_runs} and {num_steps}"
         )
-    D = int(op.dim)
+    D = int(op.shape[0])
     if basis_dtype is None:
         basis_dtype = (
             torch.float64 if num_runs * num_steps * D * 8 <= 256 * 1024**2 else torch.float32
@@ -320,7 +321,7 @@ def spectral_density(
 
 
 def hutchinson_trace(
-    op: Operator,
+    op: CurvatureOperator,
     num_probes: int = 60,
     seed: int = 0,
     method: str = "hutch++",
@@ -347,7 +348,7 @@ def hutchinson_trace(
             dim=1,
         )
 
-    D = int(op.dim)
+    D = int(op.shape[0])
     if method == "hutchinson":
         V = rademacher(D, num_probes, seed)
         s = (V * apply(V)).sum(dim=0).numpy()
@@ -365,7 +366,7 @@ def hutchinson_trace(
 
 
 def top_eigenvalues(
-    op: Operator,
+    op: CurvatureOperator,
     k: int = 1,
     num_steps: int | None = None,
     seed: int = 0,
@@ -379,7 +380,7 @@ def top_eigenvalues(
     """
     if which not in ("largest", "smallest", "magnitude"):
         raise SparsemilError(f"top_eigenvalues which={which!r}: use largest, smallest or magnitude")
-    D = int(op.dim)
+    D = int(op.shape[0])
     k = int(min(k, D))
     steps = int(min(D, num_steps if num_steps is not None else max(64, 4 * k)))
     gen = torch.Generator().manual_seed(int(seed))

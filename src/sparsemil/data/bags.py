@@ -1,9 +1,11 @@
-"""Bags: the unit of multiple-instance learning.
+"""Bags: the unit of multiple-instance learning (a leaf module: nothing else from ``data``).
 
 A :class:`Bag` holds one slide's (or one classic-MIL bag's) instance features in memory.
-A :class:`BagRef` points at a per-slide file and reads it on demand, so a folder of
-thousands of CLAM/Trident ``.h5`` files never has to fit in memory at once.
-:class:`BagDataset` and :func:`collate_bags` turn either into padded PyTorch batches.
+A :class:`BagRef` points at a per-slide file that is read on demand (see
+:func:`sparsemil.data.readers.as_bag`), so a folder of thousands of CLAM/Trident ``.h5``
+files never has to fit in memory at once. :func:`collate_bags` pads bag items into one
+batch. The shape and value rules every bag obeys live here too: :func:`bag_arrays` and
+:func:`check_bag_values`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from sparsemil.errors import SparsemilError
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Bag:
         slide_id: the bag's name (slide id, or the bag id of a classic-MIL CSV).
         coords: optional (N, 2) patch coordinates (level-0 pixels for CLAM/Trident).
         path: optional file the bag was read from (used in error messages).
+        instance_labels: optional (N,) instance labels (the h5 ``labels`` dataset).
     """
 
     features: np.ndarray
@@ -35,6 +39,7 @@ class Bag:
     slide_id: str
     coords: np.ndarray | None = None
     path: str | None = None
+    instance_labels: np.ndarray | None = None
 
     @property
     def n_instances(self) -> int:
@@ -53,7 +58,7 @@ class Bag:
 
 @dataclass(frozen=True)
 class BagRef:
-    """A per-slide file that is read when needed.
+    """A per-slide file that is read when needed (:func:`sparsemil.data.readers.as_bag`).
 
     Attributes:
         path: the ``.h5`` / ``.pt`` / ``.csv`` file of one slide.
@@ -65,66 +70,95 @@ class BagRef:
     label: int
     slide_id: str
 
-    def load(self) -> Bag:
-        """Read the file (see :func:`sparsemil.data.readers.read_bag`) and check it.
-
-        Raises :class:`~sparsemil.errors.SparsemilError` for an unreadable file, an empty
-        bag or NaN/Inf features.
-        """
-        from sparsemil.data.readers import read_bag
-        from sparsemil.data.validate import check_bag_values
-
-        bag = read_bag(self.path, label=self.label, slide_id=self.slide_id)
-        check_bag_values(bag, source=str(self.path))
-        return bag
-
     def where(self) -> str:
         """``'<slide_id>' (<path>)`` for error messages."""
         return f"'{self.slide_id}' ({self.path})"
 
 
-def as_bag(item: Bag | BagRef) -> Bag:
-    """``item`` itself if it is a :class:`Bag`, else ``item.load()``."""
-    return item if isinstance(item, Bag) else item.load()
+# --------------------------------------------------------------------------- shape rules
+def bag_arrays(
+    path: str | Path,
+    features: np.ndarray,
+    coords: np.ndarray | None = None,
+    what: str = "features",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The shape rules of a bag's arrays, with one-line errors naming ``path``.
 
-
-class BagDataset(Dataset):
-    """A map-style dataset over bags (in memory or :class:`BagRef`, read per item).
-
-    Item ``i`` is a dict ``{"X": FloatTensor (N, C), "Y": LongTensor (), "slide_id": str}``
-    plus ``"coords": FloatTensor (N, 2)`` when the bag has coordinates.
-
-    Args:
-        bags: the bags, or references to per-slide files.
-        indices: optional subset (e.g. a fold's ``train`` indices) into ``bags``.
+    ``features`` must be (N, C) or (1, N, C) real numbers and becomes float32 (N, C);
+    ``coords``, when given, (N, 2) or (1, N, 2) with the same N (its dtype is kept).
+    ``what`` names the features in messages (e.g. the dict key of a ``.pt`` file).
     """
+    features = np.asarray(features)
+    if features.ndim == 3 and features.shape[0] == 1:
+        features = features[0]
+    if features.ndim != 2:
+        raise SparsemilError(
+            f"{path}: {what} has shape {tuple(features.shape)}, expected (N, C) or (1, N, C); "
+            f"fix: store one (instances x features) matrix per slide"
+        )
+    if not np.issubdtype(features.dtype, np.number) or np.issubdtype(
+        features.dtype, np.complexfloating
+    ):
+        raise SparsemilError(
+            f"{path}: {what} has dtype {features.dtype}, expected real numbers; "
+            f"fix: store float features"
+        )
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if coords is not None:
+        coords = np.asarray(coords)
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+            raise SparsemilError(
+                f"{path}: coords has shape {tuple(coords.shape)} but features has "
+                f"{features.shape[0]} instances; fix: coords must be (N, 2) with the same N "
+                f"as features (or remove coords)"
+            )
+    return features, coords
 
-    def __init__(self, bags: Sequence[Bag | BagRef], indices: Sequence[int] | None = None) -> None:
-        self.bags = bags
-        self.indices = list(range(len(bags))) if indices is None else [int(i) for i in indices]
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        bag = as_bag(self.bags[self.indices[i]])
-        item: dict[str, Any] = {
-            "X": torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)),
-            "Y": torch.tensor(int(bag.label), dtype=torch.long),
-            "slide_id": bag.slide_id,
-        }
-        if bag.coords is not None:
-            item["coords"] = torch.from_numpy(np.ascontiguousarray(bag.coords, dtype=np.float32))
-        return item
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Labels of the selected bags, int64 (B,), without reading any file."""
-        return np.array([int(self.bags[i].label) for i in self.indices], dtype=np.int64)
+# --------------------------------------------------------------------------- value rules
+def empty_bag_message(source: str, where: str) -> str:
+    """The message for a bag with no instances."""
+    return (
+        f"{source}: bag {where} is empty (0 instances); fix: drop the slide from the dataset/"
+        f"split CSV or re-run feature extraction for it"
+    )
 
 
+def nonfinite_message(source: str, where: str, feats: np.ndarray) -> str | None:
+    """The message for NaN/Inf features, or ``None`` when all are finite."""
+    bad = ~np.isfinite(feats)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return None
+    n_nan = int(np.isnan(feats).sum())
+    rows = int(bad.any(axis=1).sum())
+    return (
+        f"{source}: bag {where} has {n_bad} non-finite feature values ({n_nan} NaN, "
+        f"{n_bad - n_nan} Inf) in {rows} of its {feats.shape[0]} instances; fix: re-extract "
+        f"the features or drop those instances"
+    )
+
+
+def check_bag_values(bag: Bag, source: str) -> None:
+    """Per-bag checks that need the values: (N, C) shape, N > 0, all features finite."""
+    if bag.features.ndim != 2:
+        raise SparsemilError(
+            f"{source}: bag {bag.where()} has features of shape {tuple(bag.features.shape)}, "
+            f"expected (N, C); fix: store one (instances x features) matrix per bag"
+        )
+    if bag.n_instances == 0:
+        raise SparsemilError(empty_bag_message(source, bag.where()))
+    msg = nonfinite_message(source, bag.where(), bag.features)
+    if msg:
+        raise SparsemilError(msg)
+
+
+# --------------------------------------------------------------------------- batching
 def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pad a list of :class:`BagDataset` items into one batch.
+    """Pad a list of bag items (``{"X": (N, C), "Y": (), "slide_id": str[, "coords": (N, 2)]}``,
+    as :class:`~sparsemil.data.readers.BagDataset` yields them) into one batch.
 
     Returns:
         ``{"X": (B, Nmax, C) float32 zero-padded, "mask": (B, Nmax) bool (True = real

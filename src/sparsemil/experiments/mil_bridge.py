@@ -34,9 +34,15 @@ from torch import nn
 from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
-from sparsemil.limit.predict import LimitOptions, important_flat_fraction, predict_limit
+from sparsemil.limit.predict import (
+    LimitOptions,
+    LimitPrediction,
+    important_flat_fraction,
+    predict_limit,
+)
 from sparsemil.limit.report import write_limit
 from sparsemil.prune.magnitude import prunable_parameters
+from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
 
 MILBatch = dict[str, torch.Tensor]
@@ -133,7 +139,7 @@ def load_bridge_bags(
     always use the training bags.
     """
     from sparsemil.train.config import MILTrainConfig
-    from sparsemil.train.data import MILDataset, Standardizer, holdout_fold, load_mil_data
+    from sparsemil.train.data import MILDataset, Standardizer, holdout_for, load_mil_data
 
     if eval_split not in ("test", "val"):
         raise SparsemilError(f"eval_split {eval_split!r}: use 'test' or 'val'")
@@ -142,21 +148,24 @@ def load_bridge_bags(
         cfg_dict["data"] = str(data)
     cfg_dict.update({k: v for k, v in overrides.items() if v is not None})
     if not cfg_dict.get("data"):
-        raise SparsemilError("the checkpoint records no training data; pass --data PATH")
+        raise SparsemilError(
+            "data: the checkpoint records no training data (train_config.data); give the bag "
+            "source the model was trained on"
+        )
     if "fold" in meta and meta["fold"] is not None:
         cfg_dict["fold"] = int(meta["fold"])
     cfg = MILTrainConfig.from_dict(cfg_dict, source="checkpoint train_config")
     mdata = load_mil_data(cfg)
-    if mdata.in_dim != int(meta["in_dim"]):
+    if mdata.dim != int(meta["in_dim"]):
         raise SparsemilError(
-            f"--data {cfg.data}: features have {mdata.in_dim} dims but the checkpoint expects "
+            f"data {cfg.data}: features have {mdata.dim} dims but the checkpoint expects "
             f"{meta['in_dim']}; pass the data the model was trained on"
         )
-    fold = holdout_fold(mdata, cfg)
+    fold = holdout_for(mdata, cfg)
     idx_eval = fold.test if eval_split == "test" else fold.val
-    if not idx_eval:
+    if not len(idx_eval):
         raise SparsemilError(
-            f"the {eval_split} split is empty for this checkpoint; use --eval-split "
+            f"eval_split: the {eval_split} split is empty for this checkpoint; use eval_split "
             f"{'val' if eval_split == 'test' else 'test'}"
         )
     std = Standardizer.from_meta(meta.get("standardize"))
@@ -224,6 +233,40 @@ def mil_limit(
         SparsemilError: ``n_ratios < 2``, no ``nn.Linear`` weights, or a non-default
             ``limit.hessian_batch_size``.
     """
+    opts = _checked_options(options, n_ratios)
+    model, params, bags = _on_device(model, bags, device)
+    evaluate = make_evaluator(bags)
+    t0 = time.perf_counter()
+    sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
+    timings = {"sweep_s": time.perf_counter() - t0}
+    eps = float(sweep.dense["train_loss_std"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep.to_csv(out / "sweep.csv")
+    actual = actual_ratios(sweep, eps=eps)
+    t0 = time.perf_counter()
+    slq_settings = {"lanczos_iter": lanczos_iter, "lanczos_num": lanczos_num, "seed": seed}
+    op, hess_bags, important, result = _mil_prediction(
+        model, bags, params, sweep, eps, opts, **slq_settings
+    )
+    timings["spectrum_s"] = time.perf_counter() - t0
+    info = _mil_info(
+        op, len(hess_bags), sweep, bags, opts, important, timings, slq_settings, device
+    )
+    return write_limit(
+        out,
+        result,
+        sweep,
+        eps,
+        actual,
+        extra={**info, **(extra or {})},
+        title=title,
+        density_bins=opts.density_bins,
+    )
+
+
+def _checked_options(options: LimitOptions | None, n_ratios: int) -> LimitOptions:
+    """The ``limit:`` options (default when None), validated for a MIL model."""
     opts = options or LimitOptions()
     opts.validate()
     if opts.hessian_batch_size != LimitOptions().hessian_batch_size:
@@ -234,6 +277,13 @@ def mil_limit(
         )
     if n_ratios < 2:
         raise SparsemilError(f"n_ratios {n_ratios}: must be at least 2")
+    return opts
+
+
+def _on_device(
+    model: nn.Module, bags: MILBags, device: str
+) -> tuple[nn.Module, list[tuple[nn.Module, str]], MILBags]:
+    """The model in eval mode and the bags on ``device``; the prunable ``nn.Linear`` weights."""
     model = model.to(device).eval()
     params = prunable_parameters(model, include=(nn.Linear,))
     if not params:
@@ -241,19 +291,23 @@ def mil_limit(
     bags = dataclasses.replace(
         bags, train=_to_device(bags.train, device), eval=_to_device(bags.eval, device)
     )
-    evaluate = make_evaluator(bags)
-    timings: dict[str, float] = {}
+    return model, params, bags
 
-    t0 = time.perf_counter()
-    sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
-    timings["sweep_s"] = time.perf_counter() - t0
-    eps = float(sweep.dense["train_loss_std"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep.to_csv(out / "sweep.csv")
-    actual = actual_ratios(sweep, eps=eps)
 
-    t0 = time.perf_counter()
+def _mil_prediction(
+    model: nn.Module,
+    bags: MILBags,
+    params: list[tuple[nn.Module, str]],
+    sweep: SweepResult,
+    eps: float,
+    opts: LimitOptions,
+    lanczos_iter: int,
+    lanczos_num: int,
+    seed: int,
+) -> tuple[HessianOperator, list[MILBatch], dict[str, Any] | None, LimitPrediction]:
+    """The Hessian over the (seeded subset of) training bags, one bag per batch, with
+    deterministic grouping; the important-eigenvalue correction (``limit.important``); the
+    prediction."""
     hess_bags = _hessian_bags(bags.train, opts.hessian_samples, seed)
     important = None
     with deterministic_grouping(model):
@@ -274,11 +328,25 @@ def mil_limit(
             flat_fraction=important["fraction"] if important else 0.0,
             official_grid=opts.official_grid,
         )
-    timings["spectrum_s"] = time.perf_counter() - t0
-    info = {
+    return op, hess_bags, important, result
+
+
+def _mil_info(
+    op: HessianOperator,
+    n_bags: int,
+    sweep: SweepResult,
+    bags: MILBags,
+    opts: LimitOptions,
+    important: dict[str, Any] | None,
+    timings: dict[str, float],
+    slq_settings: dict[str, int],
+    device: str,
+) -> dict[str, Any]:
+    """The MIL-specific keys of ``limit.json``."""
+    return {
         "timings": timings,
         "hessian": {
-            "bags": len(hess_bags),
+            "bags": n_bags,
             "loss": "mean over training bags of the per-bag loss (one bag per batch, no padding)",
             "grouping": "sequential (deterministic)",
             "hvp_backend": op.backend,
@@ -291,18 +359,12 @@ def mil_limit(
         "eval_split": bags.eval_split,
         "n_eval_bags": len(bags.eval),
         "data": bags.source,
-        "lanczos_iter": lanczos_iter,
-        "lanczos_num": lanczos_num,
-        "seed": seed,
+        **slq_settings,
         "negative": opts.negative,
         "important": important,
         "device": device,
         "options": dataclasses.asdict(opts),
-        **(extra or {}),
     }
-    return write_limit(
-        out, result, sweep, eps, actual, extra=info, title=title, density_bins=opts.density_bins
-    )
 
 
 def run_mil_limit(
@@ -319,7 +381,7 @@ def run_mil_limit(
         SparsemilError: ``cfg.mil`` is missing or has no ``data``.
     """
     from sparsemil.mil.checkpoint import load_mil_checkpoint
-    from sparsemil.train.data import holdout_fold, load_mil_data
+    from sparsemil.train.data import holdout_for, load_mil_data
     from sparsemil.train.trainer import fit_fold, preflight
 
     if cfg.mil is None:
@@ -331,7 +393,7 @@ def run_mil_limit(
     preflight(mil_cfg, data)
     out = Path(out_dir)
     t0 = time.perf_counter()
-    fit_fold(mil_cfg, data, holdout_fold(data, mil_cfg), out / "train")
+    fit_fold(mil_cfg, data, holdout_for(data, mil_cfg), out / "train")
     train_s = time.perf_counter() - t0
     model, meta = load_mil_checkpoint(out / "train" / "model.safetensors")
     bags = load_bridge_bags(meta, eval_split=eval_split)

@@ -11,7 +11,7 @@ import numpy as np
 
 from sparsemil.curvature.slq import SpectrumResult, spectral_density
 from sparsemil.io import atomic_path
-from sparsemil.prune.sweep import SweepResult
+from sparsemil.prune.result import SweepResult
 
 
 def plot_sweep(

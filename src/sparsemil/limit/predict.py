@@ -1,29 +1,25 @@
-"""The predicted pruning limit: spectrum + Gaussian width + sweep -> ``limit.json`` and plots.
+"""The predicted pruning limit: Hessian spectrum + Gaussian width + sweep -> a prediction.
 
-Pipeline (:func:`run_limit`, used by ``sparsemil prune run``):
+Model-agnostic core (the vision pipeline :func:`sparsemil.experiments.vision.run.run_limit`
+and the MIL bridge :func:`sparsemil.experiments.mil_bridge.mil_limit` call it with their own
+model, loss and sweep):
 
-1. train with the L1 penalty (:func:`sparsemil.prune.l1.train_l1`);
-2. the pruning sweep (:func:`sparsemil.prune.sweep.vision_sweep`): accuracy/loss and the
-   continuous distance ``R(rho) = ||w* - w_rho||_2`` over all trainable parameters;
-3. epsilon = the std (ddof 0, ``np.std`` as the official code) of the per-mini-batch training
-   cross-entropy at w*, mini-batches of ``batch_size`` in the fixed, non-shuffled order.
-   A fixed rule, never fitted to the measured ratio;
-4. the Hessian of the training cross-entropy at w* (the L1 term has no curvature) over a
-   fixed, seeded subset of the training set (``limit.hessian_samples``, default all), model in
-   eval mode, BatchNorm parameters excluded; SLQ with ``lanczos_num`` runs x ``lanczos_iter``
-   steps;
-5. the predicted ratio: the root of ``rho = gw(R(rho))`` (bisection on the interpolated R(rho);
-   also reported: the grid solution and the official grid-density/integer-R variant).
+- :func:`loss_epsilon` -- epsilon = the std (ddof 0, ``np.std`` as the official code) of the
+  per-mini-batch training losses at w*. A fixed rule, never fitted to the measured ratio;
+- :func:`important_flat_fraction` -- the optional important-eigenvalue (flat-row) correction;
+- :func:`predict_limit` -- SLQ of the Hessian (any
+  :class:`~sparsemil.curvature.operator.CurvatureOperator`), then the root of
+  ``rho = gw(R(rho))`` (bisection on the interpolated R(rho); also the grid solution and the
+  official grid-density/integer-R variant) as a :class:`LimitPrediction`;
+- :func:`sparsemil.limit.report.write_limit` turns a prediction into ``limit.json`` and plots.
 
-The model-agnostic core is :func:`predict_limit` (operator + sweep + epsilon -> result) and
-:func:`write_limit` (result -> files); the MIL bridge calls them with its own model, loss and
-sweep. Options beyond the official keys live in the config section ``limit:``
-(:class:`LimitOptions`).
+Options beyond the official keys live in the config section ``limit:`` (:class:`LimitOptions`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsemil.curvature.operator import CurvatureOperator, PerBatchCurvatureOperator
 from sparsemil.curvature.slq import SpectrumResult, slq
 from sparsemil.errors import SparsemilError
 from sparsemil.limit.width import (
@@ -98,6 +95,37 @@ class LimitOptions:
             raise bad("threads", "must be >= 1 or null")
 
 
+@dataclass
+class LimitPrediction:
+    """What :func:`predict_limit` predicts (arrays are float64).
+
+    Attributes:
+        predicted_ratio: the root of ``rho = gw(R(rho))`` by bisection on the interpolated
+            R(rho); None when there is no root on the swept range.
+        predicted_ratio_grid: the largest swept ratio with ``gw(R(rho)) >= rho`` (or None).
+        predicted_bound: when ``predicted_ratio`` is None, on which side of the swept range
+            the root lies: ``{"side": ">=" | "<=", "ratio": r}``; else None.
+        R_at_prediction: ``R(predicted_ratio)`` (None without a prediction).
+        R_curve: 400 distances from 0 to the largest swept distance.
+        gw_curve: ``gw(R_curve)``.
+        gw_at_actual: ``gw`` at every swept distance.
+        spectrum: the SLQ result the prediction used.
+        predicted_ratio_official: the official grid-density / integer-R variant (None when
+            not computed, or when the official density is empty).
+        official_grid_nonzero_bins: non-empty bins of the official density (None when not
+            computed).
+    """
+
+    predicted_ratio: float | None
+    predicted_ratio_grid: float | None
+    predicted_bound: dict[str, Any] | None
+    R_at_prediction: float | None
+    R_curve: np.ndarray
+    gw_curve: np.ndarray
+    gw_at_actual: np.ndarray
+    spectrum: SpectrumResult
+    predicted_ratio_official: float | None = None
+    official_grid_nonzero_bins: int | None = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -135,12 +163,8 @@ def censored_abs_error(
     return max(0.0, r - actual) if bound["side"] == ">=" else max(0.0, actual - r)
 
 
-
-
-
-
 def threshold_indices(
-    op: Any, prunable: list[tuple[nn.Module, str]], num_ratios: int
+    op: PerBatchCurvatureOperator, prunable: list[tuple[nn.Module, str]], num_ratios: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flat operator indices of the pruning-threshold weight for ratios ``i / num_ratios``.
 
@@ -169,7 +193,10 @@ def threshold_indices(
 
 
 def important_flat_fraction(
-    op: Any, prunable: list[tuple[nn.Module, str]], num_ratios: int = 100, tol: float = 1e-7
+    op: PerBatchCurvatureOperator,
+    prunable: list[tuple[nn.Module, str]],
+    num_ratios: int = 100,
+    tol: float = 1e-7,
 ) -> dict[str, Any]:
     """The important-eigenvalue correction: fraction f of threshold weights with a flat row.
 
@@ -180,7 +207,7 @@ def important_flat_fraction(
     """
     ratios, idx = threshold_indices(op, prunable, num_ratios)
     uniq, inverse = np.unique(idx, return_inverse=True)
-    E = torch.zeros(op.dim, uniq.size, dtype=torch.float64)
+    E = torch.zeros(op.shape[0], uniq.size, dtype=torch.float64)
     E[torch.as_tensor(uniq), torch.arange(uniq.size)] = 1.0
     total = torch.zeros(uniq.size, dtype=torch.float64)
     n_batches = 0
@@ -201,8 +228,60 @@ def important_flat_fraction(
 # --------------------------------------------------------------------------- core
 
 
+GwFunction = Callable[[np.ndarray], np.ndarray]
+
+
+def _gw_function(
+    spectrum: SpectrumResult, eps: float, negative: str, flat_fraction: float
+) -> GwFunction:
+    """``R -> gw(R)`` from the SLQ nodes and weights."""
+    nodes, weights = spectrum.nodes_weights()
+
+    def gw(R: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            gaussian_width(R, nodes, weights, eps, negative=negative, flat_fraction=flat_fraction)
+        )
+
+    return gw
+
+
+def _predicted_bound(
+    ratios: np.ndarray, distance: np.ndarray, gw: GwFunction, pred: float | None
+) -> dict[str, Any] | None:
+    """When rho = gw(R(rho)) has no root on the swept range, say on which side it lies:
+    gw above every swept ratio -> the predicted limit is >= the largest swept ratio."""
+    if pred is not None:
+        return None
+    ends = np.array([ratios.min(), ratios.max()])
+    h_ends = gw(np.interp(ends, ratios, distance)) - ends
+    if h_ends[-1] > 0:
+        return {"side": ">=", "ratio": float(ratios.max())}
+    if h_ends[0] < 0:
+        return {"side": "<=", "ratio": float(ratios.min())}
+    return None
+
+
+def _official_prediction(
+    spectrum: SpectrumResult,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    negative: str,
+    flat_fraction: float,
+    r_max: float,
+) -> tuple[float | None, int]:
+    """The official grid-density / integer-R prediction and the density's non-empty bins."""
+    grid, dens = official_density(spectrum.ritz_values, spectrum.ritz_weights)
+    pred = None
+    if dens.sum() > 0:
+        R_int = np.arange(0, int(math.ceil(r_max)) + 2)
+        gw_int = np.asarray(gaussian_width_grid(R_int, grid, dens, eps, negative, flat_fraction))
+        pred = official_predicted_ratio(ratios, distance, gw_int)
+    return pred, int((dens > 0).sum())
+
+
 def predict_limit(
-    op: Any,
+    op: CurvatureOperator,
     ratios: np.ndarray,
     distance: np.ndarray,
     eps: float,
@@ -213,11 +292,11 @@ def predict_limit(
     flat_fraction: float = 0.0,
     official_grid: bool = True,
     spectrum: SpectrumResult | None = None,
-) -> dict[str, Any]:
+) -> LimitPrediction:
     """Spectrum (unless given) + gw + solver. Model-agnostic: ``op`` is any operator.
 
     Args:
-        op: Hessian operator (``.dim``, ``.matmat``) at w*.
+        op: Hessian operator at w* (a :class:`~sparsemil.curvature.operator.CurvatureOperator`).
         ratios, distance: the sweep's ratio grid and ``R(rho)``.
         eps: loss tolerance epsilon.
         num_runs, num_steps, seed: SLQ settings (``lanczos_num``, ``lanczos_iter``).
@@ -227,64 +306,29 @@ def predict_limit(
         spectrum: reuse an SLQ result instead of computing one.
 
     Returns:
-        dict with ``predicted_ratio`` (bisection), ``predicted_ratio_grid``,
-        ``predicted_ratio_official`` (or None), ``spectrum`` (SpectrumResult) and the gw
-        curve on the R range.
+        :class:`LimitPrediction`: ``predicted_ratio`` (bisection), ``predicted_ratio_grid``,
+        ``predicted_ratio_official`` (or None), the ``spectrum`` and the gw curve on the R range.
     """
     if spectrum is None:
         spectrum = slq(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
-    nodes, weights = spectrum.nodes_weights()
-
-    def gw(R: np.ndarray) -> np.ndarray:
-        return gaussian_width(
-            R, nodes, weights, eps, negative=negative, flat_fraction=flat_fraction
-        )
-
+    gw = _gw_function(spectrum, eps, negative, flat_fraction)
     ratios = np.asarray(ratios, dtype=np.float64)
     distance = np.asarray(distance, dtype=np.float64)
     pred = predicted_ratio(ratios, distance, gw, method="bisect")
-    pred_grid = predicted_ratio(ratios, distance, gw, method="grid")
-    # When rho = gw(R(rho)) has no root on the swept range, say on which side it lies:
-    # gw above every swept ratio -> the predicted limit is >= the largest swept ratio.
-    h_ends = gw(np.interp([ratios.min(), ratios.max()], ratios, distance)) - np.array(
-        [ratios.min(), ratios.max()]
-    )
-    bound = None
-    if pred is None and h_ends[-1] > 0:
-        bound = {"side": ">=", "ratio": float(ratios.max())}
-    elif pred is None and h_ends[0] < 0:
-        bound = {"side": "<=", "ratio": float(ratios.min())}
     r_max = float(np.nanmax(distance)) if distance.size else 0.0
     R_curve = np.linspace(0.0, max(r_max, 1e-12), 400)
-    out: dict[str, Any] = {
-        "predicted_ratio": pred,
-        "predicted_ratio_grid": pred_grid,
-        "predicted_bound": bound,
-        "R_at_prediction": None if pred is None else float(np.interp(pred, ratios, distance)),
-        "R_curve": R_curve,
-        "gw_curve": gw(R_curve),
-        "gw_at_actual": gw(distance),
-        "spectrum": spectrum,
-        "predicted_ratio_official": None,
-    }
+    result = LimitPrediction(
+        predicted_ratio=pred,
+        predicted_ratio_grid=predicted_ratio(ratios, distance, gw, method="grid"),
+        predicted_bound=_predicted_bound(ratios, distance, gw, pred),
+        R_at_prediction=None if pred is None else float(np.interp(pred, ratios, distance)),
+        R_curve=R_curve,
+        gw_curve=gw(R_curve),
+        gw_at_actual=gw(distance),
+        spectrum=spectrum,
+    )
     if official_grid:
-        grid, dens = official_density(spectrum.ritz_values, spectrum.ritz_weights)
-        R_int = np.arange(0, int(math.ceil(r_max)) + 2)
-        if dens.sum() > 0:
-            gw_int = np.asarray(
-                gaussian_width_grid(R_int, grid, dens, eps, negative, flat_fraction)
-            )
-            out["predicted_ratio_official"] = official_predicted_ratio(ratios, distance, gw_int)
-        out["official_grid_nonzero_bins"] = int((dens > 0).sum())
-    return out
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- end to end
-
-
+        result.predicted_ratio_official, result.official_grid_nonzero_bins = _official_prediction(
+            spectrum, ratios, distance, eps, negative, flat_fraction, r_max
+        )
+    return result

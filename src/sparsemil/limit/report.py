@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from sparsemil.curvature.slq import SpectrumResult
 from sparsemil.io import atomic_write_json
 from sparsemil.limit.plots import plot_prediction, plot_spectral_density, plot_sweep
-from sparsemil.prune.sweep import DEFAULT_CRITERION
+from sparsemil.limit.predict import LimitPrediction
+from sparsemil.prune.result import DEFAULT_CRITERION, SweepResult
 
 
 def write_limit(
     out_dir: str | Path,
-    result: dict[str, Any],
-    sweep: Any,
+    result: LimitPrediction,
+    sweep: SweepResult,
     eps: float,
     actual: dict[str, float | None],
     extra: dict[str, Any] | None = None,
@@ -27,19 +27,21 @@ def write_limit(
     ``spectrum.json`` (Ritz pairs) to ``out_dir``, atomically. Returns the JSON object."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spectrum: SpectrumResult = result["spectrum"]
-    pred = result["predicted_ratio"]
+    spectrum = result.spectrum
+    pred = result.predicted_ratio
     plot_prediction(
         out / "predict.png",
-        result["R_curve"],
-        result["gw_curve"],
+        result.R_curve,
+        result.gw_curve,
         sweep.distance,
         sweep.ratios,
         pred,
         title or "Gaussian width prediction",
     )
     plot_sweep(sweep, out / "acc_loss.png", predicted_ratio=pred, actual=actual, title=title)
-    density = plot_spectral_density(out / "esd.png", spectrum, density_bins, title or "Hessian ESD (SLQ)")
+    density = plot_spectral_density(
+        out / "esd.png", spectrum, density_bins, title or "Hessian ESD (SLQ)"
+    )
     atomic_write_json(out / "spectrum.json", spectrum.to_dict())
     doc = {
         "predicted_ratio": pred,
@@ -50,10 +52,10 @@ def write_limit(
             if pred is None or actual.get(DEFAULT_CRITERION) is None
             else abs(pred - float(actual[DEFAULT_CRITERION]))
         ),
-        "predicted_ratio_grid": result["predicted_ratio_grid"],
-        "predicted_bound": result.get("predicted_bound"),
-        "predicted_ratio_official": result["predicted_ratio_official"],
-        "R_at_prediction": result["R_at_prediction"],
+        "predicted_ratio_grid": result.predicted_ratio_grid,
+        "predicted_bound": result.predicted_bound,
+        "predicted_ratio_official": result.predicted_ratio_official,
+        "R_at_prediction": result.R_at_prediction,
         "epsilon": eps,
         "epsilon_rule": "std (ddof 0) of the per-mini-batch training cross-entropy at w*",
         "D": int(spectrum.dim),

@@ -1,10 +1,11 @@
 """Build any MIL model by name: MMIL-Transformer or a torchmil baseline.
 
-The baselines are the torchmil classes themselves (not re-implemented). They are binary:
-``forward`` returns logits of shape ``(B,)`` and ``compute_loss`` uses
-``BCEWithLogitsLoss`` on a float label. MMIL-Transformer returns ``(B, n_classes)`` logits
-and uses cross-entropy. :func:`bag_probabilities` turns either output into ``(B, n_classes)``
-class probabilities.
+What each model is and can do lives in :mod:`sparsemil.mil.registry`; this module checks a
+request against it and builds the model. The baselines are the torchmil classes themselves
+(not re-implemented). They are binary: ``forward`` returns logits of shape ``(B,)`` and
+``compute_loss`` uses ``BCEWithLogitsLoss`` on a float label. MMIL-Transformer returns
+``(B, n_classes)`` logits and uses cross-entropy. :func:`bag_probabilities` turns either
+output into ``(B, n_classes)`` class probabilities.
 """
 
 from __future__ import annotations
@@ -14,56 +15,42 @@ from typing import Any
 
 import torch
 
-from sparsemil.errors import SparsemilError
+from sparsemil.errors import SparsemilError, suggest
+from sparsemil.mil.registry import ENCODER_OPTIONS, MODELS, get_model_spec, instance_encoder
 
-#: Names accepted by :func:`build_mil_model`.
-MODEL_NAMES: tuple[str, ...] = ("mmil", "abmil", "transmil", "dsmil", "clam_sb", "dtfdmil")
-#: Baselines whose torchmil implementation is binary only.
-BINARY_ONLY: frozenset[str] = frozenset({"abmil", "transmil", "dsmil", "clam_sb", "dtfdmil"})
-#: Options every torchmil baseline takes besides its constructor's: a CLAM-style instance
-#: encoder ``Linear(C, feat_ext_dim) -> ReLU -> Dropout(feat_ext_dropout)`` as its
-#: ``feat_ext`` (default: none, the features go straight to the model).
-ENCODER_OPTIONS: tuple[str, ...] = ("feat_ext_dim", "feat_ext_dropout")
+__all__ = [
+    "BINARY_ONLY",
+    "ENCODER_OPTIONS",
+    "MODEL_NAMES",
+    "bag_loss",
+    "bag_probabilities",
+    "build_mil_model",
+    "check_model_kwargs",
+    "check_model_name",
+    "instance_encoder",
+    "model_accepts",
+    "model_class",
+]
 
-
-def _torchmil_class(name: str) -> type[torch.nn.Module]:
-    from torchmil import models as tm
-
-    return {
-        "abmil": tm.ABMIL,
-        "transmil": tm.TransMIL,
-        "dsmil": tm.DSMIL,
-        "clam_sb": tm.CLAM_SB,
-        "dtfdmil": tm.DTFDMIL,
-    }[name]
-
-
-def _mmil_class() -> type[torch.nn.Module]:
-    from sparsemil.mil.mmil import MMILTransformer
-
-    return MMILTransformer
+#: Names accepted by :func:`build_mil_model` (the keys of the registry, in its order).
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+#: Models that take two classes only (the torchmil baselines).
+BINARY_ONLY: frozenset[str] = frozenset(n for n, s in MODELS.items() if not s.multiclass)
 
 
 def model_class(name: str) -> type[torch.nn.Module]:
     """The class behind ``name`` (see :data:`MODEL_NAMES`)."""
-    check_model_name(name)
-    return _mmil_class() if name == "mmil" else _torchmil_class(name)
+    return get_model_spec(name).model_class()
 
 
 def check_model_name(name: str) -> None:
     """Raise :class:`SparsemilError` unless ``name`` is one of :data:`MODEL_NAMES`."""
-    if name not in MODEL_NAMES:
-        import difflib
-
-        near = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise SparsemilError(
-            f"unknown model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}"
-        )
+    get_model_spec(name)
 
 
 def model_accepts(model: torch.nn.Module, method: str, arg: str) -> bool:
-    """Whether ``model.<method>`` takes a keyword argument called ``arg``."""
+    """Whether ``model.<method>`` takes an argument called ``arg`` (for models outside the
+    registry; registered models: read :class:`~sparsemil.mil.registry.ModelSpec`)."""
     fn = getattr(model, method, None)
     if fn is None:
         return False
@@ -73,23 +60,18 @@ def model_accepts(model: torch.nn.Module, method: str, arg: str) -> bool:
         return False
 
 
+_RESERVED = frozenset({"self", "in_shape", "in_dim", "n_classes", "feat_ext", "criterion"})
+
+
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     """Raise :class:`SparsemilError` for a keyword ``name``'s constructor does not take."""
-    cls = model_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    reserved = {"self", "in_shape", "in_dim", "n_classes", "feat_ext", "criterion"}
-    allowed = sorted(p for p in params if p not in reserved)
-    if name != "mmil":
-        allowed = sorted([*allowed, *ENCODER_OPTIONS])
+    spec = get_model_spec(name)
+    params = inspect.signature(spec.model_class().__init__).parameters
+    allowed = sorted({p for p in params if p not in _RESERVED} | set(spec.extra_options))
     for key in kwargs:
         if key not in allowed:
-            import difflib
-
-            near = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise SparsemilError(
-                f"model_kwargs: '{key}' is not an option of model '{name}'{hint}; "
-                f"valid options: {', '.join(allowed)}"
+                f"model_kwargs.{key}: not an option of model '{name}'{suggest(key, allowed)}"
             )
 
 
@@ -97,7 +79,8 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
     """Build the MIL model called ``name``.
 
     Args:
-        name: one of ``mmil``, ``abmil``, ``transmil``, ``dsmil``, ``clam_sb``, ``dtfdmil``.
+        name: one of :data:`MODEL_NAMES` (``mmil``, ``abmil``, ``transmil``, ``dsmil``,
+            ``clam_sb``, ``dtfdmil``).
         in_dim: C, the instance feature dimension.
         n_classes: number of bag classes (the torchmil baselines need 2).
         **kwargs: constructor options of the chosen class (e.g. ``embed_dim`` for MMIL,
@@ -108,52 +91,19 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
         The model. Its ``compute_loss(Y, X, mask=...)`` returns ``(output, {name: loss})``;
         output is ``(B,)`` logits for the baselines and ``(B, n_classes)`` for MMIL.
     """
-    check_model_name(name)
+    spec = get_model_spec(name)
     if int(in_dim) < 1:
         raise SparsemilError(f"in_dim must be >= 1 (got {in_dim})")
     if int(n_classes) < 2:
         raise SparsemilError(f"n_classes must be >= 2 (got {n_classes})")
     check_model_kwargs(name, kwargs)
-    if name == "mmil":
-        return _mmil_class()(in_dim=int(in_dim), n_classes=int(n_classes), **kwargs)
-    if int(n_classes) != 2:
+    if int(n_classes) != 2 and not spec.multiclass:
+        multi = ", ".join(n for n, s in MODELS.items() if s.multiclass)
         raise SparsemilError(
-            f"model '{name}' (torchmil) is binary only, but n_classes={n_classes}; "
-            "use --model mmil for more than two classes"
+            f"n_classes: model '{name}' is binary only (got n_classes={n_classes}); "
+            f"use model {multi} for more than two classes"
         )
-    cls = _torchmil_class(name)
-    enc_dim = kwargs.pop("feat_ext_dim", None)
-    enc_drop = kwargs.pop("feat_ext_dropout", 0.0)
-    # A fresh encoder and loss per model: torchmil's defaults are shared module instances.
-    model = cls(
-        in_shape=(int(in_dim),),
-        feat_ext=instance_encoder(int(in_dim), enc_dim, enc_drop),
-        criterion=torch.nn.BCEWithLogitsLoss(),
-        **kwargs,
-    )
-    if name == "clam_sb" and type(model.inst_loss_fn).__name__ == "SmoothTop1SVM":
-        # torchmil's SmoothTop1SVM mis-broadcasts CLAM's (n, 1) targets (see mil/losses.py).
-        from sparsemil.mil.losses import SmoothTop1SVM
-
-        model.inst_loss_fn = SmoothTop1SVM(n_classes=2)
-    return model
-
-
-def instance_encoder(in_dim: int, dim: int | None, dropout: float = 0.0) -> torch.nn.Module:
-    """CLAM-style per-instance encoder ``(B, N, in_dim) -> (B, N, dim)``; identity if ``dim`` is None."""
-    if dim is None:
-        if dropout:
-            raise SparsemilError("model_kwargs: feat_ext_dropout needs feat_ext_dim")
-        return torch.nn.Identity()
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise SparsemilError(f"model_kwargs: feat_ext_dim must be an integer >= 1 (got {dim!r})")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise SparsemilError(
-            f"model_kwargs: feat_ext_dropout must be a number in [0, 1) (got {dropout!r})"
-        )
-    return torch.nn.Sequential(
-        torch.nn.Linear(in_dim, dim), torch.nn.ReLU(), torch.nn.Dropout(float(dropout))
-    )
+    return spec.build(int(in_dim), int(n_classes), **kwargs)
 
 
 def bag_probabilities(output: torch.Tensor) -> torch.Tensor:

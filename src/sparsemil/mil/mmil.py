@@ -20,7 +20,8 @@ See ``docs/mmil.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,19 @@ import torch
 from torch import nn
 from torchmil.models import MILModel
 
+import sparsemil.mil.grouping as grp
 from sparsemil.errors import SparsemilError
-from sparsemil.mil import grouping as grp
 from sparsemil.mil.attention import MultiHeadAttention, check_mode
 
 _ROW_CHUNK = 16384  # rows per chunk of the NaN/Inf check (bounded temporary memory)
+
+
+def _reset_linear(lin: nn.Linear, gen: torch.Generator | None) -> None:
+    """``nn.Linear.reset_parameters``, drawing from ``gen``."""
+    nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=gen)
+    if lin.bias is not None:
+        bound = 1 / math.sqrt(lin.in_features) if lin.in_features > 0 else 0
+        nn.init.uniform_(lin.bias, -bound, bound, generator=gen)
 
 
 class MMILLayer(nn.Module):
@@ -238,19 +247,39 @@ class MMILTransformer(MILModel):
         self.criterion = nn.CrossEntropyLoss()
         self.reseed(seed)
 
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            d = self.embed_dim
+        # Modules are laid out on the meta device (no RNG draws), then every parameter is
+        # drawn from ``gen`` -- a private Generator when seeded (the global RNG is never
+        # touched), else torch's default generator -- in the order torch's own
+        # initialisation would use.
+        gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+        d = self.embed_dim
+        with torch.device("meta"):
             self.proj = nn.Linear(self.in_dim, d) if project else None
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(d)) if ape else None
+            self.absolute_pos_embed = nn.Parameter(torch.empty(d)) if ape else None
             # distinct, randomly initialised message tokens (official: one zero vector)
-            self.msg_tokens = nn.Parameter(torch.randn(self.num_msg, d) * 0.02)
-            self.msgcls_token = nn.Parameter(torch.randn(d))
+            self.msg_tokens = nn.Parameter(torch.empty(self.num_msg, d))
+            self.msgcls_token = nn.Parameter(torch.empty(d))
             self.layers = nn.ModuleList(
                 MMILLayer(d, k["heads"], k["dim_head"]) for _ in range(self.num_layers)
             )
             self.classifier = nn.Linear(d, self.n_classes)
+        self.to_empty(device="cpu")
+        self._init_parameters(gen)
+
+    @torch.no_grad()
+    def _init_parameters(self, gen: torch.Generator | None) -> None:
+        """Draw every parameter from ``gen`` (None = torch's default generator)."""
+        if self.proj is not None:
+            _reset_linear(self.proj, gen)
+        if self.absolute_pos_embed is not None:
+            self.absolute_pos_embed.zero_()
+        self.msg_tokens.copy_(torch.randn(self.msg_tokens.shape, generator=gen) * 0.02)
+        self.msgcls_token.copy_(torch.randn(self.msgcls_token.shape, generator=gen))
+        for layer in self.layers:
+            for attn in (layer.subbag_attn, layer.msg_attn):
+                _reset_linear(attn.to_qkv, gen)
+                _reset_linear(attn.to_out, gen)
+        _reset_linear(self.classifier, gen)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -272,6 +301,14 @@ class MMILTransformer(MILModel):
     def reseed(self, seed: int | None) -> None:
         """Restart the model's own Generator (random grouping, masking, capping)."""
         self._rng = np.random.default_rng(seed)
+
+    def get_rng_state(self) -> dict[str, Any]:
+        """State of the model's own Generator (plain ints and strings; for checkpoints)."""
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state returned by :meth:`get_rng_state`."""
+        self._rng.bit_generator.state = dict(state)
 
     @classmethod
     def from_official(
@@ -385,33 +422,68 @@ class MMILTransformer(MILModel):
         self,
         X: torch.Tensor,
         mask: torch.Tensor | None = None,
+        return_att: bool = False,
+        *,
         coords: torch.Tensor | None = None,
         group_ids: torch.Tensor | None = None,
-        return_att: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Bag logits.
+        """Bag logits (torchmil's ``forward(X, mask, return_att)``).
 
         Args:
             X: ``(B, N, C)`` instance features (``(N, C)`` is read as one bag).
             mask: ``(B, N)`` bool/0-1, True = real instance (padded batches), or None.
+            return_att: also return per-instance attention scores.
             coords: ``(B, N, 2)`` instance coordinates (``kmeans_coords`` grouping).
             group_ids: ``(B, N)`` integer sub-bag ids (``precomputed`` grouping).
-            return_att: also return per-instance attention scores.
 
         Returns:
             logits ``(B, n_classes)``, or ``(logits, att (B, N))`` where ``att[b, n]`` =
             (last layer, mean over heads and message tokens) attention of instance n's
             sub-bag message tokens to n, times the msgcls token's attention to that
             sub-bag's message tokens; 0 for padded/dropped instances.
+
+        With autograd on, the layers run out of place (:meth:`_forward_train`); without it,
+        in place and memory-bounded (:meth:`_forward_eval`); the logits agree up to rounding.
         """
         grouping = grp.check_strategy(self.grouping)
-        mode = check_mode(self.attention)
+        check_mode(self.attention)
         X, mask, coords, group_ids = self._check_inputs(X, mask, coords, group_ids, grouping)
-        b, n, c = X.shape
-        m, d = self.num_msg, self.embed_dim
-        grad = torch.is_grad_enabled()
+        b, n, _ = X.shape
+        x, lay = self._subbag_batch(X, mask, coords, group_ids, grouping)
+        run = self._forward_train if torch.is_grad_enabled() else self._forward_eval
+        cls, p_inst, p_msg = run(x, lay, return_att)
+        logits = self.classifier(cls)
+        if not return_att:
+            return logits
+        if p_inst is None:
+            raise SparsemilError("return_att needs the message-query path of the last layer")
+        return logits, self._attention_map(p_inst, p_msg, lay, b, n)
 
-        # valid instances of every bag, then the projection of exactly those rows
+    def _subbag_batch(self, X, mask, coords, group_ids, grouping) -> tuple[torch.Tensor, _Layout]:
+        """Padded sub-bag batch ``x (S, T, D)``: message tokens, then the sub-bag's instances."""
+        m, d = self.num_msg, self.embed_dim
+        h, valid_per_bag = self._embed(X, mask)
+        ids_per_bag, off = [], 0
+        for i, valid in enumerate(valid_per_bag):  # per bag (grouping is per bag)
+            nb = valid.shape[0]
+            ids_per_bag.append(
+                self._group(i, valid, h[off : off + nb], coords, group_ids, grouping)
+            )
+            off += nb
+        lay = _Layout(ids_per_bag, valid_per_bag, X.shape[1], m, X.device)
+        src = h if lay.identity_rows else h.index_select(0, lay.rows)
+        if torch.is_grad_enabled():
+            inst = h.new_zeros(lay.S * lay.lmax, d).index_copy(0, lay.inst_flat, src)
+            return torch.cat([self.msg_tokens.expand(lay.S, m, d), inst.view(lay.S, -1, d)], 1), lay
+        x = h.new_zeros(lay.S * lay.T, d).index_copy_(0, lay.dst, src).view(lay.S, lay.T, d)
+        x[:, :m] = self.msg_tokens
+        return x, lay
+
+    def _embed(self, X, mask) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Projection (+ position vector) of exactly the valid rows ``(K, D)``, and the
+        valid instance indices of every bag."""
+        b, n, c = X.shape
+        grad = torch.is_grad_enabled()
         if mask is None:
             valid_per_bag = [np.arange(n)] * b
             xv = X.reshape(b * n, c)
@@ -422,84 +494,68 @@ class MMILTransformer(MILModel):
         h = self.proj(xv) if self.proj is not None else (xv if grad else xv.clone())
         if self.absolute_pos_embed is not None:
             h = h + self.absolute_pos_embed if grad else h.add_(self.absolute_pos_embed)
-        del xv
+        return h, valid_per_bag
 
-        ids_per_bag, off = [], 0
-        for i in range(b):  # per bag (grouping is per bag), never per sub-bag
-            nb = valid_per_bag[i].shape[0]
-            ids_per_bag.append(
-                self._group(i, valid_per_bag[i], h[off : off + nb], coords, group_ids, grouping)
-            )
-            off += nb
-        lay = _Layout(ids_per_bag, valid_per_bag, n, m, X.device)
-        s, t = lay.S, lay.T
+    def _body_layers(self) -> nn.ModuleList:
+        """The layers run in full; the last one runs message queries only, unless
+        ``_full_last_layer`` (testing/benchmarks)."""
+        return self.layers if self._full_last_layer else self.layers[:-1]
 
-        # padded sub-bag batch x (S, T, D): message tokens, then the sub-bag's instances
-        src = h if lay.identity_rows else h.index_select(0, lay.rows)
-        if grad:
-            inst = (
-                h.new_zeros(s * lay.lmax, d).index_copy(0, lay.inst_flat, src).view(s, lay.lmax, d)
+    def _forward_train(self, x, lay: _Layout, return_att: bool):
+        """Autograd path: out-of-place residuals; matmul+softmax attention where it is
+        small or ``twice_differentiable`` asks for it. Returns ``(cls, p_inst, p_msg)``."""
+        m = self.num_msg
+        sub_math = self._math_path(True, lay.S, lay.T)
+        msg_math = self._math_path(True, lay.B, lay.Tm)
+        cls = self.msgcls_token.expand(lay.B, self.embed_dim)
+        for layer in self._body_layers():
+            x = x + layer.subbag_attn(
+                x, lay.key_mask, self.attention, self.num_landmarks, self.pinv_iterations, sub_math
             )
-            x = torch.cat([self.msg_tokens.expand(s, m, d), inst], dim=1)
-            del inst
-        else:
-            x = h.new_zeros(s * t, d)
-            x.index_copy_(0, lay.dst, src)
-            x = x.view(s, t, d)
-            x[:, :m] = self.msg_tokens
-        del h, src
-
-        sub_math = self._math_path(grad, s, t)
-        msg_math = self._math_path(grad, b, lay.Tm)
-        cls = self.msgcls_token.expand(b, d)
-        p_inst = p_msg = None
-        for li, layer in enumerate(self.layers):
-            last = li == self.num_layers - 1 and not self._full_last_layer
-            # 1) sub-bag self-attention (all sub-bags in one batched call)
-            if last:
-                o, p_inst = layer.subbag_attn.query_attention(
-                    x, m, lay.key_mask, need_weights=return_att
-                )
-                msgs = x[:, :m] + o
-            elif grad:
-                x = x + layer.subbag_attn(
-                    x, lay.key_mask, mode, self.num_landmarks, self.pinv_iterations, sub_math
-                )
-                msgs = x[:, :m]
-            else:
-                layer.subbag_attn.residual_(
-                    x,
-                    lay.key_mask,
-                    mode,
-                    self.num_landmarks,
-                    self.pinv_iterations,
-                    self.max_chunk_bytes,
-                )
-                msgs = x[:, :m]
-            # 2) attention over [msgcls; every sub-bag's message tokens] of each bag
-            seq = torch.cat([cls[:, None, :], X.new_zeros(b, lay.Tm - 1, d)], dim=1).reshape(
-                b * lay.Tm, d
-            )
-            seq = seq.index_copy(0, lay.msg_dst, msgs.reshape(s * m, d)).view(b, lay.Tm, d)
-            if last:
-                o, p_msg = layer.msg_attn.query_attention(
-                    seq, 1, lay.msg_key_mask, need_weights=return_att
-                )
-                cls = seq[:, 0] + o[:, 0]
-                break
+            seq = self._message_seq(x[:, :m], cls, lay)
             seq = seq + layer.msg_attn(seq, lay.msg_key_mask, math_path=msg_math)
             cls = seq[:, 0]
-            new_msgs = seq.reshape(b * lay.Tm, d).index_select(0, lay.msg_dst).view(s, m, d)
-            if grad:
-                x = torch.cat([new_msgs, x[:, m:]], dim=1)
-            else:
-                x[:, :m] = new_msgs
-        logits = self.classifier(cls)
-        if not return_att:
-            return logits
-        if p_inst is None:
-            raise SparsemilError("return_att needs the message-query path of the last layer")
-        return logits, self._attention_map(p_inst, p_msg, lay, b, n)
+            x = torch.cat([self._messages_of(seq, lay), x[:, m:]], dim=1)
+        return self._last_layer(x, cls, lay, return_att)
+
+    def _forward_eval(self, x, lay: _Layout, return_att: bool):
+        """Inference path (no autograd): in-place residuals, q/k/v chunked by heads to at
+        most ``max_chunk_bytes``. Returns ``(cls, p_inst, p_msg)``."""
+        m = self.num_msg
+        cls = self.msgcls_token.expand(lay.B, self.embed_dim)
+        for layer in self._body_layers():
+            layer.subbag_attn.residual_(
+                x, lay.key_mask, self.attention, self.num_landmarks, self.pinv_iterations,
+                self.max_chunk_bytes,
+            )  # fmt: skip
+            seq = self._message_seq(x[:, :m], cls, lay)
+            seq = seq + layer.msg_attn(seq, lay.msg_key_mask, math_path=False)
+            cls = seq[:, 0]
+            x[:, :m] = self._messages_of(seq, lay)
+        return self._last_layer(x, cls, lay, return_att)
+
+    def _last_layer(self, x, cls, lay: _Layout, return_att: bool):
+        """Last layer, exact and O(N): only the message tokens' (sub-bag attention) and
+        msgcls's (message attention) queries are computed."""
+        if self._full_last_layer:
+            return cls, None, None
+        layer, m = self.layers[-1], self.num_msg
+        o, p_inst = layer.subbag_attn.query_attention(x, m, lay.key_mask, need_weights=return_att)
+        seq = self._message_seq(x[:, :m] + o, cls, lay)
+        o, p_msg = layer.msg_attn.query_attention(seq, 1, lay.msg_key_mask, need_weights=return_att)
+        return seq[:, 0] + o[:, 0], p_inst, p_msg
+
+    def _message_seq(self, msgs, cls, lay: _Layout) -> torch.Tensor:
+        """``(B, Tm, D)``: ``[msgcls; every sub-bag's message tokens]`` of each bag."""
+        b, d = lay.B, self.embed_dim
+        seq = torch.cat([cls[:, None, :], msgs.new_zeros(b, lay.Tm - 1, d)], dim=1)
+        seq = seq.reshape(b * lay.Tm, d)
+        return seq.index_copy(0, lay.msg_dst, msgs.reshape(lay.S * lay.m, d)).view(b, lay.Tm, d)
+
+    def _messages_of(self, seq, lay: _Layout) -> torch.Tensor:
+        """The sub-bags' message tokens ``(S, m, D)`` back out of a message sequence."""
+        d = self.embed_dim
+        return seq.reshape(lay.B * lay.Tm, d).index_select(0, lay.msg_dst).view(lay.S, lay.m, d)
 
     def _math_path(self, grad: bool, rows: int, t: int) -> bool:
         """Matmul+softmax attention (twice differentiable) instead of the SDPA kernel?
@@ -529,26 +585,35 @@ class MMILTransformer(MILModel):
         Y: torch.Tensor,
         X: torch.Tensor,
         mask: torch.Tensor | None = None,
+        *,
         coords: torch.Tensor | None = None,
         group_ids: torch.Tensor | None = None,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(logits (B, n_classes), {"CrossEntropyLoss": loss})`` for labels ``Y (B,)``."""
-        logits = self.forward(X, mask=mask, coords=coords, group_ids=group_ids)
+        """``(logits (B, n_classes), {name: loss})`` for labels ``Y (B,)``.
+
+        ``criterion(logits, y)`` defaults to ``self.criterion`` (cross-entropy); the loss is
+        keyed by its class name (``"CrossEntropyLoss"``) or, for a function, its name.
+        """
+        logits = self.forward(X, mask, coords=coords, group_ids=group_ids)
         y = torch.as_tensor(Y, device=logits.device).reshape(-1).long()
         if y.shape[0] != logits.shape[0]:
             raise SparsemilError(f"Y has {y.shape[0]} labels for {logits.shape[0]} bags")
-        return logits, {"CrossEntropyLoss": self.criterion(logits, y)}
+        crit = self.criterion if criterion is None else criterion
+        name = type(crit).__name__ if isinstance(crit, nn.Module) else crit.__name__
+        return logits, {name: crit(logits, y)}
 
     def predict(
         self,
         X: torch.Tensor,
         mask: torch.Tensor | None = None,
+        return_inst_pred: bool = True,
+        *,
         coords: torch.Tensor | None = None,
-        return_inst_pred: bool = False,
         group_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(B, n_classes)`` (and attention scores ``(B, N)``), without autograd."""
+        """Without autograd (torchmil's ``predict(X, mask, return_inst_pred=True)``):
+        ``(logits (B, n_classes), attention scores (B, N))``, or the logits alone when
+        ``return_inst_pred`` is False."""
         with torch.no_grad():
-            return self.forward(
-                X, mask=mask, coords=coords, group_ids=group_ids, return_att=return_inst_pred
-            )
+            return self.forward(X, mask, return_inst_pred, coords=coords, group_ids=group_ids)

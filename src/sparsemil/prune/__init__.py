@@ -6,8 +6,10 @@ torch/numpy and :mod:`sparsemil.errors` / :mod:`sparsemil.io`:
 - :mod:`~sparsemil.prune.l1` -- ``l1_params``, ``l1_penalty``;
 - :mod:`~sparsemil.prune.magnitude` -- ``prunable_parameters``, ``global_magnitude_masks``,
   ``apply_masks``, ``remove_masks``, ``prune_model``;
-- :mod:`~sparsemil.prune.sweep` -- ``SweepResult``, ``pruning_sweep``, ``vision_sweep``,
-  ``actual_ratio``, ``CRITERIA``; :mod:`~sparsemil.prune.batched_sweep` on GPUs;
+- :mod:`~sparsemil.prune.result` -- ``SweepResult`` and the criteria (``actual_ratio``,
+  ``CRITERIA``), shared by both sweeps;
+- :mod:`~sparsemil.prune.sweep` -- ``pruning_sweep``, ``vision_sweep`` (re-exports the
+  result names); :mod:`~sparsemil.prune.batched_sweep` on GPUs;
 - :mod:`~sparsemil.prune.export` -- checkpoints and ``save_sparse`` / ``load_sparse``.
 
 ``sparsemil.prune.hvp`` and ``sparsemil.prune.limit`` are re-exports of
@@ -27,12 +29,12 @@ _EXPORTS = {
     "apply_masks": "magnitude",
     "remove_masks": "magnitude",
     "prune_model": "magnitude",
-    "SweepResult": "sweep",
+    "SweepResult": "result",
     "pruning_sweep": "sweep",
     "vision_sweep": "sweep",
-    "actual_ratio": "sweep",
-    "actual_ratios": "sweep",
-    "CRITERIA": "sweep",
+    "actual_ratio": "result",
+    "actual_ratios": "result",
+    "CRITERIA": "result",
     "save_checkpoint": "export",
     "save_sparse": "export",
     "load_sparse": "export",

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.magnitude import ParamRef, prunable_parameters
+from sparsemil.prune.magnitude import (
+    ParamRef,
+    counts_from_sorted,
+    plain_parameters,
+    prunable_parameters,
+)
+from sparsemil.prune.result import SweepResult, sweep_result
 
 #: ``evaluate_many(model, stacked) -> {metric: (K,) array}`` where ``stacked`` maps qualified
 #: parameter names to ``(K, *shape)`` weights (one pruned version per ratio).
@@ -44,6 +50,50 @@ def qualified_names(model: nn.Module, params: Sequence[ParamRef]) -> list[str]:
     return out
 
 
+def _stacked_pruned(
+    names: Sequence[str],
+    weights: Sequence[torch.Tensor],
+    magnitudes: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``name -> (K, *shape)``: each weight with ``|w| <= thresholds[k]`` zeroed in copy k."""
+    out = {}
+    for name, t, a in zip(names, weights, magnitudes, strict=True):
+        keep = a.unsqueeze(0) > thresholds.view(-1, *([1] * t.dim()))
+        out[name] = torch.where(
+            keep, t.unsqueeze(0), torch.zeros((), dtype=t.dtype, device=t.device)
+        )
+    return out
+
+
+def _evaluate_chunks(
+    model: nn.Module,
+    evaluate_many: EvaluateMany,
+    names: Sequence[str],
+    weights: Sequence[torch.Tensor],
+    magnitudes: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    chunk: int,
+    progress: bool,
+) -> dict[str, list[float]]:
+    """Per-ratio metrics, ``chunk`` thresholds per call of ``evaluate_many`` (a key missing
+    from a call is NaN for its ratios)."""
+    from tqdm.auto import tqdm
+
+    n = int(thresholds.numel())
+    metrics: dict[str, list[float]] = {}
+    for s in tqdm(range(0, n, chunk), desc="pruning sweep", disable=not progress, unit="chunk"):
+        e = min(s + chunk, n)
+        out = evaluate_many(model, _stacked_pruned(names, weights, magnitudes, thresholds[s:e]))
+        for key, val in out.items():
+            metrics.setdefault(key, [math.nan] * s).extend(
+                np.asarray(val, dtype=np.float64).tolist()
+            )
+        for key in metrics:
+            metrics[key].extend([math.nan] * (e - len(metrics[key])))
+    return metrics
+
+
 def batched_pruning_sweep(
     model: nn.Module,
     evaluate_many: EvaluateMany,
@@ -51,7 +101,7 @@ def batched_pruning_sweep(
     params: Sequence[ParamRef] | None = None,
     chunk: int = 32,
     progress: bool = True,
-) -> Any:
+) -> SweepResult:
     """:func:`~sparsemil.prune.sweep.pruning_sweep` evaluating ``chunk`` ratios per call.
 
     Args:
@@ -63,17 +113,13 @@ def batched_pruning_sweep(
         progress: tqdm bar (stderr).
 
     Returns:
-        :class:`~sparsemil.prune.sweep.SweepResult`; ``dense`` is the unpruned model's
+        :class:`~sparsemil.prune.result.SweepResult`; ``dense`` is the unpruned model's
         metrics (evaluated through the same batched path).
     """
-    from tqdm.auto import tqdm
-
-    from sparsemil.prune.sweep import _check_params, counts_from_sorted, sweep_result
-
     if chunk < 1:
         raise SparsemilError(f"batched sweep: chunk must be >= 1, got {chunk}")
     params = list(params) if params is not None else prunable_parameters(model)
-    tensors = _check_params(params)
+    tensors = plain_parameters(params)
     names = qualified_names(model, params)
     ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
     if ratios.size == 0:
@@ -86,35 +132,17 @@ def batched_pruning_sweep(
     ks, n_pruned, distance = counts_from_sorted(sorted_mags.double().cpu().numpy(), ratios)
     # prune |w| <= threshold (the k-th smallest magnitude, in the weights' own dtype)
     thresholds = sorted_mags[torch.as_tensor(ks - 1, device=sorted_mags.device)]
-
-    def stacked(thr: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, t, a in zip(names, w, absw, strict=True):
-            keep = a.unsqueeze(0) > thr.view(-1, *([1] * t.dim()))
-            out[name] = torch.where(
-                keep, t.unsqueeze(0), torch.zeros((), dtype=t.dtype, device=t.device)
-            )
-        return out
-
     was_training = model.training
     model.eval()
-    metrics: dict[str, list[float]] = {}
     try:
         with torch.no_grad():
             dense_out = evaluate_many(
                 model, {n: t.unsqueeze(0) for n, t in zip(names, w, strict=True)}
             )
             dense = {k: float(np.asarray(v)[0]) for k, v in dense_out.items()}
-            starts = range(0, len(ratios), chunk)
-            for s in tqdm(starts, desc="pruning sweep", disable=not progress, unit="chunk"):
-                e = min(s + chunk, len(ratios))
-                out = evaluate_many(model, stacked(thresholds[s:e]))
-                for key, val in out.items():
-                    metrics.setdefault(key, [math.nan] * s).extend(
-                        np.asarray(val, dtype=np.float64).tolist()
-                    )
-                for key in metrics:
-                    metrics[key].extend([math.nan] * (e - len(metrics[key])))
+            metrics = _evaluate_chunks(
+                model, evaluate_many, names, w, absw, thresholds, chunk, progress
+            )
     finally:
         model.train(was_training)
 

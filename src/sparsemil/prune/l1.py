@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsemil.errors import SparsemilError
+
 
 def l1_params(model: nn.Module, scope: str = "all") -> list[tuple[str, nn.Parameter]]:
     """Parameters that carry the penalty.
@@ -33,7 +35,7 @@ def l1_params(model: nn.Module, scope: str = "all") -> list[tuple[str, nn.Parame
             if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.requires_grad:
                 out.append((f"{mname}.weight" if mname else "weight", m.weight))
         return out
-    raise ValueError(f"l1 scope must be 'all' or 'weights', got {scope!r}")
+    raise SparsemilError(f"l1_scope {scope!r}: must be 'all' or 'weights'")
 
 
 def l1_penalty(
@@ -55,7 +57,7 @@ def l1_penalty(
         return torch.stack([t.abs().sum() for t in tensors]).sum()
     if regularizer == "L2":
         return torch.stack([t.pow(2).sum() for t in tensors]).sum()
-    raise ValueError(f"regularizer must be 'L1' or 'L2', got {regularizer!r}")
+    raise SparsemilError(f"regularizer {regularizer!r}: must be 'L1' or 'L2'")
 
 
 

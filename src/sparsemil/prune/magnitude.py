@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -47,6 +48,35 @@ def num_to_prune(ratio: float, n_weights: int) -> int:
     if n_weights < 1:
         raise SparsemilError("pruning: the model has no prunable weights")
     return min(n_weights, max(1, math.ceil(ratio * n_weights - _CEIL_TOL)))
+
+
+def plain_parameters(params: Sequence[ParamRef]) -> list[torch.Tensor]:
+    """The tensors of ``params``, each checked to be a plain ``nn.Parameter`` (no
+    ``torch.nn.utils.prune`` reparametrisation, which the sweeps would bypass)."""
+    tensors: list[torch.Tensor] = []
+    for module, name in params:
+        t = getattr(module, name)
+        if not isinstance(t, nn.Parameter):
+            raise SparsemilError(
+                f"pruning sweep: {type(module).__name__}.{name} is not a plain Parameter "
+                f"(remove torch.nn.utils.prune hooks first)"
+            )
+        tensors.append(t)
+    if not tensors:
+        raise SparsemilError("pruning sweep: no prunable parameters (Conv2d/Linear weights)")
+    return tensors
+
+
+def counts_from_sorted(
+    sorted_np: np.ndarray, ratios: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, n_pruned, distance)`` per ratio from the ascending magnitudes ``sorted_np`` (N_w,):
+    ``k = ceil(rho * N_w)`` (at least 1), ``n_pruned`` = every ``|w| <=`` the k-th smallest
+    (ties pruned), ``distance = sqrt(sum of the pruned squared magnitudes)`` (float64)."""
+    ks = np.array([num_to_prune(r, sorted_np.size) for r in ratios], dtype=np.int64)
+    n_pruned = np.searchsorted(sorted_np, sorted_np[ks - 1], side="right").astype(np.int64)
+    cum_sq = np.concatenate([[0.0], np.cumsum(sorted_np**2)])
+    return ks, n_pruned, np.sqrt(cum_sq[n_pruned])
 
 
 def _tensor(ref: ParamRef) -> torch.Tensor:

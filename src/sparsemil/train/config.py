@@ -15,11 +15,6 @@ from typing import Any
 from sparsemil import config as config_system
 from sparsemil.errors import SparsemilError, suggest
 
-FORMATS = ("auto", "mil-csv", "clam", "split", "folder", "h5", "pt", "dsmil-csv")
-"""``folder`` / ``h5`` / ``pt`` / ``dsmil-csv`` read per-slide files through
-:func:`sparsemil.data.sources.load_bag_source` (``folder`` lets it guess the file type)."""
-FOLDER_FORMATS = ("folder", "h5", "pt", "dsmil-csv")
-
 
 @dataclass
 class MILTrainConfig:
@@ -32,8 +27,10 @@ class MILTrainConfig:
             or a folder of per-slide ``.h5``/``.pt``/DSMIL ``.csv`` files (``folder``, or
             ``h5``/``pt``/``dsmil-csv`` to name the file type; labels from ``labels``), or a
             DSMIL bag-list CSV (``dsmil-csv``).
-        format: one of ``auto``, ``mil-csv``, ``clam``, ``split``, ``folder``, ``h5``, ``pt``,
-            ``dsmil-csv``.
+        format: one of :data:`sparsemil.data.sources.FORMATS` (``auto``, ``mil-csv``, ``h5``,
+            ``pt``, ``dsmil-csv``, ``folder``, ``clam``, ``split``); the data spec
+            (``data``, ``format``, ``data_dir``, ``labels``, ``n_classes``) goes to
+            :func:`sparsemil.data.sources.load_bag_source`.
         data_dir: folder of the per-slide feature files (``clam`` / ``split``).
         labels: CSV ``slide_id,label`` (CLAM dataset CSV) for the folder formats.
         n_classes: number of bag classes.
@@ -124,6 +121,7 @@ class MILTrainConfig:
 
     def validate(self, source: str = "config") -> None:
         """Type and range checks; raises :class:`SparsemilError` naming the field."""
+        from sparsemil.data.sources import FORMATS
         from sparsemil.mil.factory import MODEL_NAMES
 
         def bad(name: str, why: str) -> SparsemilError:

@@ -63,22 +63,17 @@ def run_cv(
     Returns the metrics dict written to ``out/metrics.json`` (``None`` on DDP ranks > 0).
     """
     from sparsemil.data.splits import write_folds_csv
-    from sparsemil.train.data import load_mil_data, run_folds
+    from sparsemil.train.data import folds_for, load_mil_data
     from sparsemil.train.trainer import fit_fold, is_launched_child, preflight, prepare_out_dir
 
     t0 = time.time()
     data = load_mil_data(cfg)  # validates every bag before anything is trained
-    folds = run_folds(data, cfg)
+    folds = folds_for(data, cfg)
     preflight(cfg, data)
     out = prepare_out_dir(out, resume, "metrics.json")
     rank0 = not is_launched_child()
     if rank0:
-        write_folds_csv(
-            out / "folds.csv",
-            [(f.train, f.val, f.test) for f in folds],
-            data.slide_ids,
-            data.labels,
-        )
+        write_folds_csv(out / "folds.csv", folds, data.slide_ids, data.labels)
     results = []
     for fold in folds:
         r = fit_fold(cfg, data, fold, out / f"fold_{fold.index}", resume=resume)
@@ -90,7 +85,7 @@ def run_cv(
         "protocol": {
             "data": data.source,
             "n_bags": len(data.bags),
-            "in_dim": data.in_dim,
+            "in_dim": data.dim,
             "n_classes": data.n_classes,
             "model": cfg.model,
             "model_kwargs": cfg.model_kwargs,

@@ -15,21 +15,36 @@ import lightning as L
 import numpy as np
 import torch
 
-from sparsemil.mil.factory import bag_probabilities, model_accepts
+from sparsemil.errors import SparsemilError
+from sparsemil.mil.factory import bag_probabilities
+from sparsemil.mil.registry import ModelSpec, spec_of
 from sparsemil.prune.l1 import l1_penalty
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, Any], method: str) -> dict[str, Any]:
-    """Keyword inputs of ``model.<method>`` taken from a collated batch.
+def registered_spec(model: torch.nn.Module) -> ModelSpec:
+    """The registry entry of ``model``'s class; :class:`SparsemilError` for other models."""
+    spec = spec_of(model)
+    if spec is None:
+        raise SparsemilError(
+            f"model: {type(model).__name__} is not a registered MIL model "
+            "(sparsemil.mil.registry.MODELS); build it with build_mil_model"
+        )
+    return spec
 
-    ``mask`` is passed to every model that accepts one (DTFD-MIL needs it even without
-    padding); ``coords`` when present and accepted. A model without mask support (TransMIL)
-    must not receive padded batches -- :func:`check_batch_support` rejects that up front.
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword inputs of ``model``'s ``forward``/``predict``/``compute_loss`` from a batch.
+
+    ``mask`` goes to every model that takes one (DTFD-MIL needs it even without padding);
+    ``coords`` when present and taken (:class:`~sparsemil.mil.registry.ModelSpec`). A model
+    that cannot take padded batches (TransMIL: no mask) never gets one --
+    :func:`~sparsemil.train.trainer.check_batch_support` rejects that up front.
     """
+    spec = registered_spec(model)
     kwargs: dict[str, Any] = {}
-    if model_accepts(model, method, "mask"):
+    if spec.accepts_mask:
         kwargs["mask"] = batch["mask"]
-    if "coords" in batch and model_accepts(model, method, "coords"):
+    if "coords" in batch and spec.accepts_coords:
         kwargs["coords"] = batch["coords"]
     return kwargs
 
@@ -64,6 +79,7 @@ class MILModule(L.LightningModule):
         l1: float = 0.0,
     ) -> None:
         super().__init__()
+        registered_spec(model)  # fail early for a model the registry does not know
         self.model = model
         self.n_classes = int(n_classes)
         self.lr = float(lr)
@@ -77,7 +93,7 @@ class MILModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        kwargs = model_inputs(self.model, batch, "compute_loss")
+        kwargs = model_inputs(self.model, batch)
         out, losses = self.model.compute_loss(batch["Y"], batch["X"], **kwargs)
         if isinstance(out, tuple | list):
             out = out[0]
@@ -136,15 +152,13 @@ class MILModule(L.LightningModule):
     # ------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sparsemil_rng"] = _get_rng_state()
-        gen = getattr(self.model, "_rng", None)  # MMIL's own generator (grouping, masking)
-        if isinstance(gen, np.random.Generator):
-            checkpoint["sparsemil_model_rng"] = gen.bit_generator.state
+        if registered_spec(self.model).seeded:  # the model's own generator (MMIL: grouping)
+            checkpoint["sparsemil_model_rng"] = self.model.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("sparsemil_rng")
-        gen = getattr(self.model, "_rng", None)
-        if isinstance(gen, np.random.Generator) and "sparsemil_model_rng" in checkpoint:
-            gen.bit_generator.state = checkpoint["sparsemil_model_rng"]
+        if registered_spec(self.model).seeded and "sparsemil_model_rng" in checkpoint:
+            self.model.set_rng_state(checkpoint["sparsemil_model_rng"])
 
 
 def _get_rng_state() -> dict[str, Any]:

@@ -36,12 +36,15 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sparsemil.data.bags import collate_bags
+from sparsemil.data.sources import BagSource
+from sparsemil.data.splits import Fold
 from sparsemil.errors import SparsemilError
 from sparsemil.io import atomic_path, atomic_write_json
 from sparsemil.mil.checkpoint import save_mil_checkpoint
-from sparsemil.mil.factory import build_mil_model, model_accepts
+from sparsemil.mil.factory import build_mil_model
+from sparsemil.mil.registry import get_model_spec
 from sparsemil.train.config import MILTrainConfig
-from sparsemil.train.data import Fold, MILData, MILDataset, Standardizer
+from sparsemil.train.data import MILDataset, Standardizer, standardize_for
 from sparsemil.train.module import MILModule
 from sparsemil.train.seeding import scoped_seed
 
@@ -218,40 +221,26 @@ class MILDataModule(L.LightningDataModule):
         )
 
 
-PARTIAL_MASK_MODELS = ("dsmil", "clam_sb", "dtfdmil")
-"""torchmil models that take a mask but ignore it in part of their computation (DSMIL's max
-over instance logits, CLAM-SB's instance loss, DTFD-MIL's tier-2 pooling), so padding rows
-would leak into their losses."""
-
-
-def check_batch_support(model: torch.nn.Module, name: str, batch_size: int) -> None:
-    """Models without (full) mask support cannot take padded batches: TransMIL has no mask,
-    and :data:`PARTIAL_MASK_MODELS` ignore it in part of their computation."""
+def check_batch_support(name: str, batch_size: int) -> None:
+    """Padded batches (``batch_size`` > 1) need a model that honours the padding mask
+    everywhere (:attr:`~sparsemil.mil.registry.ModelSpec.supports_batch`): TransMIL has
+    no mask, and DSMIL, CLAM-SB and DTFD-MIL ignore it in part of their computation."""
     if batch_size <= 1:
         return
-    if name in PARTIAL_MASK_MODELS:
+    spec = get_model_spec(name)
+    if not spec.supports_batch:
         raise SparsemilError(
-            f"model '{name}' ignores the padding mask in part of its computation, so "
-            f"--batch-size must be 1 (got {batch_size}); use --accumulate-grad-batches "
-            f"{batch_size} for the same effective batch"
-        )
-    if not model_accepts(model, "compute_loss", "mask"):
-        raise SparsemilError(
-            f"model '{name}' has no padding mask, so --batch-size must be 1 (got {batch_size}); "
-            "use --accumulate-grad-batches for a larger effective batch"
+            f"batch_size: model '{name}' {spec.batch_note}, so batch_size must be 1 "
+            f"(got {batch_size}); set 'accumulate_grad_batches' to {batch_size} for the same "
+            "effective batch"
         )
 
 
-def default_model_kwargs(cfg: MILTrainConfig, data: MILData) -> dict[str, Any]:
-    """``cfg.model_kwargs`` (MMIL also gets ``seed`` unless given)."""
+def default_model_kwargs(cfg: MILTrainConfig, data: BagSource) -> dict[str, Any]:
+    """``cfg.model_kwargs``; a model that owns a generator also gets ``seed`` unless given."""
     kwargs = dict(cfg.model_kwargs)
-    if cfg.model == "mmil":
-        import inspect
-
-        from sparsemil.mil.factory import model_class
-
-        if "seed" in inspect.signature(model_class("mmil").__init__).parameters:
-            kwargs.setdefault("seed", int(cfg.seed))
+    if get_model_spec(cfg.model).seeded:
+        kwargs.setdefault("seed", int(cfg.seed))
     return kwargs
 
 
@@ -270,16 +259,15 @@ def _trainer_kwargs(cfg: MILTrainConfig) -> dict[str, Any]:
     }
 
 
-def preflight(cfg: MILTrainConfig, data: MILData) -> None:
+def preflight(cfg: MILTrainConfig, data: BagSource) -> None:
     """Checks that need the data: build the model once (bad ``model_kwargs`` fail here, not
     after a fold has trained) and check batch-size support and class count."""
-    model = build_mil_model(
-        cfg.model, data.in_dim, data.n_classes, **default_model_kwargs(cfg, data)
-    )
-    check_batch_support(model, cfg.model, cfg.batch_size)
+    build_mil_model(cfg.model, data.dim, data.n_classes, **default_model_kwargs(cfg, data))
+    check_batch_support(cfg.model, cfg.batch_size)
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SparsemilError(
-            "--accelerator gpu was requested but no CUDA device is visible; use --accelerator cpu"
+            f"accelerator: {cfg.accelerator!r} was requested but no CUDA device is visible; "
+            "set accelerator to cpu"
         )
 
 
@@ -352,7 +340,7 @@ class FoldSetup:
 
 def build_fold(
     cfg: MILTrainConfig,
-    data: MILData,
+    data: BagSource,
     fold: Fold,
     run_dir: Path,
     extra_callbacks: list[Callback] | None = None,
@@ -360,12 +348,12 @@ def build_fold(
     """Step 1 of :func:`fit_fold`: standardiser (training bags only), model, module, data
     module and callbacks (checkpointing, early stopping on ``fold.val`` from
     ``cfg.stop_start_epoch``)."""
-    std = Standardizer.fit(data.bags, fold.train) if data.standardize else None
+    std = Standardizer.fit(data.bags, fold.train) if standardize_for(data, cfg) else None
     kwargs = default_model_kwargs(cfg, data)
-    model = build_mil_model(cfg.model, data.in_dim, data.n_classes, **kwargs)
-    check_batch_support(model, cfg.model, cfg.batch_size)
+    model = build_mil_model(cfg.model, data.dim, data.n_classes, **kwargs)
+    check_batch_support(cfg.model, cfg.batch_size)
     meta = {
-        "in_dim": data.in_dim,
+        "in_dim": data.dim,
         "n_classes": data.n_classes,
         "standardize": std.to_meta() if std else None,
         "train_config": cfg.to_dict(),
@@ -375,7 +363,7 @@ def build_fold(
         model, data.n_classes, cfg.lr, cfg.weight_decay, cfg.max_epochs, cfg.min_lr, cfg.l1
     )
     train_ds = MILDataset(data.bags, fold.train, std)
-    val_ds = MILDataset(data.bags, fold.val, std) if fold.val else None
+    val_ds = MILDataset(data.bags, fold.val, std) if len(fold.val) else None
     dm = MILDataModule(
         train_ds, val_ds, cfg.batch_size, int(cfg.seed) * 1000 + int(fold.index), cfg.num_workers
     )
@@ -426,7 +414,7 @@ def fit_setup(
 
 def test_fold(
     cfg: MILTrainConfig,
-    data: MILData,
+    data: BagSource,
     fold: Fold,
     setup: FoldSetup,
     trainer: L.Trainer,
@@ -456,7 +444,7 @@ def test_fold(
         **summary,
         "checkpoint": str(run_dir / "model.safetensors"),
     }
-    if fold.test:
+    if len(fold.test):
         loader = DataLoader(
             MILDataset(data.bags, fold.test, setup.std),
             batch_size=1,
@@ -472,7 +460,7 @@ def test_fold(
 
 def fit_fold(
     cfg: MILTrainConfig,
-    data: MILData,
+    data: BagSource,
     fold: Fold,
     run_dir: str | os.PathLike[str],
     resume: bool = False,
@@ -499,7 +487,7 @@ def fit_fold(
         if rank0:
             split = {"train": len(fold.train), "val": len(fold.val), "test": len(fold.test)}
             atomic_write_json(run_dir / "config.json", {
-                **cfg.to_dict(), "data_source": data.source, "in_dim": data.in_dim,
+                **cfg.to_dict(), "data_source": data.source, "in_dim": data.dim,
                 "n_classes": data.n_classes, "split": split,
             })  # fmt: skip
         trainer = fit_setup(cfg, setup, run_dir, resume)

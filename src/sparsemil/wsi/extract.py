@@ -25,7 +25,8 @@ Per slide ``<stem>`` (the file name without its last suffix) in ``out_dir``:
     The tissue-mask image (see :mod:`sparsemil.wsi.tissue`, default 4 um/px) with tissue
     tinted green and the kept patches outlined in blue.
 
-The h5 is written to a hidden temporary name and renamed when complete, so an existing
+The h5 (:func:`sparsemil.data.h5.write_h5_file`) is written to a hidden temporary name and
+renamed when complete, so an existing
 ``<stem>.h5`` means the slide is done: a rerun skips it (resume). A slide without tissue
 gets a warning and its PNG but no h5.
 """
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sparsemil.data.h5 import write_h5_file
 from sparsemil.errors import SparsemilError
 from sparsemil.wsi.backbones import Backbone
 from sparsemil.wsi.slide import (
@@ -55,7 +57,6 @@ from sparsemil.wsi.slide import (
     read_error,
     resolve_resolution,
     shard_slides,
-    share_mode,
     to_rgb,
 )
 from sparsemil.wsi.tissue import TissueParams, detect_tissue, overlay_png
@@ -299,33 +300,6 @@ def encode_patches(
     return feats
 
 
-def write_h5(
-    h5_path: Path,
-    features: np.ndarray,
-    coords: np.ndarray,
-    coords_attrs: dict,
-    feature_attrs: dict,
-    root_attrs: dict,
-) -> Path:
-    """Write the CLAM/Trident layout to a temporary name and rename it onto ``h5_path``."""
-    import h5py
-
-    from sparsemil.io import atomic_path
-
-    with atomic_path(h5_path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            dset = f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
-            for k, v in feature_attrs.items():
-                dset.attrs[k] = v
-            cset = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
-            for k, v in coords_attrs.items():
-                cset.attrs[k] = v
-            for k, v in root_attrs.items():
-                f.attrs[k] = v
-        share_mode(tmp)
-    return h5_path
-
-
 def _clean_stale_temps(out_dir: Path, stem: str) -> None:
     for p in out_dir.glob(f".{glob.escape(stem)}.*.tmp.h5"):
         try:
@@ -399,7 +373,14 @@ def extract_slide(
         "n_patches_tissue": int(coords_all.shape[0]),
         **backbone.attrs(),
     }
-    write_h5(h5_path, feats, coords, coords_attrs, feature_attrs, root_attrs)
+    write_h5_file(
+        h5_path,
+        feats,
+        coords,
+        attrs=root_attrs,
+        features_attrs=feature_attrs,
+        coords_attrs=coords_attrs,
+    )
     return SlideResult(path, "done", h5_path, int(coords.shape[0]))
 
 

@@ -4,7 +4,8 @@ Scores
 ------
 The model runs once on the whole bag ``X (1, N, C)``:
 
-- models whose ``forward`` takes ``coords`` (sparsemil's ``MMILTransformer``) are called as
+- models that take ``coords`` (``accepts_coords`` in :mod:`sparsemil.mil.registry`:
+  sparsemil's ``MMILTransformer``) are called as
   ``model(X, coords=coords (1, N, 2), return_att=True)`` and return ``(logits, att (1, N))``;
   MMIL's ``att`` is the message-token -> instance attention of each sub-bag combined with
   the global token's attention over the message tokens (see ``sparsemil.mil.mmil``);
@@ -28,7 +29,6 @@ canvas directly (no pyplot, no global backend change).
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from sparsemil.errors import SparsemilError
+from sparsemil.mil.registry import spec_of
 
 
 @dataclass
@@ -61,11 +62,10 @@ class HeatmapResult:
 
 
 def _takes_coords(model: torch.nn.Module) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "coords" in params
+    """Whether ``model`` takes ``coords`` (read from the model registry; False for a model
+    the registry does not know)."""
+    spec = spec_of(model)
+    return spec is not None and spec.accepts_coords
 
 
 def bag_probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -209,24 +209,6 @@ def render_heatmap(
     return out
 
 
-def patch_size_level0_from_attrs(attrs, level_downsamples=None) -> int:
-    """Patch side in level-0 pixels from h5 ``coords`` attributes (ours, CLAM's or Trident's)."""
-    if "patch_size_level0" in attrs:
-        return int(np.asarray(attrs["patch_size_level0"]).ravel()[0])
-    if "patch_size" in attrs:
-        ps = float(np.asarray(attrs["patch_size"]).ravel()[0])
-        if "downsample" in attrs:
-            ds = float(np.asarray(attrs["downsample"]).ravel()[0])
-        elif "patch_level" in attrs and level_downsamples is not None:
-            ds = float(level_downsamples[int(np.asarray(attrs["patch_level"]).ravel()[0])])
-        else:
-            ds = 1.0
-        return int(round(ps * ds))
-    raise SparsemilError(
-        "h5 coords have neither patch_size_level0 nor patch_size attributes; cannot place patches"
-    )
-
-
 def attention_heatmap(
     slide_path: str | os.PathLike[str],
     features: np.ndarray,
@@ -296,33 +278,3 @@ def attention_heatmap(
         logits=logits.numpy(),
         probabilities=probs[0].numpy(),
     )
-
-
-def read_h5_bag(h5_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(features (N, C) float32, coords (N, 2) int64, coords attrs)`` of a CLAM/Trident h5."""
-    import h5py
-
-    h5_path = Path(h5_path)
-    if not h5_path.is_file():
-        raise SparsemilError(f"--h5 {h5_path}: no such file")
-    try:
-        with h5py.File(h5_path, "r") as f:
-            for key in ("features", "coords"):
-                if key not in f:
-                    raise SparsemilError(
-                        f"--h5 {h5_path}: no '{key}' dataset (expected CLAM/Trident layout)"
-                    )
-            feats = np.asarray(f["features"][()], dtype=np.float32)
-            coords = np.asarray(f["coords"][()])
-            attrs = dict(f["coords"].attrs)
-    except OSError as err:
-        raise SparsemilError(f"--h5 {h5_path}: not a readable HDF5 file ({err})") from None
-    if feats.ndim == 3 and feats.shape[0] == 1:
-        feats = feats[0]
-    if coords.ndim == 3 and coords.shape[0] == 1:
-        coords = coords[0]
-    if feats.ndim != 2 or coords.ndim != 2 or coords.shape != (feats.shape[0], 2):
-        raise SparsemilError(
-            f"--h5 {h5_path}: features {feats.shape} and coords {coords.shape} are not (N, C), (N, 2)"
-        )
-    return feats, coords.astype(np.int64), attrs

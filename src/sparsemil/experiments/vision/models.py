@@ -40,7 +40,8 @@ from safetensors import safe_open
 from torch import nn
 
 from sparsemil.errors import SparsemilError
-from sparsemil.prune.export import SPARSE_KEY, load_sparse, read_metadata
+from sparsemil.io import read_safetensors_meta
+from sparsemil.prune.export import CHECKPOINT_KEY, SPARSE_KEY, load_sparse
 
 MODELS = ("fc", "fc12", "fc2", "mlp", "lenet", "alexnet", "vgg16", "resnet18", "resnet50")
 _ALIASES = {"fc5": "fc", "vgg": "vgg16"}
@@ -316,10 +317,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     read as well.
     """
     path = Path(path)
-    try:
-        meta = read_metadata(path)
-    except SparsemilError:
-        meta = None
+    meta = read_safetensors_meta(path, CHECKPOINT_KEY)  # missing / unreadable: its own error
     if meta is None:
         raise SparsemilError(
             f"checkpoint {path}: not a sparsemil prune checkpoint; create one "

@@ -16,11 +16,14 @@ Pipeline (:func:`run_limit`):
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor, nn
 
 from sparsemil.curvature.hvp import HessianOperator, cross_entropy_loss, fixed_batches
 from sparsemil.data.vision import load_vision_dataset
@@ -32,6 +35,7 @@ from sparsemil.io import atomic_write_json
 from sparsemil.limit.plots import plot_sweep
 from sparsemil.limit.predict import (
     LimitOptions,
+    LimitPrediction,
     important_flat_fraction,
     loss_epsilon,
     predict_limit,
@@ -40,6 +44,7 @@ from sparsemil.limit.report import write_limit
 from sparsemil.prune.evaluate import batch_losses
 from sparsemil.prune.export import save_checkpoint, save_sparse
 from sparsemil.prune.magnitude import prunable_parameters, prune_model
+from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, vision_sweep
 
 
@@ -51,30 +56,70 @@ def run_limit(
 ) -> dict[str, Any]:
     """Train with L1 -> sweep -> spectrum -> prediction for a vision config; writes files.
 
-    ``cfg`` is a :class:`~sparsemil.experiments.vision.config.PruneConfig`; its ``limit`` section (if any)
-    holds :class:`LimitOptions`. Also writes ``model.safetensors``, ``sweep.csv`` and
-    ``history.json``. Returns the ``limit.json`` object.
+    ``cfg`` is a :class:`~sparsemil.experiments.vision.config.PruneConfig`; its ``limit``
+    section (if any) holds :class:`LimitOptions`. Also writes ``model.safetensors``,
+    ``sweep.csv`` and ``history.json``. Returns the ``limit.json`` object.
     """
-
     say = log or (lambda _msg: None)
-    opts: LimitOptions = cfg.limit
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     device = cfg.resolved_device()
-
-    t0 = time.perf_counter()
-    model, data, hist = train_from_config(cfg, progress=progress, device=device)
-    timings["train_s"] = time.perf_counter() - t0
+    with _timed(timings, "train_s"):
+        model, data, hist = train_from_config(cfg, progress=progress, device=device)
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
+    _save_trained(cfg, model, data, hist, out, device)
+    with _timed(timings, "sweep_s"):
+        x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+        eps = loss_epsilon(batch_losses(model, x_tr, y_tr, cfg.batch_size).numpy())
+        sweep, actual = _sweep(cfg, model, data, eps, out, progress)
+    say(f"sweep: actual {actual}")
+    with _timed(timings, "important_s"):
+        op, batches, important = _hessian(cfg, model, x_tr, y_tr)
+    flat = important["fraction"] if important is not None else 0.0
+    with _timed(timings, "spectrum_s"):
+        result = _predict(cfg, op, sweep, eps, flat)
+    say(
+        f"spectrum: {result.spectrum.num_products} HVPs ({op.backend}) in "
+        f"{timings['spectrum_s']:.1f}s; predicted ratio {result.predicted_ratio}"
+    )
+    extra = _limit_extra(cfg, data, op, batches, sweep, important, flat, timings)
+    return write_limit(
+        out,
+        result,
+        sweep,
+        eps,
+        actual,
+        extra=extra,
+        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
+        density_bins=cfg.limit.density_bins,
+    )
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Store the wall time of the ``with`` block as ``timings[key]`` (seconds)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def _save_trained(
+    cfg: PruneConfig, model: nn.Module, data: Any, hist: dict[str, Any], out: Path, device: Any
+) -> None:
+    """``model.safetensors`` (weights + metadata) and ``history.json``; the model stays in eval
+    mode on ``device``."""
     model.eval()
     save_checkpoint(out / "model.safetensors", model.cpu(), model_metadata(cfg, data))
     model.to(device)
     atomic_write_json(out / "history.json", hist)
 
-    t0 = time.perf_counter()
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-    eps = loss_epsilon(batch_losses(model, x_tr, y_tr, cfg.batch_size).numpy())
+
+def _sweep(
+    cfg: PruneConfig, model: nn.Module, data: Any, eps: float, out: Path, progress: bool
+) -> tuple[SweepResult, dict[str, float | None]]:
+    """The pruning sweep over ``sparse_epoch`` ratios (written to ``sweep.csv``) and the
+    actual ratio of every criterion (``loss_eps`` when set, else ``eps``)."""
     sweep = vision_sweep(
         model,
         data,
@@ -85,28 +130,37 @@ def run_limit(
     )
     sweep.to_csv(out / "sweep.csv")
     actual = actual_ratios(sweep, eps=cfg.loss_eps if cfg.loss_eps is not None else eps)
-    timings["sweep_s"] = time.perf_counter() - t0
-    say(f"sweep: actual {actual}")
+    return sweep, actual
 
-    t0 = time.perf_counter()
+
+def _hessian(
+    cfg: PruneConfig, model: nn.Module, x_tr: Tensor, y_tr: Tensor
+) -> tuple[HessianOperator, list[tuple[Tensor, Tensor]], dict[str, Any] | None]:
+    """The Hessian operator of the training cross-entropy over the seeded ``limit.hessian_samples``
+    subset, its batches, and (``limit.important``) the important-eigenvalue correction, whose
+    rows are taken per training mini-batch of ``batch_size``."""
+    opts: LimitOptions = cfg.limit
     batches = fixed_batches(x_tr, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
     op = HessianOperator(model, cross_entropy_loss, batches, method=opts.hvp_method)
-    flat = 0.0
-    important = None
-    if opts.important:
-        imp_op = HessianOperator(
-            model,
-            cross_entropy_loss,
-            fixed_batches(x_tr, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
-            method=opts.hvp_method,
-        )
-        important = important_flat_fraction(
-            imp_op, prunable_parameters(model), opts.important_ratios, opts.important_tol
-        )
-        flat = important["fraction"]
-    timings["important_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = predict_limit(
+    if not opts.important:
+        return op, batches, None
+    imp_op = HessianOperator(
+        model,
+        cross_entropy_loss,
+        fixed_batches(x_tr, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
+        method=opts.hvp_method,
+    )
+    important = important_flat_fraction(
+        imp_op, prunable_parameters(model), opts.important_ratios, opts.important_tol
+    )
+    return op, batches, important
+
+
+def _predict(
+    cfg: PruneConfig, op: HessianOperator, sweep: SweepResult, eps: float, flat: float
+) -> LimitPrediction:
+    """SLQ with ``lanczos_num`` runs x ``lanczos_iter`` steps, then the prediction."""
+    return predict_limit(
         op,
         sweep.ratios,
         sweep.distance,
@@ -114,16 +168,25 @@ def run_limit(
         num_runs=cfg.lanczos_num,
         num_steps=cfg.lanczos_iter,
         seed=cfg.seed,
-        negative=opts.negative,
+        negative=cfg.limit.negative,
         flat_fraction=flat,
-        official_grid=opts.official_grid,
+        official_grid=cfg.limit.official_grid,
     )
-    timings["spectrum_s"] = time.perf_counter() - t0
-    say(
-        f"spectrum: {result['spectrum'].num_products} HVPs ({op.backend}) in "
-        f"{timings['spectrum_s']:.1f}s; predicted ratio {result['predicted_ratio']}"
-    )
-    extra = {
+
+
+def _limit_extra(
+    cfg: PruneConfig,
+    data: Any,
+    op: HessianOperator,
+    batches: list[tuple[Tensor, Tensor]],
+    sweep: SweepResult,
+    important: dict[str, Any] | None,
+    flat: float,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The vision-specific keys of ``limit.json``."""
+    opts: LimitOptions = cfg.limit
+    return {
         "timings": timings,
         "hessian": {
             "samples": int(sum(int(b[1].shape[0]) for b in batches)),
@@ -147,16 +210,6 @@ def run_limit(
         "lanczos_num": cfg.lanczos_num,
         "options": asdict(opts),
     }
-    return write_limit(
-        out,
-        result,
-        sweep,
-        eps,
-        actual,
-        extra=extra,
-        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
-        density_bins=opts.density_bins,
-    )
 
 
 def _vision_only(cfg: PruneConfig, what: str) -> None:

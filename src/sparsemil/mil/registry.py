@@ -1,0 +1,213 @@
+"""The one table of MIL models: how each is built and what it can do.
+
+Every module that needs a fact about a model (does it take a padding mask, coordinates,
+more than two classes, padded batches; how many test passes make sense) reads it from
+:data:`MODELS` -- never from a table of its own and never by probing signatures.
+
+The torchmil baselines are the torchmil classes themselves (binary: ``(B,)`` logits,
+``BCEWithLogitsLoss``); MMIL-Transformer is :class:`sparsemil.mil.mmil.MMILTransformer`
+(``(B, n_classes)`` logits, cross-entropy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from sparsemil.errors import SparsemilError, suggest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: Options every torchmil baseline takes besides its constructor's: a CLAM-style instance
+#: encoder ``Linear(C, feat_ext_dim) -> ReLU -> Dropout(feat_ext_dropout)`` as its
+#: ``feat_ext`` (default: none, the features go straight to the model).
+ENCODER_OPTIONS: tuple[str, ...] = ("feat_ext_dim", "feat_ext_dropout")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One MIL model and its capabilities.
+
+    Attributes:
+        name: the registry key (``model`` in configs and checkpoints).
+        display_name: the name for people (tables, plots).
+        model_class: ``() -> class`` (imported lazily: torchmil loads only when needed).
+        builder: ``(in_dim, n_classes, **kwargs) -> model`` (options already validated).
+        accepts_mask: ``forward``/``predict``/``compute_loss`` take a ``mask``.
+        supports_batch: the mask is honoured everywhere, so padded batches of more than one
+            bag give the same losses as single bags; otherwise ``batch_size`` must be 1.
+        batch_note: why padded batches are refused (empty when ``supports_batch``).
+        accepts_coords: ``forward``/``predict``/``compute_loss`` take ``coords=(B, N, 2)``.
+        accepts_group_ids: ... take ``group_ids=(B, N)`` (precomputed sub-bags).
+        multiclass: more than two classes (``(B, K)`` logits); else binary ``(B,)`` logits.
+        seeded: the constructor takes ``seed`` and the model owns a generator
+            (``reseed``, ``get_rng_state``, ``set_rng_state``).
+        stochastic_eval: evaluation passes differ (random grouping, random chunks).
+        default_num_test: test passes worth running (more than one when stochastic).
+        extra_options: options besides the constructor's (handled by ``builder``).
+    """
+
+    name: str
+    display_name: str
+    model_class: Callable[[], type]
+    builder: Callable[..., Any]
+    accepts_mask: bool
+    supports_batch: bool
+    accepts_coords: bool = False
+    accepts_group_ids: bool = False
+    multiclass: bool = False
+    seeded: bool = False
+    stochastic_eval: bool = False
+    default_num_test: int = 1
+    batch_note: str = ""
+    extra_options: tuple[str, ...] = field(default=())
+
+    def build(self, in_dim: int, n_classes: int = 2, **kwargs: Any) -> torch.nn.Module:
+        return self.builder(int(in_dim), int(n_classes), **kwargs)
+
+
+# --------------------------------------------------------------------------- builders
+def _mmil_class() -> type:
+    from sparsemil.mil.mmil import MMILTransformer
+
+    return MMILTransformer
+
+
+def _build_mmil(in_dim: int, n_classes: int, **kwargs: Any) -> torch.nn.Module:
+    return _mmil_class()(in_dim=in_dim, n_classes=n_classes, **kwargs)
+
+
+def _torchmil_class(attr: str) -> Callable[[], type]:
+    def load() -> type:
+        from torchmil import models as tm
+
+        return getattr(tm, attr)
+
+    load.__name__ = f"torchmil_{attr}"
+    return load
+
+
+def _torchmil_builder(attr: str) -> Callable[..., Any]:
+    def build(in_dim: int, n_classes: int, **kwargs: Any) -> torch.nn.Module:
+        import torch
+
+        enc_dim = kwargs.pop("feat_ext_dim", None)
+        enc_drop = kwargs.pop("feat_ext_dropout", 0.0)
+        # A fresh encoder and loss per model: torchmil's defaults are shared module instances.
+        model = _torchmil_class(attr)()(
+            in_shape=(in_dim,),
+            feat_ext=instance_encoder(in_dim, enc_dim, enc_drop),
+            criterion=torch.nn.BCEWithLogitsLoss(),
+            **kwargs,
+        )
+        if attr == "CLAM_SB" and type(model.inst_loss_fn).__name__ == "SmoothTop1SVM":
+            # torchmil's SmoothTop1SVM mis-broadcasts CLAM's (n, 1) targets (mil/losses.py).
+            from sparsemil.mil.losses import SmoothTop1SVM
+
+            model.inst_loss_fn = SmoothTop1SVM(n_classes=2)
+        return model
+
+    build.__name__ = f"build_{attr}"
+    return build
+
+
+def instance_encoder(in_dim: int, dim: int | None, dropout: float = 0.0) -> torch.nn.Module:
+    """CLAM-style per-instance encoder ``(B, N, in_dim) -> (B, N, dim)``; identity if ``dim`` is None."""
+    import torch
+
+    if dim is None:
+        if dropout:
+            raise SparsemilError("model_kwargs.feat_ext_dropout: needs feat_ext_dim")
+        return torch.nn.Identity()
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise SparsemilError(f"model_kwargs.feat_ext_dim must be an integer >= 1 (got {dim!r})")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise SparsemilError(
+            f"model_kwargs.feat_ext_dropout must be a number in [0, 1) (got {dropout!r})"
+        )
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_dim, dim), torch.nn.ReLU(), torch.nn.Dropout(float(dropout))
+    )
+
+
+def _baseline(name: str, attr: str, display: str, **caps: Any) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        display_name=display,
+        model_class=_torchmil_class(attr),
+        builder=_torchmil_builder(attr),
+        extra_options=ENCODER_OPTIONS,
+        **caps,
+    )
+
+
+_PARTIAL = "ignores the padding mask in part of its computation"
+
+_SPECS = (
+    ModelSpec(
+        name="mmil",
+        display_name="MMIL-Transformer",
+        model_class=_mmil_class,
+        builder=_build_mmil,
+        accepts_mask=True,
+        supports_batch=True,
+        accepts_coords=True,
+        accepts_group_ids=True,
+        multiclass=True,
+        seeded=True,
+        stochastic_eval=True,  # random grouping
+        default_num_test=5,
+    ),
+    _baseline("abmil", "ABMIL", "ABMIL", accepts_mask=True, supports_batch=True),
+    _baseline(
+        "transmil",
+        "TransMIL",
+        "TransMIL",
+        accepts_mask=False,
+        supports_batch=False,
+        batch_note="has no padding mask",
+    ),
+    _baseline(  # max over instance logits
+        "dsmil", "DSMIL", "DSMIL", accepts_mask=True, supports_batch=False, batch_note=_PARTIAL
+    ),
+    _baseline(  # instance loss
+        "clam_sb",
+        "CLAM_SB",
+        "CLAM-SB",
+        accepts_mask=True,
+        supports_batch=False,
+        batch_note=_PARTIAL,
+    ),
+    _baseline(  # tier-2 pooling of the distilled features; random chunks
+        "dtfdmil",
+        "DTFDMIL",
+        "DTFD-MIL",
+        accepts_mask=True,
+        supports_batch=False,
+        batch_note=_PARTIAL,
+        stochastic_eval=True,
+        default_num_test=5,
+    ),
+)
+
+#: Every model by name, in the order of tables and ``--help`` texts.
+MODELS: Mapping[str, ModelSpec] = MappingProxyType({s.name: s for s in _SPECS})
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec of model ``name``; :class:`SparsemilError` (naming ``model``) if unknown."""
+    spec = MODELS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise SparsemilError(f"model: unknown model {name!r}{suggest(str(name), MODELS)}")
+    return spec
+
+
+def spec_of(model: Any) -> ModelSpec | None:
+    """The spec of a model instance (by class), or None for a model not in :data:`MODELS`."""
+    for spec in MODELS.values():
+        if isinstance(model, spec.model_class()):
+            return spec
+    return None
