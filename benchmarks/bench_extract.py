@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from sparsemil.wsi.backbones import build_backbone
-    from sparsemil.wsi.extract import resolve_device
+    from sparsemil.errors import resolve_device
 
-    device = resolve_device(a.device)
+    device = torch.device(resolve_device(a.device))
     geom, coords = _coords(a.slide, a.mag, a.patch_size, a.mpp)
     print(
         f"slide {a.slide.name}: {coords.shape[0]} grid patches of {a.patch_size} px at "

@@ -161,24 +161,16 @@ def test_train_then_test_then_predict(tmp_path, subset):
     assert m["n_test"] == 8 and 0 <= m["accuracy"]["mean"] <= 1
     assert (run / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
     ckpt = run / "model.safetensors"
-    assert (
-        main(
-            [
-                "mil",
-                "test",
-                "--checkpoint",
-                str(ckpt),
-                "--data",
-                str(subset),
-                "--out",
-                str(tmp_path / "t"),
-            ]
-        )
-        == 0
-    )
+    args = ["mil", "test", "--checkpoint", str(ckpt), "--data", str(subset)]
+    # the 16 train/val bags of this checkpoint are refused: their scores would be optimistic
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--out", str(tmp_path / "t"), "--allow-seen"]) == 0
     t = json.loads((tmp_path / "t" / "metrics.json").read_text())
     rows = _read_csv(tmp_path / "t" / "predictions.csv")
     assert t["n_bags"] == 24 == len(rows)
+    assert t["seen_in_training"]["n_bags"] == 16 and t["class_names"] == ["0", "1"]
+    assert sum(r["seen_in_training"] == "True" for r in rows) == 16
     assert t["accuracy"]["mean"] == pytest.approx(np.mean([r["pred"] == r["label"] for r in rows]))
     # the training run's test part, re-evaluated from the checkpoint, gives the same probabilities
     train_rows = {r["slide_id"]: float(r["prob_1"]) for r in _read_csv(run / "predictions.csv")}

@@ -155,7 +155,7 @@ def test_torchscript_backbone(tmp_path):
     x = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
     with torch.inference_mode():
         np.testing.assert_allclose(bb.encoder(x).numpy(), tiny.encoder(x).numpy(), rtol=1e-5)
-    with pytest.raises(SparsemilError, match="needs --weights"):
+    with pytest.raises(SparsemilError, match="needs .weights. PATH"):
         build_backbone("torchscript")
 
 

@@ -48,7 +48,7 @@ def test_normalize_scores():
     assert normalize_scores(s, "rank").tolist() == [2 / 3, 0.0, 1.0, 1 / 3]
     assert normalize_scores(s, "minmax") == pytest.approx((s + 1) / 11)
     assert normalize_scores(np.ones(3)).tolist() == [0.5, 0.5, 0.5]
-    with pytest.raises(SparsemilError, match="--norm"):
+    with pytest.raises(SparsemilError, match="norm 'zscore': choose rank or minmax"):
         normalize_scores(s, "zscore")
 
 
@@ -121,3 +121,33 @@ def test_heatmap_cli_with_checkpoint(cmu, tmp_path, capsys):
     rc = main([*args, "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2 and "17-d" in err and "16-d" in err and "Traceback" not in err
+
+
+def test_heatmap_applies_the_checkpoint_standardiser(cmu, tmp_path):
+    """Issue example (K1): a model trained with standardisation on features far from zero
+    (raw encoder scale, +50). The heatmap's slide probabilities equal ``mil predict``'s to
+    1e-6, and differ from the unstandardised forward pass the heatmap used to run."""
+    from sparsemil.data.h5 import write_h5_file
+    from sparsemil.mil.checkpoint import save_mil_checkpoint
+    from sparsemil.mil.factory import bag_probabilities, build_mil_model
+    from sparsemil.train.inference import load_predictor, predict_checkpoint
+    from sparsemil.wsi.heatmap import heatmap_from_checkpoint
+
+    feats, coords = _bag(seed=3)
+    feats = feats + 50.0
+    h5 = tmp_path / "slide.h5"
+    write_h5_file(h5, feats, coords, coords_attrs={"patch_size": 256, "patch_level": 0})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_mil_model("abmil", C)
+        model(torch.zeros(1, 2, C))
+    std = {"mean": feats.mean(0).tolist(), "std": (feats.std(0) + 1e-3).tolist()}
+    ckpt = save_mil_checkpoint(
+        tmp_path / "m.safetensors", model, "abmil", {}, {"standardize": std}, in_dim=C
+    )
+    res, _ = heatmap_from_checkpoint(cmu, h5, ckpt, tmp_path / "hm.png", thumb_size=200)
+    rows = predict_checkpoint(load_predictor(ckpt), h5, tmp_path / "p.csv")
+    assert res.probabilities[1] == pytest.approx(rows[0]["prob_1"], abs=1e-6)
+    with torch.inference_mode():
+        raw = bag_probabilities(model(torch.from_numpy(feats)[None]))[0, 1].item()
+    assert abs(raw - res.probabilities[1]) > 1e-3  # the raw forward is a different number

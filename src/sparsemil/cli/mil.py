@@ -252,12 +252,6 @@ def cv(config: Path | None = O_CONFIG, resume: bool = O_RESUME, **options: Any) 
     typer.echo(f"metrics: {Path(out_dir) / 'metrics.json'}")
 
 
-def _load_for_eval(checkpoint: Path) -> tuple[Any, dict[str, Any]]:
-    from sparsemil.mil.checkpoint import load_mil_checkpoint
-
-    return load_mil_checkpoint(checkpoint)
-
-
 @app.command("test")
 def test(
     checkpoint: Path = typer.Option(
@@ -281,65 +275,25 @@ def test(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder for metrics.json and predictions.csv."
     ),
-) -> None:
+    allow_seen: bool = typer.Option(
+        False, "--allow-seen",
+        help="Score bags the model was trained or selected on, flagged in every output.",
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, auto, ..."),
+) -> None:  # fmt: skip
     """Evaluate a trained checkpoint on labelled bags: accuracy, balanced accuracy, AUC, F1
     (mean ± std over --num-test passes) and per-slide predictions."""
-    from torch.utils.data import DataLoader
+    from sparsemil.train.inference import evaluate_checkpoint, load_predictor
 
-    from sparsemil.data.bags import collate_bags
-    from sparsemil.io import atomic_write_json
-    from sparsemil.train.config import MILTrainConfig
-    from sparsemil.train.data import MILDataset, Standardizer, load_mil_data
-    from sparsemil.train.evaluate import (
-        evaluate_predictions,
-        predict_bags,
-        prediction_rows,
-        write_predictions_csv,
-    )
-
-    if num_test < 1:
-        raise SparsemilError(f"--num-test must be >= 1 (got {num_test})")
-    if part not in ("auto", "all", "train", "val", "test"):
-        raise SparsemilError(f"--part must be auto, all, train, val or test (got {part!r})")
-    model, meta = _load_for_eval(checkpoint)
-    cfg = MILTrainConfig(
-        data=data,
-        format=format,
-        data_dir=data_dir,
-        labels=labels,
-        n_classes=int(meta["n_classes"]),
-    )
-    cfg.validate("command line")
-    d = load_mil_data(cfg)
-    if d.dim != int(meta["in_dim"]):
-        raise SparsemilError(
-            f"{data}: bags have {d.dim} features but checkpoint {checkpoint} expects {meta['in_dim']}; use features from the same encoder"
-        )
-    if part == "auto":
-        idx = d.splits[0].test.tolist() if d.splits else []
-        idx = idx or list(range(len(d.bags)))
-    elif part == "all":
-        idx = list(range(len(d.bags)))
-    else:
-        if not d.splits:
-            raise SparsemilError(f"--part {part} needs a split CSV (--format split) as --data")
-        idx = getattr(d.splits[0], part).tolist()
-    if not idx:
-        raise SparsemilError(f"{data}: the selected part ({part}) has no bags")
-    std = Standardizer.from_meta(meta.get("standardize"))
-    loader = DataLoader(
-        MILDataset(d.bags, idx, std), batch_size=1, shuffle=False, collate_fn=collate_bags
-    )
-    pred = predict_bags(model, loader, num_test=num_test, seed=seed)
-    ev = evaluate_predictions(pred, d.n_classes)
-    rows = prediction_rows(pred)
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", rows)
-    metrics = {**ev["test_time"], "ensemble": ev["ensemble"], "passes": ev["passes"], "n_bags": len(idx),
-               "checkpoint": str(checkpoint), "data": d.source, "num_test": num_test, "predictions": rows}  # fmt: skip
-    atomic_write_json(out / "metrics.json", metrics)
+    predictor = load_predictor(checkpoint, device)
+    m = evaluate_checkpoint(
+        predictor, data, out, format=format, data_dir=data_dir, labels=labels, part=part,
+        num_test=num_test, seed=seed, allow_seen=allow_seen,
+    )  # fmt: skip
+    n_seen = m["seen_in_training"]["n_bags"]
     typer.echo(
-        f"{len(idx)} bags, {num_test} pass(es): accuracy {_fmt(ev['test_time']['accuracy'])}, AUC {_fmt(ev['test_time']['auc'])}"
+        f"{m['n_bags']} bags, {num_test} pass(es): accuracy {_fmt(m['accuracy'])}, "
+        f"AUC {_fmt(m['auc'])}" + (f"; WARNING {n_seen} bags seen in training" if n_seen else "")
     )
     typer.echo(f"metrics: {out / 'metrics.json'}")
 
@@ -360,52 +314,16 @@ def predict(
     num_test: int = typer.Option(1, "--num-test", help="Passes to average (random grouping)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the passes."),
     out: Path = typer.Option(..., "--out", "-o", help="Predictions CSV to write."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, auto, ..."),
 ) -> None:
     """Predict bag probabilities for new slides (labels not needed); writes a CSV with one
     row per slide: slide_id, predicted class, probability per class."""
-    from torch.utils.data import DataLoader
+    from sparsemil.train.inference import load_predictor, predict_checkpoint
 
-    from sparsemil.data.bags import BagRef, collate_bags
-    from sparsemil.data.readers import BAG_SUFFIXES, as_bag, read_mil_csv
-    from sparsemil.train.data import MILDataset, Standardizer
-    from sparsemil.train.evaluate import predict_bags, prediction_rows, write_predictions_csv
-
-    if num_test < 1:
-        raise SparsemilError(f"--num-test must be >= 1 (got {num_test})")
-    if format not in ("auto", "mil-csv"):
-        raise SparsemilError(f"--format must be auto or mil-csv for predict (got {format!r})")
-    model, meta = _load_for_eval(checkpoint)
-    if not data.exists():
-        raise SparsemilError(f"data path {data} does not exist; fix --data")
-    if format == "mil-csv":
-        bags: list[Any] = list(read_mil_csv(data))
-    elif data.is_dir():
-        files = sorted(p for p in data.iterdir() if p.suffix.lower() in BAG_SUFFIXES)
-        if not files:
-            raise SparsemilError(f"{data} holds no .h5/.pt/.csv feature files")
-        bags = [BagRef(path=p, label=-1, slide_id=p.stem) for p in files]
-    else:
-        bags = [BagRef(path=data, label=-1, slide_id=data.stem)]
-    checked = []
-    for b in bags:  # validate every bag before predicting
-        bag = as_bag(b)
-        if bag.n_instances == 0:
-            raise SparsemilError(f"bag {bag.where()} is empty; remove it")
-        if bag.dim != int(meta["in_dim"]):
-            raise SparsemilError(
-                f"bag {bag.where()} has {bag.dim} features but the checkpoint expects {meta['in_dim']}"
-            )
-        checked.append(b)
-    std = Standardizer.from_meta(meta.get("standardize"))
-    loader = DataLoader(
-        MILDataset(checked, list(range(len(checked))), std),
-        batch_size=1,
-        shuffle=False,
-        collate_fn=collate_bags,
+    predictor = load_predictor(checkpoint, device)
+    rows = predict_checkpoint(
+        predictor, data, out, format=format, num_test=num_test, seed=seed
     )
-    pred = predict_bags(model, loader, num_test=num_test, seed=seed)
-    rows = [{k: v for k, v in r.items() if k != "label"} for r in prediction_rows(pred)]
-    write_predictions_csv(out, rows)
     typer.echo(f"{len(rows)} predictions: {out}")
 
 

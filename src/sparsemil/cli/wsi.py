@@ -94,57 +94,17 @@ def heatmap(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
 ) -> None:
     """Draw the MIL model's per-patch attention over a slide thumbnail, with a colour bar."""
-    import numpy as np
+    from sparsemil.wsi.heatmap import heatmap_from_checkpoint
 
-    from sparsemil.data.h5 import read_h5_file
-    from sparsemil.errors import SparsemilError
-    from sparsemil.wsi.extract import resolve_device
-    from sparsemil.wsi.heatmap import attention_heatmap
-
-    if not checkpoint.is_file():
-        raise SparsemilError(f"--checkpoint {checkpoint}: no such file")
-    try:
-        from sparsemil.mil.checkpoint import load_mil_checkpoint
-    except ImportError as err:  # pragma: no cover - depends on the MIL package being present
-        raise SparsemilError(f"cannot load MIL checkpoints: {err}") from None
-    from matplotlib import colormaps
-
-    if cmap not in colormaps:
-        raise SparsemilError(f"--cmap {cmap!r}: not a matplotlib colour map (e.g. jet, viridis)")
-    if not h5.is_file():
-        raise SparsemilError(f"--h5 {h5}: no such file")
-    bag = read_h5_file(h5, need_coords=True)
-    feats, coords = bag.features, bag.coords.astype(np.int64)
-    model, meta = load_mil_checkpoint(checkpoint)
-    in_dim = meta.get("in_dim")
-    if in_dim is not None and int(in_dim) != feats.shape[1]:
-        raise SparsemilError(
-            f"--h5 {h5}: features are {feats.shape[1]}-d but the checkpoint's model expects "
-            f"{in_dim}-d (extract with the backbone the model was trained on)"
-        )
-    from sparsemil.wsi.slide import open_slide
-
-    s = open_slide(slide)
-    try:
-        downs = list(s.level_downsamples)
-    finally:
-        s.close()
-    ps0 = bag.patch_size_level0(downs)
-    res = attention_heatmap(
-        slide,
-        feats,
-        coords,
-        model,
-        out,
-        ps0,
-        thumb_size=thumb_size,
-        normalize=norm,
-        alpha=alpha,
-        cmap=cmap,
-        device=resolve_device(device),
+    res, predictor = heatmap_from_checkpoint(
+        slide, h5, checkpoint, out, thumb_size=thumb_size, normalize=norm, alpha=alpha,
+        cmap=cmap, device=device,
+    )  # fmt: skip
+    probs = ", ".join(
+        f"{name} {p:.3f}" for name, p in zip(predictor.class_names, res.probabilities, strict=True)
     )
-    probs = ", ".join(f"{p:.3f}" for p in res.probabilities)
     typer.echo(
-        f"sparsemil: {slide.name}: {feats.shape[0]} patches, model {meta.get('model', '?')}, "
-        f"class probabilities [{probs}] -> {res.png} ({res.size[0]}x{res.size[1]})"
+        f"sparsemil: {Path(slide).name}: {res.scores.shape[0]} patches, model "
+        f"{predictor.model_name}, class probabilities [{probs}] -> {res.png} "
+        f"({res.size[0]}x{res.size[1]})"
     )

@@ -109,11 +109,11 @@ def build_mil_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -
 def bag_probabilities(output: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(B, n_classes)`` from a model output.
 
-    ``(B,)`` binary logits (torchmil baselines) give ``[1 - sigmoid, sigmoid]``;
+    ``(B,)`` or ``(B, 1)`` binary logits (torchmil baselines) give ``[1 - sigmoid, sigmoid]``;
     ``(B, K)`` logits (MMIL) give ``softmax`` over K.
     """
-    if output.ndim == 1:
-        p1 = torch.sigmoid(output)
+    if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
+        p1 = torch.sigmoid(output.reshape(-1))
         return torch.stack([1.0 - p1, p1], dim=-1)
     if output.ndim == 2:
         return torch.softmax(output, dim=-1)

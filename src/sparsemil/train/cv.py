@@ -29,11 +29,14 @@ from sparsemil.train.evaluate import (
     METRICS,
     classification_metrics,
     mean_std,
+    prob_columns,
     write_predictions_csv,
 )
 
 
-def summarize_folds(results: list[dict[str, Any]], n_classes: int) -> dict[str, Any]:
+def summarize_folds(
+    results: list[dict[str, Any]], n_classes: int, class_names: list[str] | None = None
+) -> dict[str, Any]:
     """Aggregate per-fold results (as returned by ``fit_fold``) into the metrics.json body."""
     out: dict[str, Any] = {}
     for m in METRICS:
@@ -45,7 +48,8 @@ def summarize_folds(results: list[dict[str, Any]], n_classes: int) -> dict[str, 
     rows = [row for r in results for row in r.get("predictions", [])]
     if rows:
         labels = np.array([row["label"] for row in rows])
-        probs = np.array([[row[f"prob_{c}"] for c in range(n_classes)] for row in rows])
+        cols = prob_columns(class_names, n_classes)
+        probs = np.array([[row[c] for c in cols] for row in rows])
         out["pooled"] = classification_metrics(labels, probs, n_classes)
     out["folds"] = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
     out["predictions"] = rows
@@ -64,7 +68,13 @@ def run_cv(
     """
     from sparsemil.data.splits import write_folds_csv
     from sparsemil.train.data import folds_for, load_mil_data
-    from sparsemil.train.trainer import fit_fold, is_launched_child, preflight, prepare_out_dir
+    from sparsemil.train.trainer import (
+        class_names_of,
+        fit_fold,
+        is_launched_child,
+        preflight,
+        prepare_out_dir,
+    )
 
     t0 = time.time()
     data = load_mil_data(cfg)  # validates every bag before anything is trained
@@ -81,7 +91,8 @@ def run_cv(
     if not rank0:
         return None
     metrics: dict[str, Any] = {
-        **summarize_folds(results, data.n_classes),
+        **summarize_folds(results, data.n_classes, class_names_of(data)),
+        "class_names": class_names_of(data),
         "protocol": {
             "data": data.source,
             "n_bags": len(data.bags),

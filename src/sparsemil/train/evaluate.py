@@ -174,23 +174,34 @@ def evaluate_predictions(pred: dict[str, Any], n_classes: int) -> dict[str, Any]
     }
 
 
-def prediction_rows(pred: dict[str, Any], **extra: Any) -> list[dict[str, Any]]:
-    """One row per bag: slide_id, label, mean probability per class (over passes), the
-    predicted class, its std over passes, plus ``extra`` columns (e.g. fold)."""
+def prediction_rows(
+    pred: dict[str, Any], class_names: Sequence[str] | None = None, **extra: Any
+) -> list[dict[str, Any]]:
+    """One row per bag: slide_id, label (class index), mean probability per class over
+    passes as ``prob_<class name>`` (``prob_0``, ``prob_1``, ... without names), the predicted
+    class index, its std over passes, plus ``extra`` columns (e.g. fold)."""
     probs = pred["probs"]  # (T, B, K)
     mean = probs.mean(0)
     std = probs.std(0)
+    names = prob_columns(class_names, mean.shape[1])
     rows = []
     for i, sid in enumerate(pred["slide_ids"]):
         row: dict[str, Any] = dict(extra)
         row["slide_id"] = sid
         row["label"] = int(pred["labels"][i])
         row["pred"] = int(mean[i].argmax())
-        for c in range(mean.shape[1]):
-            row[f"prob_{c}"] = float(mean[i, c])
+        for c, col in enumerate(names):
+            row[col] = float(mean[i, c])
         row["prob_std"] = float(std[i].max())
         rows.append(row)
     return rows
+
+
+def prob_columns(class_names: Sequence[str] | None, n_classes: int) -> list[str]:
+    """The probability column names ``prob_<class name>`` in class-index order."""
+    if class_names is None or len(class_names) != n_classes:
+        class_names = [str(c) for c in range(n_classes)]
+    return [f"prob_{name}" for name in class_names]
 
 
 def write_predictions_csv(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:

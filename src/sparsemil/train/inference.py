@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsemil.data.sources import BagSource
 from sparsemil.errors import SparsemilError, resolve_device
 from sparsemil.mil.checkpoint import load_mil_checkpoint
 from sparsemil.mil.factory import bag_probabilities, model_accepts
@@ -145,3 +146,183 @@ def load_predictor(path: str | os.PathLike[str], device: str | None = "cpu") -> 
         checkpoint=path,
         device=dev,
     )
+
+
+# --------------------------------------------------------------------------- consumers
+PARTS = ("auto", "all", "train", "val", "test")
+
+
+def label_map_of(predictor: Predictor) -> dict[str, int] | None:
+    """``{class name: index}`` of a checkpoint trained on string labels (``None`` for
+    integer labels), so a test CSV's names map to the training indices, never re-mapped."""
+    names = predictor.meta.get("class_names")
+    if not names or [str(n) for n in names] == [str(i) for i in range(len(names))]:
+        return None
+    return {str(n): i for i, n in enumerate(names)}
+
+
+def seen_slides(predictor: Predictor) -> set[str]:
+    """Slide ids the checkpoint was trained on or selected (early-stopped) on."""
+    slides = predictor.meta.get("slides") or {}
+    return {str(s) for part in ("train", "val") for s in slides.get(part, [])}
+
+
+def _selected(source: BagSource, part: str) -> list[int]:
+    if part not in PARTS:
+        raise SparsemilError(f"part {part!r}: use one of {', '.join(PARTS)}")
+    everything = list(range(len(source.bags)))
+    if part == "all":
+        return everything
+    if part == "auto":
+        test = source.splits[0].test.tolist() if source.splits else []
+        return test or everything
+    if not source.splits:
+        raise SparsemilError(
+            f"part {part!r} needs predefined splits; fix: pass an official split CSV as 'data' "
+            "(format split) or use part 'all'"
+        )
+    return getattr(source.splits[0], part).tolist()
+
+
+def score_bags(
+    predictor: Predictor, bags: Any, indices: list[int], num_test: int = 1, seed: int = 0
+) -> dict[str, Any]:
+    """``num_test`` passes of the predictor's model over ``bags[indices]``, standardised with
+    the checkpoint's statistics (:func:`sparsemil.train.evaluate.predict_bags` output)."""
+    from torch.utils.data import DataLoader
+
+    from sparsemil.data.bags import collate_bags
+    from sparsemil.train.data import MILDataset
+    from sparsemil.train.evaluate import predict_bags
+
+    if num_test < 1:
+        raise SparsemilError(f"num_test {num_test}: must be >= 1")
+    loader = DataLoader(
+        MILDataset(bags, indices, predictor.standardizer),
+        batch_size=1,
+        shuffle=False,
+        collate_fn=collate_bags,
+    )
+    return predict_bags(predictor.model, loader, num_test=num_test, seed=seed,
+                        device=predictor.device)  # fmt: skip
+
+
+def evaluate_checkpoint(
+    predictor: Predictor,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+    part: str = "auto",
+    num_test: int = 1,
+    seed: int = 0,
+    allow_seen: bool = False,
+) -> dict[str, Any]:
+    """``mil test``: score a checkpoint on labelled bags; writes ``metrics.json`` and
+    ``predictions.csv`` (``prob_<class name>`` columns) atomically and returns the metrics.
+
+    Labels are read with the checkpoint's class names (a CSV holding only ``tumor_tissue``
+    keeps that class's training index). Bags the model was trained or selected on are refused
+    unless ``allow_seen``, which then marks them in every output.
+
+    Raises:
+        SparsemilError: bad data spec, a label the checkpoint does not know, a feature
+            dimension that differs, an empty selection, or seen bags without ``allow_seen``.
+    """
+    from sparsemil.data.sources import load_bag_source
+    from sparsemil.io import atomic_write_json
+    from sparsemil.train.evaluate import (
+        evaluate_predictions,
+        prediction_rows,
+        write_predictions_csv,
+    )
+
+    source = load_bag_source(
+        data, format, data_dir=data_dir, labels=labels, n_classes=predictor.n_classes,
+        label_map=label_map_of(predictor),
+    )  # fmt: skip
+    predictor.check_features(source.dim, f"data {data}")
+    idx = _selected(source, part)
+    if not idx:
+        raise SparsemilError(f"data {data}: the selected part ({part}) has no bags")
+    seen = sorted(set(source.slide_ids[i] for i in idx) & seen_slides(predictor))
+    if seen and not allow_seen:
+        raise SparsemilError(
+            f"data {data}: {len(seen)} of {len(idx)} bags were used to train or select "
+            f"checkpoint {predictor.checkpoint} (e.g. {seen[0]!r}); their scores would be "
+            "optimistic; fix: evaluate on held-out bags, or set 'allow_seen' to flag them"
+        )
+    pred = score_bags(predictor, source.bags, idx, num_test, seed)
+    ev = evaluate_predictions(pred, predictor.n_classes)
+    rows = prediction_rows(pred, predictor.class_names)
+    for row in rows:
+        row["seen_in_training"] = row["slide_id"] in seen
+    metrics = {
+        **ev["test_time"], "ensemble": ev["ensemble"], "passes": ev["passes"],
+        "n_bags": len(idx), "class_names": predictor.class_names,
+        "checkpoint": str(predictor.checkpoint), "data": source.source, "num_test": num_test,
+        "seen_in_training": {"n_bags": len(seen), "slide_ids": seen},
+        "predictions": rows,
+    }  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions_csv(out / "predictions.csv", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def unlabelled_bags(data: str | os.PathLike[str], format: str = "auto") -> list[Any]:
+    """The bags of ``mil predict``: one per-slide file, a folder of them, or (``mil-csv``)
+    a classic-MIL CSV. Labels are not needed (``-1``)."""
+    from sparsemil.data.bags import BagRef
+    from sparsemil.data.readers import BAG_SUFFIXES, read_mil_csv
+
+    if format not in ("auto", "mil-csv"):
+        raise SparsemilError(f"format {format!r}: predict takes auto or mil-csv")
+    path = Path(data)
+    if not path.exists():
+        raise SparsemilError(f"data {path}: no such file or folder")
+    if format == "mil-csv":
+        return list(read_mil_csv(path))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in BAG_SUFFIXES)
+        if not files:
+            raise SparsemilError(f"data {path}: holds no .h5/.pt/.csv feature files")
+        return [BagRef(path=p, label=-1, slide_id=p.stem) for p in files]
+    return [BagRef(path=path, label=-1, slide_id=path.stem)]
+
+
+def predict_checkpoint(
+    predictor: Predictor,
+    data: str | os.PathLike[str],
+    out_csv: str | os.PathLike[str],
+    *,
+    format: str = "auto",
+    num_test: int = 1,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """``mil predict``: class probabilities of new slides; writes one CSV row per slide
+    (slide_id, predicted class index and name, ``prob_<class name>``) atomically.
+
+    Every bag is read and checked (non-empty, feature dimension) before any is scored.
+    """
+    from sparsemil.data.readers import as_bag
+    from sparsemil.train.evaluate import prediction_rows, write_predictions_csv
+
+    bags = unlabelled_bags(data, format)
+    for b in bags:
+        bag = as_bag(b)
+        if bag.n_instances == 0:
+            raise SparsemilError(f"bag {bag.where()}: empty; remove it")
+        predictor.check_features(bag.dim, f"bag {bag.where()}")
+    pred = score_bags(predictor, bags, list(range(len(bags))), num_test, seed)
+    names = predictor.class_names
+    rows = []
+    for r in prediction_rows(pred, names):
+        r.pop("label")
+        r["pred_class"] = names[r["pred"]]
+        rows.append(r)
+    write_predictions_csv(out_csv, rows)
+    return rows

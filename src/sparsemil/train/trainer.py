@@ -275,7 +275,7 @@ def prepare_out_dir(out: str | os.PathLike[str], resume: bool, marker: str) -> P
     """Create ``out``; refuse a folder that already holds a run unless ``resume``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SparsemilError(f"--out {out} exists and is not a folder; choose another path")
+        raise SparsemilError(f"out {out} exists and is not a folder; choose another path")
     if not resume and not is_launched_child() and out.is_dir():
         taken = [
             p.name
@@ -284,8 +284,8 @@ def prepare_out_dir(out: str | os.PathLike[str], resume: bool, marker: str) -> P
         ]
         if taken:
             raise SparsemilError(
-                f"--out {out} already holds a run ({taken[0]}); pass --resume to continue it or "
-                "choose a new --out folder"
+                f"out {out} already holds a run ({taken[0]}); set 'resume' to continue it or "
+                "choose a new 'out' folder"
             )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -324,6 +324,13 @@ def merge_epoch_logs(logs: Path, out: Path) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
+def class_names_of(data: BagSource) -> list[str]:
+    """Class names in index order: the label strings of the data, else ``"0"``, ``"1"``..."""
+    if data.class_names:
+        return [str(c) for c in data.class_names]
+    return [str(i) for i in range(int(data.n_classes))]
+
+
 @dataclass
 class FoldSetup:
     """What :func:`build_fold` assembles for one split: the Lightning module, data module,
@@ -355,9 +362,14 @@ def build_fold(
     meta = {
         "in_dim": data.dim,
         "n_classes": data.n_classes,
+        "class_names": class_names_of(data),
         "standardize": std.to_meta() if std else None,
         "train_config": cfg.to_dict(),
         "fold": fold.index,
+        "slides": {  # what the model was fitted on and selected on (never to be scored)
+            "train": [data.slide_ids[i] for i in fold.train],
+            "val": [data.slide_ids[i] for i in fold.val],
+        },
     }
     module = MILModule(
         model, data.n_classes, cfg.lr, cfg.weight_decay, cfg.max_epochs, cfg.min_lr, cfg.l1
@@ -454,7 +466,7 @@ def test_fold(
         pred = predict_bags(model, loader, num_test=cfg.num_test, seed=int(cfg.seed))
         ev = evaluate_predictions(pred, data.n_classes)
         result.update({k: ev[k] for k in ("metrics", "test_time", "ensemble")})
-        result["predictions"] = prediction_rows(pred, fold=fold.index)
+        result["predictions"] = prediction_rows(pred, class_names_of(data), fold=fold.index)
     return result
 
 

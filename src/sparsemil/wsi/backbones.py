@@ -43,7 +43,7 @@ BACKBONES: tuple[str, ...] = ("resnet50_trunc", "tiny", "torchscript")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_WARNING = (
-    "features computed with RANDOMLY INITIALISED weights (no --weights given): "
+    "features computed with RANDOMLY INITIALISED weights (no 'weights' given): "
     "for pipeline checks only, meaningless for training or evaluating a MIL model"
 )
 
@@ -230,7 +230,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save``d state_dict (weights_only)."""
     path = Path(path)
     if not path.is_file():
-        raise SparsemilError(f"--weights {path}: no such file")
+        raise SparsemilError(f"weights {path}: no such file")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -238,7 +238,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise SparsemilError(
-                f"--weights {path}: not a readable safetensors file ({err})"
+                f"weights {path}: not a readable safetensors file ({err})"
             ) from None
     else:
         try:
@@ -246,7 +246,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except Exception as err:
             msg = " ".join(str(err).split())[:200]
             raise SparsemilError(
-                f"--weights {path}: cannot read it as a torch state_dict with weights_only=True "
+                f"weights {path}: cannot read it as a torch state_dict with weights_only=True "
                 f"({type(err).__name__}: {msg}); save plain tensors with "
                 "torch.save(model.state_dict(), path) or use .safetensors"
             ) from None
@@ -256,7 +256,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             if inner and not any(isinstance(v, torch.Tensor) for v in sd.values()):
                 sd = sd[inner[0]]
     if not isinstance(sd, dict) or not sd:
-        raise SparsemilError(f"--weights {path}: holds no tensors (expected a state_dict)")
+        raise SparsemilError(f"weights {path}: holds no tensors (expected a state_dict)")
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     changed = True
     while changed:
@@ -280,14 +280,14 @@ def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], path: str | os.Pat
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise SparsemilError(
-            f"--weights {path}: keys do not match this backbone: {'; '.join(parts)}; "
+            f"weights {path}: keys do not match this backbone: {'; '.join(parts)}; "
             "expected torchvision ResNet names such as conv1.weight, layer3.5.bn3.running_var"
         )
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
         raise SparsemilError(
-            f"--weights {path}: shape mismatch for {k}: file {tuple(sd[k].shape)}, "
+            f"weights {path}: shape mismatch for {k}: file {tuple(sd[k].shape)}, "
             f"model {tuple(own[k].shape)} ({len(bad)} tensors differ)"
         )
     new = {k: (sd[k] if k in sd else own[k]).to(own[k].dtype) for k in own}
@@ -311,19 +311,19 @@ def build_backbone(
         warn: print the random-init warning to stderr.
     """
     if name not in BACKBONES:
-        raise SparsemilError(f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}")
+        raise SparsemilError(f"backbone {name!r}: choose one of {', '.join(BACKBONES)}")
     wpath = Path(weights) if weights is not None else None
     if wpath is not None and not wpath.is_file():
-        raise SparsemilError(f"--weights {wpath}: no such file")
+        raise SparsemilError(f"weights {wpath}: no such file")
     if name == "torchscript" and wpath is None:
-        raise SparsemilError("--backbone torchscript needs --weights PATH to a TorchScript file")
+        raise SparsemilError("backbone torchscript needs 'weights' PATH to a TorchScript file")
     if wpath is not None and (name == "torchscript" or is_torchscript(wpath)):
         try:
             net = torch.jit.load(str(wpath), map_location="cpu")
         except Exception as err:
             msg = " ".join(str(err).split())[:200]
             raise SparsemilError(
-                f"--weights {wpath}: not a loadable TorchScript file ({msg})"
+                f"weights {wpath}: not a loadable TorchScript file ({msg})"
             ) from None
         enc = PatchEncoder(net, input_size).eval()
         return Backbone(enc, "torchscript", None, True, str(wpath), _sha256(wpath), "")
@@ -341,7 +341,7 @@ def build_backbone(
             bar = "!" * 78
             print(
                 f"{bar}\nsparsemil: WARNING: {warning}.\n"
-                "sparsemil: WARNING: pass --weights PATH (e.g. an ImageNet torchvision resnet50 "
+                "sparsemil: WARNING: pass 'weights' PATH (e.g. an ImageNet torchvision resnet50 "
                 f"state_dict) for real features.\n{bar}",
                 file=sys.stderr,
             )

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sparsemil.data.h5 import write_h5_file
-from sparsemil.errors import SparsemilError
+from sparsemil.errors import SparsemilError, resolve_device
 from sparsemil.wsi.backbones import Backbone
 from sparsemil.wsi.slide import (
     SLIDE_EXTENSIONS,
@@ -95,41 +95,26 @@ class ExtractConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise SparsemilError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise SparsemilError(f"batch_size {self.batch_size}: must be at least 1")
         if self.workers is not None and self.workers < 0:
-            raise SparsemilError(f"--workers {self.workers}: must be 0 or more")
+            raise SparsemilError(f"workers {self.workers}: must be 0 or more")
         if self.max_patches is not None and self.max_patches < 1:
-            raise SparsemilError(f"--max-patches {self.max_patches}: must be at least 1")
+            raise SparsemilError(f"max_patches {self.max_patches}: must be at least 1")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise SparsemilError(f"--min-tissue {self.min_tissue}: must be within 0..1")
+            raise SparsemilError(f"min_tissue {self.min_tissue}: must be within 0..1")
         if self.mag <= 0:
-            raise SparsemilError(f"--mag {self.mag}: must be a positive magnification, e.g. 20")
+            raise SparsemilError(f"mag {self.mag}: must be a positive magnification, e.g. 20")
         if self.patch_size < 8:
-            raise SparsemilError(f"--patch-size {self.patch_size}: must be at least 8 pixels")
+            raise SparsemilError(f"patch_size {self.patch_size}: must be at least 8 pixels")
         if self.input_size is not None and self.input_size < 8:
-            raise SparsemilError(f"--input-size {self.input_size}: must be at least 8 pixels")
+            raise SparsemilError(f"input_size {self.input_size}: must be at least 8 pixels")
         if self.mpp is not None and not self.mpp > 0:
-            raise SparsemilError(f"--mpp {self.mpp}: must be a positive number of um/pixel")
+            raise SparsemilError(f"mpp {self.mpp}: must be a positive number of um/pixel")
 
     def n_workers(self) -> int:
         if self.workers is not None:
             return int(self.workers)
         return min(4, os.cpu_count() or 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; anything else as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SparsemilError(
-            f"--device {device!r}: not a torch device (cpu, cuda, cuda:1)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SparsemilError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 class PatchDataset(Dataset):
@@ -327,7 +312,7 @@ def extract_slide(
         return SlideResult(path, "skipped", h5_path, message=f"{h5_path.name} exists")
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out_dir, path.stem)
-    device = device or resolve_device(cfg.device)
+    device = device or torch.device(resolve_device(cfg.device))
     res, geom, tissue, coords_all, coords, level_dims, level_downs = plan_patches(path, cfg)
     overlay_png(tissue, png_path, coords, geom.patch_size_level0)
     if coords.shape[0] == 0:
@@ -405,7 +390,7 @@ def extract_batch(
     from tqdm.auto import tqdm
 
     cfg.validate()
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     if backbone is not None:
         backbone.encoder.to(device)
     out_dir = Path(out_dir)
@@ -477,7 +462,7 @@ def run_extract(
     everything = list_slides(slide)
     if not everything:
         raise SparsemilError(
-            f"--slide {slide}: no slide files in this folder (looked for "
+            f"slide {slide}: no slide files in this folder (looked for "
             f"{', '.join(SLIDE_EXTENSIONS)}); pass a slide file or a folder of slides"
         )
     slides = shard_slides(everything, shard)

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from sparsemil.errors import SparsemilError
+from sparsemil.mil.factory import bag_probabilities
 from sparsemil.mil.registry import spec_of
+from sparsemil.train.inference import Predictor
 
 
 @dataclass
@@ -49,7 +51,8 @@ class HeatmapResult:
         size: (width, height) of the PNG = the thumbnail.
         scores: (N,) raw per-instance scores.
         normalized: (N,) scores mapped to [0, 1].
-        logits: model output for the bag (first element of the model's output), as numpy.
+        logits: model output for the bag (first element of the model's output), as numpy
+            (``None`` when drawn through a :class:`~sparsemil.train.inference.Predictor`).
         probabilities: (n_classes,) bag probabilities (sigmoid of a single logit, else softmax).
     """
 
@@ -57,7 +60,7 @@ class HeatmapResult:
     size: tuple[int, int]
     scores: np.ndarray
     normalized: np.ndarray
-    logits: np.ndarray
+    logits: np.ndarray | None
     probabilities: np.ndarray
 
 
@@ -66,14 +69,6 @@ def _takes_coords(model: torch.nn.Module) -> bool:
     the registry does not know)."""
     spec = spec_of(model)
     return spec is not None and spec.accepts_coords
-
-
-def bag_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(B,) binary logits -> (B, 2) via sigmoid; (B, K) -> softmax; (B, 1) as binary."""
-    if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
-        p = torch.sigmoid(logits.reshape(-1))
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=-1)
 
 
 def instance_scores(
@@ -137,7 +132,7 @@ def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
         if span == 0:
             return np.full_like(s, 0.5)
         return (s - s.min()) / span
-    raise SparsemilError(f"--norm {method!r}: choose rank or minmax")
+    raise SparsemilError(f"norm {method!r}: choose rank or minmax")
 
 
 def thumbnail_size(dimensions: tuple[int, int], thumb_size: int) -> tuple[int, int]:
@@ -209,11 +204,32 @@ def render_heatmap(
     return out
 
 
+def bag_scores(
+    model: torch.nn.Module | Predictor,
+    features: np.ndarray,
+    coords: np.ndarray,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(scores (N,), probabilities (K,), logits or None)`` of one bag.
+
+    A :class:`~sparsemil.train.inference.Predictor` (a trained checkpoint) applies the
+    checkpoint's feature standardiser first, exactly as ``mil predict`` does; a bare model
+    sees the features as they are.
+    """
+    if isinstance(model, Predictor):
+        probs, att = model(features, coords, return_att=True)
+        assert att is not None
+        return att, probs, None
+    scores, logits = instance_scores(model, features, coords, device=device)
+    flat = logits.reshape(1, -1) if logits.dim() > 1 else logits.reshape(1)
+    return scores, bag_probabilities(flat)[0].numpy(), logits.numpy()
+
+
 def attention_heatmap(
     slide_path: str | os.PathLike[str],
     features: np.ndarray,
     coords: np.ndarray,
-    model: torch.nn.Module,
+    model: torch.nn.Module | Predictor,
     out_png: str | os.PathLike[str],
     patch_size: int,
     thumb_size: int = 1024,
@@ -228,7 +244,8 @@ def attention_heatmap(
         slide_path: the slide the bag was extracted from.
         features: (N, C) instance features.
         coords: (N, 2) int level-0 top-left patch corners (x, y).
-        model: MIL model (see the module doc for the calling convention).
+        model: a trained checkpoint's :class:`~sparsemil.train.inference.Predictor`
+            (standardises like ``mil predict``), or a bare MIL model (see the module doc).
         out_png: output PNG path (written atomically).
         patch_size: patch side in **level-0** pixels (h5 ``coords.attrs["patch_size_level0"]``).
         thumb_size: longest side of the thumbnail / PNG in pixels.
@@ -236,6 +253,10 @@ def attention_heatmap(
 
     Returns:
         :class:`HeatmapResult`; the PNG is ``thumbnail_size(slide.dimensions, thumb_size)``.
+
+    Raises:
+        SparsemilError: mismatched coords, ``thumb_size`` < 16, ``alpha`` outside 0..1,
+            a non-positive ``patch_size``, or an unreadable slide.
     """
     from PIL import Image
 
@@ -249,12 +270,12 @@ def attention_heatmap(
             f"coords must be (N, 2) matching features (N={features.shape[0]}), got {coords.shape}"
         )
     if thumb_size < 16:
-        raise SparsemilError(f"--thumb-size {thumb_size}: must be at least 16 pixels")
+        raise SparsemilError(f"thumb_size {thumb_size}: must be at least 16 pixels")
     if not 0.0 <= alpha <= 1.0:
-        raise SparsemilError(f"--alpha {alpha}: must be within 0..1")
+        raise SparsemilError(f"alpha {alpha}: must be within 0..1")
     if int(patch_size) < 1:
         raise SparsemilError(f"patch_size {patch_size}: must be a positive level-0 size")
-    scores, logits = instance_scores(model, features, coords, device=device)
+    scores, probs, logits = bag_scores(model, features, coords, device=device)
     values = normalize_scores(scores, normalize)
     slide = open_slide(slide_path)
     try:
@@ -269,12 +290,59 @@ def attention_heatmap(
     with atomic_path(out_png) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
         share_mode(tmp)
-    probs = bag_probabilities(logits.reshape(1, -1) if logits.dim() > 1 else logits.reshape(1))
     return HeatmapResult(
         png=out_png,
         size=(picture.shape[1], picture.shape[0]),
         scores=scores,
         normalized=values,
-        logits=logits.numpy(),
-        probabilities=probs[0].numpy(),
+        logits=logits,
+        probabilities=probs,
     )
+
+
+def heatmap_from_checkpoint(
+    slide: str | os.PathLike[str],
+    h5: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    out_png: str | os.PathLike[str],
+    *,
+    thumb_size: int = 1024,
+    normalize: str = "rank",
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    device: str | None = "auto",
+) -> tuple[HeatmapResult, Predictor]:
+    """``wsi heatmap``: a trained checkpoint's attention on a slide's feature h5.
+
+    The checkpoint is applied through :func:`sparsemil.train.inference.load_predictor`
+    (standardiser, classes), so the slide probabilities equal ``mil predict``'s. Everything is
+    checked (colour map, h5 layout, feature dimension, slide readable) before the model runs.
+
+    Raises:
+        SparsemilError: unknown ``cmap``, a missing/unreadable file, an h5 without coords or
+            patch-size attributes, or features of another dimension than the checkpoint's.
+    """
+    from matplotlib import colormaps
+
+    from sparsemil.data.h5 import read_h5_file
+    from sparsemil.train.inference import load_predictor
+    from sparsemil.wsi.slide import open_slide
+
+    if cmap not in colormaps:
+        raise SparsemilError(f"cmap {cmap!r}: not a matplotlib colour map (e.g. jet, viridis)")
+    if not Path(h5).is_file():
+        raise SparsemilError(f"h5 {h5}: no such file")
+    predictor = load_predictor(checkpoint, device)
+    bag = read_h5_file(h5, need_coords=True)
+    predictor.check_features(bag.features.shape[1], f"h5 {h5}")
+    s = open_slide(slide)
+    try:
+        downs = list(s.level_downsamples)
+    finally:
+        s.close()
+    res = attention_heatmap(
+        slide, bag.features, bag.coords.astype(np.int64), predictor, out_png,
+        bag.patch_size_level0(downs), thumb_size=thumb_size, normalize=normalize, alpha=alpha,
+        cmap=cmap,
+    )  # fmt: skip
+    return res, predictor

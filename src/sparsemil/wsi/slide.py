@@ -150,7 +150,7 @@ def list_slides(source: str | os.PathLike[str]) -> list[Path]:
     """
     source = Path(source)
     if not source.exists():
-        raise SparsemilError(f"{source}: no such slide file or folder (--slide)")
+        raise SparsemilError(f"{source}: no such slide file or folder ('slide')")
     if source.is_file():
         return [source]
     slides = [
@@ -169,9 +169,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         k_text, n_text = text.split("/")
         k, n = int(k_text), int(n_text)
     except ValueError:
-        raise SparsemilError(f"--shard {text!r}: expected K/N with integers, e.g. 0/4") from None
+        raise SparsemilError(f"shard {text!r}: expected K/N with integers, e.g. 0/4") from None
     if n < 1 or not 0 <= k < n:
-        raise SparsemilError(f"--shard {text!r}: need N >= 1 and 0 <= K < N, e.g. 0/4 ... 3/4")
+        raise SparsemilError(f"shard {text!r}: need N >= 1 and 0 <= K < N, e.g. 0/4 ... 3/4")
     return k, n
 
 
@@ -191,7 +191,7 @@ class Resolution:
         mag0: level-0 magnification used for all geometry (snapped, see module doc).
         mpp0: micrometres per level-0 pixel as found (user, file, or ``10 / objective``).
         source: where it came from: ``"openslide.mpp-x"``,
-            ``"openslide.objective-power"`` or ``"--mpp"``.
+            ``"openslide.objective-power"`` or ``"mpp"``.
     """
 
     mag0: float
@@ -232,12 +232,12 @@ def resolve_resolution(slide, path: str | os.PathLike[str], mpp: float | None = 
     if mpp is not None:
         v = _positive_float(mpp)
         if v is None:
-            raise SparsemilError(f"--mpp {mpp!r}: must be a positive number of micrometres/pixel")
-        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="--mpp")
+            raise SparsemilError(f"mpp {mpp!r}: must be a positive number of micrometres/pixel")
+        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="mpp")
     raise SparsemilError(
         f"{path}: the slide records neither its pixel size (openslide.mpp-x) nor its "
-        "objective power (openslide.objective-power); pass --mpp with the micrometres per "
-        "level-0 pixel (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)"
+        "objective power (openslide.objective-power); set 'mpp' to the micrometres per "
+        "level-0 pixel (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
     )
 
 
@@ -280,14 +280,14 @@ def patch_geometry(
 ) -> PatchGeometry:
     """Read level and read size for ``patch_size`` pixels at ``target_mag``."""
     if not (_positive_float(target_mag)):
-        raise SparsemilError(f"--mag {target_mag!r}: must be a positive magnification, e.g. 20")
+        raise SparsemilError(f"mag {target_mag!r}: must be a positive magnification, e.g. 20")
     if int(patch_size) < 8:
-        raise SparsemilError(f"--patch-size {patch_size}: must be at least 8 pixels")
+        raise SparsemilError(f"patch_size {patch_size}: must be at least 8 pixels")
     ds = resolution.mag0 / float(target_mag)
     if ds < 1.0 - 1e-6:
         raise SparsemilError(
             f"{path}: cannot extract at {target_mag:g}x from a slide whose level 0 is "
-            f"{resolution.mag0:g}x (from {resolution.source}); choose --mag {resolution.mag0:g} "
+            f"{resolution.mag0:g}x (from {resolution.source}); set 'mag' to {resolution.mag0:g} "
             "or lower"
         )
     ds = max(ds, 1.0)
