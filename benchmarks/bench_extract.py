@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
 
-    from sparsemil.wsi.backbones import build_backbone
     from sparsemil.errors import resolve_device
+    from sparsemil.wsi.backbones import build_backbone
 
     device = torch.device(resolve_device(a.device))
     geom, coords = _coords(a.slide, a.mag, a.patch_size, a.mpp)
