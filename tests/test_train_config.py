@@ -26,9 +26,9 @@ def test_yaml_config_loads_and_flags_override(tmp_path):
 
 def test_json_config(tmp_path):
     p = tmp_path / "cfg.json"
-    p.write_text(json.dumps({"data": "elephant", "folds": 5, "l1": 1e-4}))
+    p.write_text(json.dumps({"data": "elephant", "folds": 5, "lmbda": 1e-4}))
     cfg = load_config(p)
-    assert (cfg.folds, cfg.l1) == (5, 1e-4)
+    assert (cfg.folds, cfg.lmbda) == (5, 1e-4)
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
@@ -64,3 +64,17 @@ def test_bad_yaml_is_one_line_error(tmp_path):
     with pytest.raises(SparsemilError, match=r"cfg.yaml: invalid YAML/JSON .*fix the syntax") as err:
         load_config(p)
     assert "\n" not in str(err.value)
+
+
+def test_l1_strength_is_lmbda_everywhere(tmp_path):
+    """One meaning of a key across configs: 'lmbda' is the L1 strength (MIL and vision);
+    'l1' is the official on/off switch of the vision config, and a MIL config that still says
+    'l1' is told the new name."""
+    from sparsemil.experiments.vision.config import config_from_dict
+
+    cfg = config_from_dict({"l1": True, "lmbda": 5e-5, "mil": {"data": "musk1", "lmbda": 1e-4}})
+    assert cfg.l1 is True and cfg.lmbda == 5e-5 and cfg.mil.lmbda == 1e-4
+    with pytest.raises(SparsemilError, match="key 'l1' is now 'lmbda'"):
+        config_from_dict({"mil": {"data": "musk1", "l1": 1e-4}})
+    with pytest.raises(SparsemilError, match="key 'l1' is now 'lmbda'"):
+        MILTrainConfig.from_dict({"l1": 1e-4})

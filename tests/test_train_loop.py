@@ -118,7 +118,7 @@ def test_l1_norm_and_l1_training_shrinks_weights(tmp_path, musk_subset):
             data=str(musk_subset),
             model="abmil",
             max_epochs=3,
-            l1=lam,
+            lmbda=lam,
             lr=1e-3,
             folds=2,
             progress=False,

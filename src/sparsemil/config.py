@@ -9,7 +9,9 @@ A configuration is a dataclass whose **signature is the schema** (the Lightning-
 - :func:`load_mapping` reads a YAML (``.yaml``/``.yml``) or JSON file into a mapping;
 - :func:`override` applies command-line values (``None`` = not given) on top of a config;
 - every config dataclass may define ``validate(self, where: str) -> None`` that raises
-  :class:`SparsemilError` naming the field; it runs after every build and override.
+  :class:`SparsemilError` naming the field; it runs after every build and override;
+- a class attribute ``RENAMED = {old: (new, why)}`` turns an old key into an error that names
+  its new name.
 
 Nothing is registered at import time: a section exists because a field of that type exists.
 """
@@ -92,6 +94,15 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     return value
 
 
+def _unknown_key(cls: type, key: str, names: list[str], where: str) -> SparsemilError:
+    """The error for ``key``: a renamed key names its new name (``cls.RENAMED``), any other
+    the nearest valid key."""
+    renamed = getattr(cls, "RENAMED", {}).get(key)
+    if renamed:
+        return SparsemilError(f"{where}: key {key!r} is now {renamed[0]!r} ({renamed[1]})")
+    return SparsemilError(f"{where}: unknown key {key!r}{suggest(key, names)}")
+
+
 def _validate(obj: Any, where: str) -> None:
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -120,7 +131,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, where: str = "con
     for key, value in data.items():
         key = str(key)
         if key not in names:
-            raise SparsemilError(f"{where}: unknown key {key!r}{suggest(key, names)}")
+            raise _unknown_key(cls, key, names, where)
         kwargs[key] = _coerce(value, hints[key], key, where)
     obj = cls(**kwargs)
     _validate(obj, where)
@@ -148,7 +159,7 @@ def override(obj: T, where: str = "command line", **values: Any) -> T:
     updates = {}
     for key, value in given.items():
         if key not in names:
-            raise SparsemilError(f"{where}: unknown key {key!r}{suggest(key, names)}")
+            raise _unknown_key(type(obj), key, names, where)
         updates[key] = _coerce(value, hints[key], key, where)
     new = dataclasses.replace(obj, **updates)
     _validate(new, where)

@@ -64,8 +64,9 @@ O_ACC = typer.Option(
 )
 O_L1 = typer.Option(
     None,
+    "--lmbda",
     "--l1",
-    help="L1 strength: loss += l1 * sum|theta| over all weights and biases (default 0).",
+    help="L1 strength: loss += lmbda * sum|theta| over all weights and biases (default 0).",
 )
 O_PAT = typer.Option(None, "--patience", help="Early-stopping patience in epochs (default 20).")
 O_START = typer.Option(
@@ -121,7 +122,7 @@ TRAINING_OPTIONS: list[tuple[str, Any, Any]] = [
     ("folds", int | None, O_FOLDS), ("folds_csv", str | None, O_FOLDS_CSV),
     ("max_epochs", int | None, O_EPOCHS), ("lr", float | None, O_LR),
     ("weight_decay", float | None, O_WD), ("batch_size", int | None, O_BS),
-    ("accumulate_grad_batches", int | None, O_ACC), ("l1", float | None, O_L1),
+    ("accumulate_grad_batches", int | None, O_ACC), ("lmbda", float | None, O_L1),
     ("patience", int | None, O_PAT), ("stop_start_epoch", int | None, O_START),
     ("early_stopping", bool | None, O_ES), ("val_fraction", float | None, O_VAL),
     ("standardize", bool | None, O_STD), ("num_test", int | None, O_NTEST),

@@ -100,7 +100,7 @@ def run_mil_prune(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str
         base,
         early_stopping=False,
         progress=progress,
-        l1=p["mil_l1"],
+        lmbda=p["mil_l1"],
         fold=0,
         model_kwargs={**base.model_kwargs, "grouping": "sequential"},
     )

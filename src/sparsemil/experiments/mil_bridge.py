@@ -370,7 +370,7 @@ def _mil_info(
 def run_mil_limit(
     cfg: PruneConfig, out_dir: str | Path, eval_split: str = "test", progress: bool = True
 ) -> dict[str, Any]:
-    """``prune run`` with a ``mil:`` section: train that MIL model with its ``l1``, then
+    """``prune run`` with a ``mil:`` section: train that MIL model with its ``lmbda`` (L1 strength), then
     :func:`mil_limit` with the config's ``limit:`` section and official keys.
 
     The MIL config's ``seed`` is set to ``cfg.seed`` (also the SLQ probe seed); the model goes
@@ -409,10 +409,10 @@ def run_mil_limit(
         device=cfg.resolved_device(),
         progress=progress,
         title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
-        f"(l1 {mil_cfg.l1:g}, seed {mil_cfg.seed})",
+        f"(lmbda {mil_cfg.lmbda:g}, seed {mil_cfg.seed})",
         extra={
             "model": mil_cfg.model,
-            "l1": mil_cfg.l1,
+            "lmbda": mil_cfg.lmbda,
             "train_s": train_s,
             "train_config": mil_cfg.to_dict(),
         },

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from sparsemil import config as config_system
 from sparsemil.errors import SparsemilError, suggest
@@ -47,7 +47,7 @@ class MILTrainConfig:
         model_kwargs: constructor options (e.g. ``{embed_dim: 128, num_subbags: 4}``).
     Optimisation:
         lr, weight_decay, max_epochs, min_lr (cosine floor), batch_size (bags per step per
-        process; >1 pads and masks), accumulate_grad_batches, l1 (loss += l1 * sum |theta|
+        process; >1 pads and masks), accumulate_grad_batches, lmbda (L1 strength: loss += lmbda * sum |theta|
         over every ``.weight``/``.bias``), grad_clip (0 = off).
     Early stopping:
         early_stopping, patience, stop_start_epoch (no stop before this epoch), min_delta.
@@ -59,6 +59,11 @@ class MILTrainConfig:
         threads per process; 0 = torch's default; 1 is fastest for small MIL models on a
         busy CPU), progress, out.
     """
+
+    RENAMED: ClassVar[dict[str, tuple[str, str]]] = {
+        "l1": ("lmbda", "the L1 strength, named as in the official pruning configs, where "
+               "'l1' is the on/off switch"),
+    }
 
     # data
     data: str | None = None
@@ -81,7 +86,7 @@ class MILTrainConfig:
     max_epochs: int = 100
     batch_size: int = 1
     accumulate_grad_batches: int = 1
-    l1: float = 0.0
+    lmbda: float = 0.0
     grad_clip: float = 0.0
     # early stopping
     early_stopping: bool = True
@@ -139,7 +144,7 @@ class MILTrainConfig:
             if v < lo:
                 raise bad(name, f"must be >= {lo} (got {v})")
         floats = {"lr": (0.0, False), "weight_decay": (0.0, True), "min_lr": (0.0, True),
-                  "l1": (0.0, True), "grad_clip": (0.0, True), "min_delta": (0.0, True)}  # fmt: skip
+                  "lmbda": (0.0, True), "grad_clip": (0.0, True), "min_delta": (0.0, True)}  # fmt: skip
         for name, (lo, inclusive) in floats.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float):

@@ -1,7 +1,7 @@
 """The LightningModule shared by every MIL model (MMIL-Transformer and torchmil baselines).
 
 Loss = sum of the model's ``compute_loss`` dict (the torchmil contract: bag loss plus any
-auxiliary loss, e.g. CLAM's instance loss or DTFD-MIL's tier-1 loss) + ``l1 * sum |theta|``
+auxiliary loss, e.g. CLAM's instance loss or DTFD-MIL's tier-1 loss) + ``lmbda * sum |theta|``
 over every trainable ``.weight`` and ``.bias`` (:func:`sparsemil.prune.l1.l1_penalty`). Optimiser AdamW, cosine learning-rate schedule over
 ``max_epochs`` (stepped per epoch).
 """
@@ -62,7 +62,7 @@ class MILModule(L.LightningModule):
         lr, weight_decay: AdamW settings.
         max_epochs: cosine schedule length (epochs).
         min_lr: cosine floor.
-        l1: L1 strength lambda (0 = off).
+        lmbda: L1 strength (0 = off).
 
     Logged per epoch: ``train_loss`` (objective incl. L1), ``val_loss`` (model losses, no L1),
     ``val_acc``, ``val_auc``, ``lr``.
@@ -76,7 +76,7 @@ class MILModule(L.LightningModule):
         weight_decay: float = 1e-5,
         max_epochs: int = 100,
         min_lr: float = 0.0,
-        l1: float = 0.0,
+        lmbda: float = 0.0,
     ) -> None:
         super().__init__()
         registered_spec(model)  # fail early for a model the registry does not know
@@ -86,7 +86,7 @@ class MILModule(L.LightningModule):
         self.weight_decay = float(weight_decay)
         self.max_epochs = int(max_epochs)
         self.min_lr = float(min_lr)
-        self.l1 = float(l1)
+        self.lmbda = float(lmbda)
         self._val_probs: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self._rng_to_restore: dict[str, Any] | None = None
@@ -104,8 +104,8 @@ class MILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, loss, _ = self._losses(batch)
-        if self.l1 > 0:
-            loss = loss + self.l1 * l1_penalty(self.model)
+        if self.lmbda > 0:
+            loss = loss + self.lmbda * l1_penalty(self.model)
         b = int(batch["Y"].shape[0])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
         return loss

@@ -372,7 +372,7 @@ def build_fold(
         },
     }
     module = MILModule(
-        model, data.n_classes, cfg.lr, cfg.weight_decay, cfg.max_epochs, cfg.min_lr, cfg.l1
+        model, data.n_classes, cfg.lr, cfg.weight_decay, cfg.max_epochs, cfg.min_lr, cfg.lmbda
     )
     train_ds = MILDataset(data.bags, fold.train, std)
     val_ds = MILDataset(data.bags, fold.val, std) if len(fold.val) else None
