@@ -32,6 +32,7 @@ class Bag:
         coords: optional (N, 2) patch coordinates (level-0 pixels for CLAM/Trident).
         path: optional file the bag was read from (used in error messages).
         instance_labels: optional (N,) instance labels (the h5 ``labels`` dataset).
+        case_id: the patient/case the slide belongs to (CLAM's ``case_id``), if known.
     """
 
     features: np.ndarray
@@ -40,6 +41,7 @@ class Bag:
     coords: np.ndarray | None = None
     path: str | None = None
     instance_labels: np.ndarray | None = None
+    case_id: str | None = None
 
     @property
     def n_instances(self) -> int:
@@ -64,11 +66,13 @@ class BagRef:
         path: the ``.h5`` / ``.pt`` / ``.csv`` file of one slide.
         label: the slide's label (from a dataset or split CSV).
         slide_id: the slide's name.
+        case_id: the patient/case of the slide (CLAM's ``case_id`` column), if known.
     """
 
     path: Path
     label: int
     slide_id: str
+    case_id: str | None = None
 
     def where(self) -> str:
         """``'<slide_id>' (<path>)`` for error messages."""

@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -342,15 +342,18 @@ class LabelRow(NamedTuple):
     slide_id: str
     label: int
     line: int
+    case_id: str | None = None
 
 
 def read_label_csv(
     csv_path: PathLike, label_map: dict[str, int] | None = None
 ) -> tuple[list[LabelRow], list[str] | None]:
-    """Parse a CLAM-style dataset CSV (``slide_id, label``; other columns ignored).
+    """Parse a CLAM-style dataset CSV (``slide_id, label``, optional ``case_id``; other
+    columns ignored).
 
     Returns the rows with class indices (see :func:`label_indices` for string labels) and
-    the class names (``None`` when the labels were integers).
+    the class names (``None`` when the labels were integers). With a ``case_id`` column
+    every row needs one: folds and hold-outs are then grouped by case.
     """
     path = Path(csv_path)
     header, rows = _read_table(path, "dataset CSV")
@@ -361,7 +364,8 @@ def read_label_csv(
             f"{','.join(header)}); fix: use the CLAM layout with columns slide_id,label"
         )
     js, jl = header.index("slide_id"), header.index("label")
-    ids, raw, lines = [], [], []
+    jc = header.index("case_id") if "case_id" in header else None
+    ids, raw, lines, cases = [], [], [], []
     seen: dict[str, int] = {}
     for line, row in rows:
         sid, lab = _cell(row, js), _cell(row, jl)
@@ -378,6 +382,13 @@ def read_label_csv(
                 f"each slide once"
             )
         seen[sid] = line
+        case = _cell(row, jc) if jc is not None else None
+        if jc is not None and not case:
+            raise SparsemilError(
+                f"dataset CSV {path}:{line}: slide {sid!r} has a blank case_id; fix: fill it in "
+                f"(slides of one patient share it)"
+            )
+        cases.append(case)
         ids.append(sid)
         raw.append(lab)
         lines.append(line)
@@ -393,7 +404,10 @@ def read_label_csv(
             f"dataset CSV {path}:{line}: label {bad!r} is not in the label mapping ({keys}); "
             f"fix: add it to the mapping"
         ) from None
-    return [LabelRow(s, y, ln) for s, y, ln in zip(ids, labels, lines, strict=True)], names
+    rows_out = [
+        LabelRow(s, y, ln, c) for s, y, ln, c in zip(ids, labels, lines, cases, strict=True)
+    ]
+    return rows_out, names
 
 
 def read_clam_csv(
@@ -449,7 +463,7 @@ def label_csv_refs(
                     f"dataset CSV {path}:{r.line}: slide {r.slide_id!r} has no feature file: "
                     f"{f} does not exist; fix: extract its features or remove the row"
                 )
-        refs.append(BagRef(path=f, label=r.label, slide_id=r.slide_id))
+        refs.append(BagRef(path=f, label=r.label, slide_id=r.slide_id, case_id=r.case_id))
     return refs, names
 
 
@@ -487,18 +501,31 @@ def split_csv_refs(
 
 # --------------------------------------------------------------------------- k-fold
 def stratified_holdout(
-    idx: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+    idx: np.ndarray,
+    labels: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """The one validation hold-out rule: a stratified subset of ``idx`` (sorted int64).
 
     Each class with ``n_c`` members in ``idx`` gives ``round(fraction * n_c)`` of them, at
     least one when ``n_c >= 2`` and never all (none when ``n_c == 1``), drawn with ``rng``
-    (classes in increasing order). ``fraction <= 0`` holds out nothing.
+    (classes in increasing order). ``fraction <= 0`` holds out nothing. With ``groups``
+    (one case id per bag) the members are the cases -- a case's class is its largest bag
+    label -- and a held-out case takes all its bags, so no patient is on both sides.
     """
     idx = np.asarray(idx, dtype=np.int64)
     y = np.asarray(labels)
     if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
+    if groups is not None:
+        g = np.asarray(groups)[idx]
+        cases, inverse = np.unique(g, return_inverse=True)
+        case_y = np.zeros(cases.size, dtype=np.int64)
+        np.maximum.at(case_y, inverse, y[idx].astype(np.int64))
+        picked = stratified_holdout(np.arange(cases.size), case_y, fraction, rng)
+        return np.sort(idx[np.isin(inverse, picked)]).astype(np.int64)
     chosen = []
     for c in np.unique(y[idx]):
         members = idx[y[idx] == c]
@@ -513,6 +540,40 @@ def stratified_holdout(
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
 
+def case_groups(bags: Any) -> np.ndarray | None:
+    """One case id per bag when any bag has a ``case_id`` (a bag without one is its own
+    case), else ``None`` (folds are then drawn per slide)."""
+    cases = [getattr(b, "case_id", None) for b in getattr(bags, "bags", [])]
+    if not any(c is not None for c in cases):
+        return None
+    ids = [str(b.slide_id) for b in bags.bags]
+    return np.array([c if c is not None else f"slide:{s}" for c, s in zip(cases, ids, strict=True)])
+
+
+def check_cases_not_split(
+    folds: Sequence[Fold], groups: np.ndarray | None, where: str
+) -> None:
+    """Refuse folds that put one case (patient) in two of train/val/test.
+
+    Raises:
+        SparsemilError: naming the case, the fold and its slides' parts.
+    """
+    if groups is None:
+        return
+    groups = np.asarray(groups)
+    for fold in folds:
+        seen: dict[str, str] = {}
+        for name, part in zip(SPLIT_NAMES, fold, strict=True):
+            for case in np.unique(groups[np.asarray(part, dtype=np.int64)]):
+                if case in seen and seen[case] != name:
+                    raise SparsemilError(
+                        f"{where}: fold {fold.index} puts case {str(case)!r} in both "
+                        f"{seen[case]} and {name}; its slides would leak between training and "
+                        f"evaluation; fix: assign every slide of a case to one part"
+                    )
+                seen[case] = name
+
+
 def _fold_rng(seed: int, fold: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(fold)])
 
@@ -522,8 +583,14 @@ def stratified_kfold(
     n_splits: int,
     seed: int,
     val_fraction: float = 0.1,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> list[Fold]:
     """Seeded stratified k-fold splits with a stratified validation part.
+
+    With ``groups`` (one case/patient id per bag) the folds are
+    ``sklearn.model_selection.StratifiedGroupKFold(n_splits, shuffle=True,
+    random_state=seed)`` and the validation part holds out whole cases: no case is ever on
+    two sides of a fold. Otherwise:
 
     The test parts are the folds of ``sklearn.model_selection.StratifiedKFold(n_splits,
     shuffle=True, random_state=seed)``; from each fold's training part, each class gives
@@ -563,11 +630,25 @@ def stratified_kfold(
             f"folds; fix: set 'folds' to {max(2, int(counts.min()))} or fewer, or add bags of "
             f"class {c}"
         )
-    skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
+    g = None if groups is None else np.asarray(groups)
+    if g is not None:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        n_cases = np.unique(g).size
+        if n_cases < n_splits:
+            raise SparsemilError(
+                f"only {n_cases} cases (case_id) for {n_splits} folds; fix: set 'folds' to "
+                f"{max(2, n_cases)} or fewer"
+            )
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
+        parts = splitter.split(np.zeros((y.size, 1)), y, g)
+    else:
+        skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
+        parts = skf.split(np.zeros((y.size, 1)), y)
     folds = []
-    for f, (trval, test) in enumerate(skf.split(np.zeros((y.size, 1)), y)):
+    for f, (trval, test) in enumerate(parts):
         trval = np.asarray(trval, dtype=np.int64)
-        val = stratified_holdout(trval, y, float(val_fraction), _fold_rng(seed, f))
+        val = stratified_holdout(trval, y, float(val_fraction), _fold_rng(seed, f), g)
         folds.append(Fold(np.setdiff1d(trval, val), val, test, index=f))
     return folds
 
@@ -587,8 +668,11 @@ def write_folds_csv(
     folds: Sequence[Fold],
     slide_ids: Sequence[str],
     labels: Sequence[int] | None = None,
+    case_ids: Sequence[str] | None = None,
 ) -> Path:
-    """Write folds as ``slide_id[,label],fold_0,...`` with cells train/val/test/blank (atomic)."""
+    """Write folds as ``slide_id[,case_id][,label],fold_0,...`` with cells
+    train/val/test/blank (atomic). The ``case_id`` column says the folds were grouped by
+    case."""
     path = Path(path)
     n = len(slide_ids)
     if len(set(map(str, slide_ids))) != n:
@@ -600,13 +684,15 @@ def write_folds_csv(
     for f, fold in enumerate(folds):
         for name, part in zip(SPLIT_NAMES, fold, strict=True):
             cells[np.asarray(part, dtype=np.int64), f] = name
-    header = ["slide_id"] + (["label"] if labels is not None else [])
+    header = ["slide_id"] + (["case_id"] if case_ids is not None else [])
+    header += ["label"] if labels is not None else []
     header += [f"fold_{f}" for f in range(len(folds))]
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(header)
         for i in range(n):
-            row = [str(slide_ids[i])] + ([str(int(labels[i]))] if labels is not None else [])
+            row = [str(slide_ids[i])] + ([str(case_ids[i])] if case_ids is not None else [])
+            row += [str(int(labels[i]))] if labels is not None else []
             w.writerow(row + list(cells[i]))
     return path
 
@@ -824,15 +910,18 @@ def run_folds(
     folds_csv: PathLike | None = None,
 ) -> list[Fold]:
     """The folds a cross-validation runs: replayed from ``folds_csv`` when given, else
-    :func:`stratified_kfold` over all bags (a predefined split is not used for CV)."""
+    :func:`stratified_kfold` over all bags (a predefined split is not used for CV), grouped
+    by case when the bags carry ``case_id`` s (:func:`case_groups`)."""
     if folds_csv:
         if bags.splits is not None:
             raise SparsemilError(
                 f"folds_csv {folds_csv} cannot be combined with the predefined split of "
                 f"{bags.source}; fix: drop one of them"
             )
-        return replay_folds(bags, folds_csv)
-    return stratified_kfold(bags.labels, n_folds, seed, val_fraction)
+        folds = replay_folds(bags, folds_csv)
+        check_cases_not_split(folds, case_groups(bags), f"folds CSV {folds_csv}")
+        return folds
+    return stratified_kfold(bags.labels, n_folds, seed, val_fraction, case_groups(bags))
 
 
 def holdout_fold(
@@ -871,8 +960,12 @@ def holdout_fold(
                 f"{bags.source}: the predefined split lists no train slides; fix: fill in its "
                 f"train column"
             )
+        groups = case_groups(bags)
+        check_cases_not_split([pick], groups, f"the predefined split of {bags.source}")
         if pick.val.size:
             return pick
-        val = stratified_holdout(pick.train, bags.labels, val_fraction, _fold_rng(seed, pick.index))
+        val = stratified_holdout(
+            pick.train, bags.labels, val_fraction, _fold_rng(seed, pick.index), groups
+        )
         return dataclasses.replace(pick, train=np.setdiff1d(pick.train, val), val=val)
-    return stratified_kfold(bags.labels, n_folds, seed, val_fraction)[fold]
+    return stratified_kfold(bags.labels, n_folds, seed, val_fraction, case_groups(bags))[fold]

@@ -66,7 +66,7 @@ def run_cv(
 
     Returns the metrics dict written to ``out/metrics.json`` (``None`` on DDP ranks > 0).
     """
-    from sparsemil.data.splits import write_folds_csv
+    from sparsemil.data.splits import case_groups, write_folds_csv
     from sparsemil.train.data import folds_for, load_mil_data
     from sparsemil.train.trainer import (
         class_names_of,
@@ -83,7 +83,9 @@ def run_cv(
     out = prepare_out_dir(out, resume, "metrics.json")
     rank0 = not is_launched_child()
     if rank0:
-        write_folds_csv(out / "folds.csv", folds, data.slide_ids, data.labels)
+        cases = case_groups(data)
+        write_folds_csv(out / "folds.csv", folds, data.slide_ids, data.labels,
+                        None if cases is None else cases.tolist())  # fmt: skip
     results = []
     for fold in folds:
         r = fit_fold(cfg, data, fold, out / f"fold_{fold.index}", resume=resume)
@@ -94,6 +96,7 @@ def run_cv(
         **summarize_folds(results, data.n_classes, class_names_of(data)),
         "class_names": class_names_of(data),
         "protocol": {
+            "grouped_by": "case_id" if case_groups(data) is not None else "slide",
             "data": data.source,
             "n_bags": len(data.bags),
             "in_dim": data.dim,
