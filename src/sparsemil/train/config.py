@@ -33,7 +33,8 @@ class MILTrainConfig:
             :func:`sparsemil.data.sources.load_bag_source`.
         data_dir: folder of the per-slide feature files (``clam`` / ``split``).
         labels: CSV ``slide_id,label`` (CLAM dataset CSV) for the folder formats.
-        n_classes: number of bag classes.
+        n_classes: number of bag classes (default: the number of distinct labels; a value
+            that disagrees with the labels is an error).
         standardize: z-score features with training-fold statistics (``None`` = yes for
             ``mil-csv``, no for slide features).
         val_fraction: share of the training bags held out for validation / early stopping
@@ -70,7 +71,7 @@ class MILTrainConfig:
     format: str = "auto"
     data_dir: str | None = None
     labels: str | None = None
-    n_classes: int = 2
+    n_classes: int | None = None
     standardize: bool | None = None
     val_fraction: float = 0.1
     folds: int = 10
@@ -139,6 +140,8 @@ class MILTrainConfig:
         }  # fmt: skip
         for name, lo in ints.items():
             v = getattr(self, name)
+            if v is None and name == "n_classes":
+                continue  # from the data: the number of distinct labels
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, f"must be an integer (got {v!r})")
             if v < lo:
@@ -162,7 +165,7 @@ class MILTrainConfig:
             raise bad("model", f"is {self.model!r}{suggest(self.model, MODEL_NAMES)}")
         if not isinstance(self.model_kwargs, dict):
             raise bad("model_kwargs", "must be a mapping of model options")
-        if self.model != "mmil" and self.n_classes != 2:
+        if self.model != "mmil" and self.n_classes not in (None, 2):
             raise bad("n_classes", f"must be 2 for the binary torchmil baseline '{self.model}'")
         if self.accelerator not in ("cpu", "gpu", "cuda", "mps", "auto"):
             raise bad(

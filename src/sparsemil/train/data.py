@@ -32,7 +32,7 @@ def load_mil_data(cfg: MILTrainConfig) -> BagSource:
         cfg.format,
         data_dir=cfg.data_dir,
         labels=cfg.labels,
-        n_classes=int(cfg.n_classes),
+        n_classes=cfg.n_classes,
     )
 
 

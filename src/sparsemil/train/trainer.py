@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping
@@ -236,6 +237,28 @@ def check_batch_support(name: str, batch_size: int) -> None:
         )
 
 
+def needs_coords(cfg: MILTrainConfig) -> bool:
+    """Whether the configured grouping places instances by their coordinates."""
+    grouping = str(cfg.model_kwargs.get("grouping", ""))
+    return grouping in ("kmeans_coords", "coords")
+
+
+def first_bag_without_coords(data: BagSource) -> str | None:
+    """The first bag lacking ``coords`` (``'<slide>' (<path>)``), read from shapes only."""
+    from sparsemil.data.bags import BagRef
+    from sparsemil.data.h5 import h5_info
+    from sparsemil.data.readers import as_bag
+
+    for b in data.bags:
+        if isinstance(b, BagRef) and b.path.suffix.lower() in (".h5", ".hdf5"):
+            has = h5_info(b.path)[2]
+        else:
+            has = as_bag(b).coords is not None
+        if not has:
+            return b.where()
+    return None
+
+
 def default_model_kwargs(cfg: MILTrainConfig, data: BagSource) -> dict[str, Any]:
     """``cfg.model_kwargs``; a model that owns a generator also gets ``seed`` unless given."""
     kwargs = dict(cfg.model_kwargs)
@@ -261,9 +284,31 @@ def _trainer_kwargs(cfg: MILTrainConfig) -> dict[str, Any]:
 
 def preflight(cfg: MILTrainConfig, data: BagSource) -> None:
     """Checks that need the data: build the model once (bad ``model_kwargs`` fail here, not
-    after a fold has trained) and check batch-size support and class count."""
+    after a fold has trained) and check batch-size support and class count.
+
+    Raises:
+        SparsemilError: an explicit ``n_classes`` that disagrees with the number of distinct
+            labels, a binary-only model on more classes, bad ``model_kwargs``, unsupported
+            batching, or a GPU that is not there.
+    """
+    distinct = int(np.unique(data.labels).size)
+    if cfg.n_classes is not None and int(cfg.n_classes) != distinct:
+        names = f" ({', '.join(data.class_names)})" if data.class_names else ""
+        raise SparsemilError(
+            f"n_classes {cfg.n_classes} disagrees with the {distinct} distinct labels{names} "
+            f"of {data.source}; fix: remove 'n_classes' (it defaults to the labels) or fix "
+            "the labels"
+        )
     build_mil_model(cfg.model, data.dim, data.n_classes, **default_model_kwargs(cfg, data))
     check_batch_support(cfg.model, cfg.batch_size)
+    if needs_coords(cfg):
+        missing = first_bag_without_coords(data)
+        if missing is not None:
+            raise SparsemilError(
+                f"model_kwargs.grouping {cfg.model_kwargs.get('grouping')!r} needs patch "
+                f"coordinates, but bag {missing} has no coords; fix: extract features with "
+                "coords or choose another grouping"
+            )
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SparsemilError(
             f"accelerator: {cfg.accelerator!r} was requested but no CUDA device is visible; "
@@ -363,6 +408,7 @@ def build_fold(
         "in_dim": data.dim,
         "n_classes": data.n_classes,
         "class_names": class_names_of(data),
+        "needs_coords": needs_coords(cfg),
         "standardize": std.to_meta() if std else None,
         "train_config": cfg.to_dict(),
         "fold": fold.index,
