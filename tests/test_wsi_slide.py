@@ -50,7 +50,7 @@ def test_cmu_resolution_and_geometry(cmu):
 def test_tcga_without_mpp_needs_user_mpp(tcga):
     s = open_slide(tcga)
     assert s.level_count == 2
-    with pytest.raises(SparsemilError, match="pass --mpp") as ei:
+    with pytest.raises(SparsemilError, match="set 'mpp' to the micrometres") as ei:
         resolve_resolution(s, tcga)
     assert "\n" not in str(ei.value)
     res = resolve_resolution(s, tcga, mpp=0.25)

@@ -82,18 +82,64 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
 
 
 def state_tensors(model: Any) -> dict[str, Any]:
-    """Contiguous CPU copies of ``model.state_dict()``'s tensors.
+    """Contiguous CPU copies of ``model.state_dict()``'s tensors, as a plain model holds them.
 
     Each tensor is cloned, so tied weights (two names, one storage) save as two entries
     instead of safetensors' shared-storage error; ``load_state_dict`` restores the tie.
+    A weight that carries ``torch.nn.utils.prune`` hooks (``<name>_orig`` and ``<name>_mask``
+    in the state dict) is folded into ``<name> = <name>_orig * <name>_mask``, so the file
+    loads into the same architecture without hooks and stores no mask.
     """
     import torch
 
-    return {
+    out = {
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in model.state_dict().items()
         if isinstance(v, torch.Tensor)
     }
+    for key, folded in _folded_pruning_weights(model).items():
+        out.pop(f"{key}_orig", None)
+        out.pop(f"{key}_mask", None)
+        out[key] = folded
+    return out
+
+
+def _folded_pruning_weights(model: Any) -> dict[str, Any]:
+    """``{qualified name: orig * mask}`` of every weight reparametrised by
+    ``torch.nn.utils.prune`` (empty for a model without such hooks)."""
+    from torch.nn.utils import prune as torch_prune
+
+    folded = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, torch_prune.BasePruningMethod):
+                continue
+            name = hook._tensor_name
+            orig = getattr(module, f"{name}_orig", None)
+            mask = getattr(module, f"{name}_mask", None)
+            if orig is None or mask is None:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            folded[key] = (orig.detach() * mask.to(orig.dtype)).to("cpu").contiguous()
+    return folded
+
+
+def tied_names(model: Any) -> dict[str, str]:
+    """``{name: first name}`` for every ``state_dict`` entry that is the same tensor (same
+    storage, offset, shape and stride) as an earlier entry: tied weights."""
+    import torch
+
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key, v in model.state_dict(keep_vars=True).items():
+        if not isinstance(v, torch.Tensor) or v.numel() == 0:
+            continue
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+    return aliases
 
 
 def save_safetensors(

@@ -67,8 +67,32 @@ def with_flags(message: str, argv: list[str] | None) -> str:
     return f"{message} (flag: {', '.join(hits)})" if hits else message
 
 
+def quiet_lightning() -> None:
+    """Entry-point console policy: no Lightning banners (GPU/TPU lines, adverts, dataloader
+    notes) and no third-party deprecation chatter; warnings and errors still show."""
+    import logging
+    import warnings
+
+    # Lightning sets its package loggers to INFO on import; the banners come from the
+    # rank-zero loggers below them, whose own level wins.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=Warning)
+
+
+def resume_hint(argv: list[str] | None) -> str:
+    """What to say on Ctrl-C: training commands can be resumed."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args[:2] in (["mil", "train"], ["mil", "cv"]):
+        return "; rerun the same command with --resume to continue from the last finished epoch"
+    if args[:2] == ["mil", "benchmark"]:
+        return "; rerun the same command: finished runs are reused"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (also used by the console script)."""
+    quiet_lightning()
     try:
         rc = app(args=argv, standalone_mode=False)
     except SparsemilError as err:
@@ -79,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsemil: error: {err.strerror or err}: {name}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparsemil: interrupted", file=sys.stderr)
+        print(f"sparsemil: interrupted{resume_hint(argv)}", file=sys.stderr)
         return 130
     except typer.Exit as exc:  # raised by commands that exit early
         return int(exc.exit_code or 0)

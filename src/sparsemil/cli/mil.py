@@ -346,8 +346,10 @@ def benchmark(
     out: Path = typer.Option(
         Path("runs/mil-benchmark"), "--out", "-o", help="Run folder (resumable)."
     ),
-    table: Path = typer.Option(
-        Path("docs/results/mil_benchmarks.md"), "--table", help="Markdown table to (re)write."
+    table: Path | None = typer.Option(
+        None, "--table",
+        help="Markdown table to (re)write (default OUT/mil_benchmarks.md; pass "
+        "docs/results/mil_benchmarks.md to regenerate the shipped one).",
     ),
     progress: bool = typer.Option(
         False, "--progress/--no-progress", help="Per-epoch progress bars."
@@ -367,7 +369,8 @@ def benchmark(
     try:
         seed_list = [int(s) for s in split(seeds)]
     except ValueError:
-        raise SparsemilError(f"--seeds must be comma-separated integers (got {seeds!r})") from None
+        raise SparsemilError(f"seeds must be comma-separated integers (got {seeds!r})") from None
+    table = table if table is not None else out / "mil_benchmarks.md"
     if table_only:
         from sparsemil.experiments.mil_benchmark import rewrite_table
 

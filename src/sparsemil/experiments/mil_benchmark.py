@@ -145,8 +145,21 @@ def rewrite_table(
     seeds: list[int],
     max_epochs: int | None = None,
 ) -> None:
-    """Rewrite ``table`` from the runs under ``out`` without training anything."""
-    write_table(table, _collect(Path(out)), folds, seeds, max_epochs)
+    """Rewrite ``table`` from the runs under ``out`` without training anything.
+
+    Raises:
+        SparsemilError: ``out`` holds no finished or partial runs (an empty table would
+            replace a real one).
+    """
+    from sparsemil.errors import SparsemilError
+
+    rows = _collect(Path(out))
+    if not any(r["seeds_done"] for r in rows):
+        raise SparsemilError(
+            f"out {out}: no benchmark runs to tabulate; fix: point 'out' at the folder of a "
+            "`mil benchmark` run"
+        )
+    write_table(table, rows, folds, seeds, max_epochs)
 
 
 def _partial_seed(seed_dir: Path) -> dict[str, Any] | None:
@@ -303,8 +316,9 @@ def write_table(
     lines = [
         "# MIL benchmarks: MMIL-Transformer and torchmil baselines",
         "",
-        "Regenerate with `sparsemil mil benchmark` (resumable; see `--help`). Every number below",
-        "was measured by that command on a CPU; rows not yet run are marked `–`.",
+        "Regenerate with `sparsemil mil benchmark --table docs/results/mil_benchmarks.md`",
+        "(resumable). Every number below was measured by that command on a CPU; rows not yet",
+        "run are marked `–`.",
         "",
         "**Protocol (every model: same trainer, same splits, same recipe).** Stratified k-fold CV "
         "(`folds` column) per training seed (`seeds` column: the seeds finished for that row; the "

@@ -29,7 +29,7 @@ from sparsemil.prune.magnitude import (
     ParamRef,
     counts_from_sorted,
     plain_parameters,
-    prunable_parameters,
+    resolve_params,
 )
 from sparsemil.prune.result import SweepResult, sweep_result
 
@@ -108,7 +108,9 @@ def batched_pruning_sweep(
         model: the trained network w* (not modified).
         evaluate_many: see :data:`EvaluateMany`; e.g. :func:`vision_evaluator_many`.
         ratios: pruning ratios in [0, 1].
-        params: the prunable weights (default: all Conv2d/Linear weights).
+        params: the prunable weights (default: the model's prunable set,
+            :func:`~sparsemil.prune.magnitude.prunable_set`; see
+            :func:`~sparsemil.prune.magnitude.resolve_params` for the accepted forms).
         chunk: ratios per evaluation (memory grows linearly with it).
         progress: tqdm bar (stderr).
 
@@ -118,7 +120,7 @@ def batched_pruning_sweep(
     """
     if chunk < 1:
         raise SparsemilError(f"batched sweep: chunk must be >= 1, got {chunk}")
-    params = list(params) if params is not None else prunable_parameters(model)
+    params = resolve_params(model, params)
     tensors = plain_parameters(params)
     names = qualified_names(model, params)
     ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)

@@ -1,9 +1,13 @@
 """The L1 (or L2) penalty: one definition for vision and MIL training.
 
 ``penalty = sum_{theta in P} |theta|`` (L1) or ``sum theta^2`` (L2), where ``P`` is, by default
-(``scope="all"``), every parameter whose name ends in ``weight`` or ``bias`` -- the official
-choice (QiaozheZhang/Global-One-shot-Pruning), which includes BatchNorm affine parameters;
-``scope="weights"`` restricts it to Conv/Linear weights. Multiply by the strength ``lmbda``.
+(``scope="all"``), every parameter whose name ends in ``weight`` or ``bias`` (and every prunable
+tensor, e.g. an RNN's ``weight_ih_l0``) -- the official choice
+(QiaozheZhang/Global-One-shot-Pruning), which includes BatchNorm affine parameters;
+``scope="weights"`` restricts it to the prunable set
+(:func:`sparsemil.prune.magnitude.prunable_set`: trainable Linear/Conv/attention/RNN weights,
+each tensor once). Frozen parameters never carry the penalty, and a tied tensor is counted once
+in either scope. Multiply by the strength ``lmbda``.
 """
 
 from __future__ import annotations
@@ -19,22 +23,24 @@ def l1_params(model: nn.Module, scope: str = "all") -> list[tuple[str, nn.Parame
 
     Args:
         model: the network.
-        scope: ``"all"`` (official: every parameter named ``*weight`` / ``*bias``) or
-            ``"weights"`` (only Conv2d/Linear weights). Frozen parameters
-            (``requires_grad=False``) never carry the penalty.
+        scope: ``"all"`` (official: every parameter named ``*weight`` / ``*bias``, and every
+            prunable tensor) or ``"weights"`` (only the prunable set). Frozen parameters
+            (``requires_grad=False``) never carry the penalty; tied tensors appear once.
     """
-    if scope == "all":
-        return [
-            (n, p)
-            for n, p in model.named_parameters()
-            if p.requires_grad and n.rsplit(".", 1)[-1] in ("weight", "bias")
-        ]
+    from sparsemil.prune.magnitude import prunable_set
+
     if scope == "weights":
-        out = []
-        for mname, m in model.named_modules():
-            if isinstance(m, nn.Conv2d | nn.Linear) and m.weight.requires_grad:
-                out.append((f"{mname}.weight" if mname else "weight", m.weight))
-        return out
+        pset = prunable_set(model)
+        return [(n, getattr(m, a)) for n, (m, a) in zip(pset.names, pset.refs, strict=True)]
+    if scope == "all":
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [n.rsplit(".", 1)[-1].endswith(("weight", "bias")) for n, _ in trainable]
+        if all(named):
+            return trainable
+        prunable = {id(getattr(m, a)) for m, a in prunable_set(model).refs}
+        return [
+            (n, p) for (n, p), ok in zip(trainable, named, strict=True) if ok or id(p) in prunable
+        ]
     raise SparsemilError(f"l1_scope {scope!r}: must be 'all' or 'weights'")
 
 
@@ -58,13 +64,3 @@ def l1_penalty(
     if regularizer == "L2":
         return torch.stack([t.pow(2).sum() for t in tensors]).sum()
     raise SparsemilError(f"regularizer {regularizer!r}: must be 'L1' or 'L2'")
-
-
-
-
-
-
-
-
-
-

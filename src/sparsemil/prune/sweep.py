@@ -31,7 +31,7 @@ from sparsemil.prune.magnitude import (
     ParamRef,
     counts_from_sorted,
     plain_parameters,
-    prunable_parameters,
+    resolve_params,
 )
 from sparsemil.prune.result import (
     CRITERIA,
@@ -75,7 +75,7 @@ def pruned_counts_and_distances(
     Same rule and the same numbers as :func:`pruning_sweep` (one sort; the model is not
     modified). Useful for R(rho) on a finer grid than the sweep's, e.g. for a bisection.
     """
-    params = list(params) if params is not None else prunable_parameters(model)
+    params = resolve_params(model, params)
     tensors = plain_parameters(params)
     with torch.no_grad():
         mags = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
@@ -167,10 +167,12 @@ def pruning_sweep(
             once on the dense model and once per ratio. Missing standard keys become NaN; other
             keys are kept in :attr:`SweepResult.extra`.
         ratios: pruning ratios in [0, 1] (any order; the official grid is ascending).
-        params: the prunable weights (default: all Conv2d/Linear weights).
+        params: the prunable weights (default: the model's prunable set,
+            :func:`~sparsemil.prune.magnitude.prunable_set`; see
+            :func:`~sparsemil.prune.magnitude.resolve_params` for the accepted forms).
         progress: show a tqdm bar (stderr).
     """
-    params = list(params) if params is not None else prunable_parameters(model)
+    params = resolve_params(model, params)
     tensors = plain_parameters(params)
     ratios = np.asarray(ratios, dtype=np.float64).reshape(-1)
     if ratios.size == 0:
