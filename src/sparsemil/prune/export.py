@@ -17,6 +17,11 @@ A tensor with ``nnz`` nonzeros of ``b``-byte elements costs ``numel/8 + nnz*b`` 
 ``numel*b``: smaller as soon as ``nnz/numel < 1 - 1/(8b)`` (87.5% for float32). The metadata key
 ``"sparsemil_sparse"`` records every tensor's name, shape, dtype and encoding. Loading rebuilds the
 exact tensors (a stored ``-0.0`` comes back as ``+0.0``, which changes no output).
+
+Both writers store the weights as a plain model holds them (:func:`sparsemil.io.state_tensors`):
+a weight carrying ``torch.nn.utils.prune`` hooks is folded into ``orig * mask`` (no
+``*_orig`` / ``*_mask`` entries). Tied weights (one tensor under several names) save and load;
+the sparse export stores such a tensor once and lists its other names under ``"aliases"``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from sparsemil.io import (
     read_safetensors_meta,
     save_safetensors,
     state_tensors,
+    tied_names,
 )
 
 CHECKPOINT_KEY = "sparsemil_prune"
@@ -63,16 +69,23 @@ def read_metadata(path: str | Path, key: str = CHECKPOINT_KEY) -> dict[str, Any]
     return meta
 
 
-
-
 # --------------------------------------------------------------------------- sparse export
 
 
-def sparse_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Encode a state dict (see module docstring); returns ``(tensors, layout)``."""
+def sparse_state_dict(
+    state: Mapping[str, torch.Tensor], aliases: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Encode a state dict (see module docstring); returns ``(tensors, layout)``.
+
+    ``aliases`` (``{name: earlier name}``, tied weights) are stored once, under the earlier
+    name, and listed in the layout's ``"aliases"``.
+    """
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
+    aliases = {k: v for k, v in (aliases or {}).items() if k in state and v in state}
     for name, t in state.items():
+        if name in aliases:
+            continue
         if "::" in name:
             raise SparsemilError(f"sparse export: tensor name {name!r} contains '::'")
         t = t.detach().cpu().contiguous()
@@ -91,7 +104,7 @@ def sparse_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
         tensors[name] = t
         entry["encoding"] = "dense"
         layout[name] = entry
-    return tensors, {"format": SPARSE_FORMAT, "tensors": layout}
+    return tensors, {"format": SPARSE_FORMAT, "tensors": layout, "aliases": aliases}
 
 
 def dense_from_sparse(
@@ -114,6 +127,10 @@ def dense_from_sparse(
         flat = torch.zeros(numel, dtype=values.dtype)
         flat[torch.from_numpy(bits)] = values
         out[name] = flat.reshape(shape)
+    for alias, target in layout.get("aliases", {}).items():
+        if target not in out:
+            raise SparsemilError(f"sparse export: alias {alias!r} names a missing {target!r}")
+        out[alias] = out[target]
     return out
 
 
@@ -121,6 +138,10 @@ def save_sparse(
     path: str | Path, model: nn.Module, meta: Mapping[str, Any] | None = None
 ) -> dict[str, int]:
     """Write ``model``'s state dict in the compressed format, atomically.
+
+    Tied weights are stored once (the layout's ``"aliases"`` restores every name), and
+    weights carrying ``torch.nn.utils.prune`` hooks are folded (``orig * mask``, see
+    :func:`sparsemil.io.state_tensors`), so the file loads into the plain architecture.
 
     Args:
         path: output ``.safetensors`` file.
@@ -133,7 +154,7 @@ def save_sparse(
         and ``meta`` (what :func:`save_checkpoint` writes) and of the written compressed file.
     """
     state = state_tensors(model)
-    tensors, layout = sparse_state_dict(state)
+    tensors, layout = sparse_state_dict(state, tied_names(model))
     dense_meta = {}
     if meta is not None:
         dense_meta[CHECKPOINT_KEY] = json.dumps(dict(meta), default=json_default)
