@@ -118,7 +118,7 @@ def test_tcga_needs_mpp_then_works(wsi_dir, tmp_path, capsys):
             256,
             512,
         )
-        assert float(a["level0_magnification"]) == 40.0 and f.attrs["resolution_source"] == "--mpp"
+        assert float(a["level0_magnification"]) == 40.0 and f.attrs["resolution_source"] == "mpp"
         assert f["features"].shape == (TCGA_PATCHES, 64)
         assert (f["coords"][()] % 512 == 0).all()
 
