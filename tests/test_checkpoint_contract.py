@@ -122,3 +122,25 @@ def test_grouping_that_needs_coords_is_checked_before_fold_0(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "nocoords-004" in err and "needs patch coordinates" in err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_checkpoint_data_paths_work_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Issue example (K6): train in ``ud/`` with relative paths, then run ``prune mil`` on
+    ``ud/runs/m/model.safetensors`` from the parent folder."""
+    ud = tmp_path / "ud"
+    ud.mkdir()
+    _cohort(ud, "bags", 8, 8, seed=4)
+    monkeypatch.chdir(ud)
+    assert main([
+        "mil", "train", "--data", "bags", "--labels", "bags.csv", "--model", "abmil",
+        "--max-epochs", "2", "--folds", "4", "--no-progress", "--out", "runs/m",
+    ]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    rc = main([
+        "prune", "mil", "--checkpoint", "ud/runs/m/model.safetensors", "--out", "limit",
+        "--n-ratios", "5", "--lanczos-iter", "4", "--no-progress", "--device", "cpu",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "limit" / "limit.json").read_text())
+    assert doc["device"] == "cpu" and doc["n_eval_bags"] == 4

@@ -19,6 +19,12 @@ def mil(
     data: str | None = typer.Option(
         None, "--data", help="Bags (default: the data recorded in the checkpoint)."
     ),
+    data_dir: str | None = typer.Option(
+        None, "--data-dir", help="Folder of per-slide feature files (overrides the checkpoint's)."
+    ),
+    format: str | None = typer.Option(None, "--format", help="Data format (as for mil train)."),
+    labels: str | None = typer.Option(None, "--labels", help="Label CSV (slide_id,label)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, auto: model, sweep and HVPs."),
     eval_split: str = typer.Option("test", "--eval-split", help="test or val bags for the sweep."),
     n_ratios: int = typer.Option(200, "--n-ratios", help="Evenly spaced ratios i/n."),
     lanczos_iter: int = typer.Option(64, "--lanczos-iter", help="Lanczos steps per run."),
@@ -29,7 +35,7 @@ def mil(
 ) -> None:
     """Predicted (Gaussian width) against measured pruning limit of a MIL checkpoint."""
     from sparsemil.cli.prune_run import echo_limit
-    from sparsemil.errors import SparsemilError
+    from sparsemil.errors import SparsemilError, resolve_device
     from sparsemil.experiments.mil_bridge import load_bridge_bags, mil_limit
     from sparsemil.limit.predict import LimitOptions
     from sparsemil.mil.checkpoint import load_mil_checkpoint
@@ -39,10 +45,13 @@ def mil(
     if not checkpoint.is_file():
         raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
     model, meta = load_mil_checkpoint(checkpoint)
-    bags = load_bridge_bags(meta, data=data, eval_split=eval_split)
+    bags = load_bridge_bags(
+        meta, data=data, eval_split=eval_split, base=checkpoint.resolve().parent,
+        data_dir=data_dir, format=format, labels=labels,
+    )  # fmt: skip
     doc = mil_limit(
         model, bags, out, options=options, n_ratios=n_ratios, lanczos_iter=lanczos_iter,
-        lanczos_num=lanczos_num, seed=seed, progress=progress,
+        lanczos_num=lanczos_num, seed=seed, device=resolve_device(device), progress=progress,
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
     )  # fmt: skip

@@ -171,8 +171,11 @@ def lanczos(
     basis_dtype: torch.dtype = torch.float64,
     breakdown_tol: float = 1e-10,
     return_basis: bool = False,
+    progress: bool = False,
 ) -> tuple[LanczosResult, Tensor | None]:
     """Run Lanczos from each column of ``V0`` (D, runs) in lock-step, full reorthogonalisation.
+
+    ``progress`` shows a bar over the steps (one block of Hessian-vector products each).
 
     Returns the tridiagonal coefficients and, if ``return_basis``, the basis (runs, steps, D).
     The basis and the reorthogonalisation live on ``op.device`` when the operator has one
@@ -192,7 +195,9 @@ def lanczos(
     steps = np.zeros(runs, dtype=np.int64)
     active = np.ones(runs, dtype=bool)
     scale = np.zeros(runs)
-    for j in range(m):
+    from tqdm.auto import tqdm
+
+    for j in tqdm(range(m), desc="Lanczos steps", disable=not progress, leave=False):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
@@ -239,6 +244,7 @@ def slq(
     num_steps: int = 128,
     seed: int = 0,
     basis_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> SpectrumResult:
     """Stochastic Lanczos quadrature of ``op`` (see the module docstring).
 
@@ -259,7 +265,7 @@ def slq(
     t0 = time.perf_counter()
     before = getattr(op, "num_products", 0)
     V0 = rademacher(D, num_runs, seed)
-    lz, _ = lanczos(op, V0, num_steps, basis_dtype=basis_dtype)
+    lz, _ = lanczos(op, V0, num_steps, basis_dtype=basis_dtype, progress=progress)
     m = lz.alpha.shape[1]
     values = np.full((num_runs, m), np.nan)
     weights = np.zeros((num_runs, m))

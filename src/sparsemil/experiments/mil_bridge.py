@@ -130,20 +130,45 @@ def _safe_auc(fn, y, p, **kw) -> float:
         return float("nan")
 
 
+PATH_KEYS = ("data", "data_dir", "labels", "folds_csv")
+
+
+def portable_paths(cfg_dict: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """The data paths of a stored training config, usable from any working directory: a
+    relative path that does not exist here but does next to the checkpoint (``base``) is
+    taken from there. Old checkpoints' ``l1`` key is read as ``lmbda``."""
+    out = dict(cfg_dict)
+    if "l1" in out and "lmbda" not in out:
+        out["lmbda"] = out.pop("l1")
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        if not Path(value).exists() and base is not None and (base / value).exists():
+            out[key] = str(base / value)
+    return out
+
+
 def load_bridge_bags(
-    meta: dict[str, Any], data: str | None = None, eval_split: str = "test", **overrides: Any
+    meta: dict[str, Any],
+    data: str | None = None,
+    eval_split: str = "test",
+    base: Path | None = None,
+    **overrides: Any,
 ) -> MILBags:
     """Bags of the checkpoint's own fold (or of ``data``), standardised as in training.
 
     ``eval_split`` is ``test`` or ``val`` (bags the sweep evaluates); the Hessian and epsilon
-    always use the training bags.
+    always use the training bags. ``base`` is the checkpoint's folder: stored relative data
+    paths are also looked up there (:func:`portable_paths`). ``overrides`` replace stored
+    keys (``data_dir``, ``format``, ``labels``, ...).
     """
     from sparsemil.train.config import MILTrainConfig
     from sparsemil.train.data import MILDataset, Standardizer, holdout_for, load_mil_data
 
     if eval_split not in ("test", "val"):
         raise SparsemilError(f"eval_split {eval_split!r}: use 'test' or 'val'")
-    cfg_dict = dict(meta.get("train_config") or {})
+    cfg_dict = portable_paths(dict(meta.get("train_config") or {}), base)
     if data is not None:
         cfg_dict["data"] = str(data)
     cfg_dict.update({k: v for k, v in overrides.items() if v is not None})
@@ -247,7 +272,7 @@ def mil_limit(
     t0 = time.perf_counter()
     slq_settings = {"lanczos_iter": lanczos_iter, "lanczos_num": lanczos_num, "seed": seed}
     op, hess_bags, important, result = _mil_prediction(
-        model, bags, params, sweep, eps, opts, **slq_settings
+        model, bags, params, sweep, eps, opts, **slq_settings, progress=progress
     )
     timings["spectrum_s"] = time.perf_counter() - t0
     info = _mil_info(
@@ -304,6 +329,7 @@ def _mil_prediction(
     lanczos_iter: int,
     lanczos_num: int,
     seed: int,
+    progress: bool = False,
 ) -> tuple[HessianOperator, list[MILBatch], dict[str, Any] | None, LimitPrediction]:
     """The Hessian over the (seeded subset of) training bags, one bag per batch, with
     deterministic grouping; the important-eigenvalue correction (``limit.important``); the
@@ -327,6 +353,7 @@ def _mil_prediction(
             negative=opts.negative,
             flat_fraction=important["fraction"] if important else 0.0,
             official_grid=opts.official_grid,
+            progress=progress,
         )
     return op, hess_bags, important, result
 

@@ -292,6 +292,7 @@ def predict_limit(
     flat_fraction: float = 0.0,
     official_grid: bool = True,
     spectrum: SpectrumResult | None = None,
+    progress: bool = False,
 ) -> LimitPrediction:
     """Spectrum (unless given) + gw + solver. Model-agnostic: ``op`` is any operator.
 
@@ -310,7 +311,7 @@ def predict_limit(
         ``predicted_ratio_official`` (or None), the ``spectrum`` and the gw curve on the R range.
     """
     if spectrum is None:
-        spectrum = slq(op, num_runs=num_runs, num_steps=num_steps, seed=seed)
+        spectrum = slq(op, num_runs=num_runs, num_steps=num_steps, seed=seed, progress=progress)
     gw = _gw_function(spectrum, eps, negative, flat_fraction)
     ratios = np.asarray(ratios, dtype=np.float64)
     distance = np.asarray(distance, dtype=np.float64)

@@ -369,6 +369,17 @@ def merge_epoch_logs(logs: Path, out: Path) -> None:
     atomic_write_text(out, buf.getvalue())
 
 
+def absolute_paths(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose existing data paths are absolute, so a checkpoint that records it
+    works from any working directory (benchmark names such as ``musk1`` stay as they are)."""
+    out = dict(cfg_dict)
+    for key in ("data", "data_dir", "labels", "folds_csv"):
+        value = out.get(key)
+        if isinstance(value, str) and value and Path(value).exists():
+            out[key] = str(Path(value).resolve())
+    return out
+
+
 def class_names_of(data: BagSource) -> list[str]:
     """Class names in index order: the label strings of the data, else ``"0"``, ``"1"``..."""
     if data.class_names:
@@ -410,7 +421,7 @@ def build_fold(
         "class_names": class_names_of(data),
         "needs_coords": needs_coords(cfg),
         "standardize": std.to_meta() if std else None,
-        "train_config": cfg.to_dict(),
+        "train_config": absolute_paths(cfg.to_dict()),
         "fold": fold.index,
         "slides": {  # what the model was fitted on and selected on (never to be scored)
             "train": [data.slide_ids[i] for i in fold.train],

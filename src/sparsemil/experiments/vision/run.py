@@ -78,7 +78,7 @@ def run_limit(
         op, batches, important = _hessian(cfg, model, x_tr, y_tr)
     flat = important["fraction"] if important is not None else 0.0
     with _timed(timings, "spectrum_s"):
-        result = _predict(cfg, op, sweep, eps, flat)
+        result = _predict(cfg, op, sweep, eps, flat, progress)
     say(
         f"spectrum: {result.spectrum.num_products} HVPs ({op.backend}) in "
         f"{timings['spectrum_s']:.1f}s; predicted ratio {result.predicted_ratio}"
@@ -157,7 +157,12 @@ def _hessian(
 
 
 def _predict(
-    cfg: PruneConfig, op: HessianOperator, sweep: SweepResult, eps: float, flat: float
+    cfg: PruneConfig,
+    op: HessianOperator,
+    sweep: SweepResult,
+    eps: float,
+    flat: float,
+    progress: bool = False,
 ) -> LimitPrediction:
     """SLQ with ``lanczos_num`` runs x ``lanczos_iter`` steps, then the prediction."""
     return predict_limit(
@@ -171,6 +176,7 @@ def _predict(
         negative=cfg.limit.negative,
         flat_fraction=flat,
         official_grid=cfg.limit.official_grid,
+        progress=progress,
     )
 
 
