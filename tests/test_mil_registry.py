@@ -75,7 +75,8 @@ def test_specs_are_read_only():
 
 
 def test_training_module_needs_a_registered_model():
-    from sparsemil.train.module import MILModule, model_inputs
+    from sparsemil.mil.registry import model_inputs
+    from sparsemil.train.module import MILModule
 
     with pytest.raises(SparsemilError, match="Linear is not a registered MIL model"):
         MILModule(torch.nn.Linear(2, 2))

@@ -15,10 +15,11 @@ from sparsemil.data.bags import collate_bags
 from sparsemil.data.splits import stratified_kfold
 from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import build_mil_model
+from sparsemil.mil.registry import model_inputs
 from sparsemil.prune.l1 import l1_penalty
 from sparsemil.train.config import MILTrainConfig
 from sparsemil.train.data import MILDataset, Standardizer, load_mil_data
-from sparsemil.train.module import MILModule, model_inputs
+from sparsemil.train.module import MILModule
 from sparsemil.train.trainer import DelayedEarlyStopping, check_batch_support, fit_fold
 
 

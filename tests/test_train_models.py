@@ -15,7 +15,7 @@ from sparsemil.mil.checkpoint import (
     save_mil_checkpoint,
 )
 from sparsemil.mil.factory import MODEL_NAMES, bag_probabilities, build_mil_model
-from sparsemil.train.module import model_inputs
+from sparsemil.mil.registry import model_inputs
 
 SMALL = {
     "mmil": {"embed_dim": 32, "num_subbags": 2, "grouping": "sequential"},

@@ -2,17 +2,23 @@
 
 The operator represents ``H = sum_b w_b * d^2 L_b / dtheta^2`` where ``L_b = loss_fn(model, b)``
 is the (mean) loss of batch ``b`` and ``w_b`` is that batch's share of the total
-(``sum_b w_b = 1``). By default ``w_b`` is proportional to the leading dimension of the
-first tensor found in the batch, so for mean-reduced losses ``H`` is the Hessian of the
-mean loss over *samples*; for MIL with one bag per batch it is the mean over bags.
-Bags of different sizes need no padding: each bag is its own batch.
+(``sum_b w_b = 1``). By default ``w_b`` is proportional to the batch's size -- the leading
+dimension shared by all of its tensors (a batch without one, or whose tensors disagree, needs
+explicit ``weights=``) -- so for mean-reduced losses ``H`` is the Hessian of the mean loss over
+*samples*; for MIL with one bag per batch it is the mean over bags. Bags of different sizes
+need no padding: each bag is its own batch.
 
 ``theta`` is the flat concatenation of the selected parameters (default: every trainable
-parameter except those of BatchNorm layers, as in the official pruning code). The model is
-put in eval mode for every product (its previous mode is restored afterwards), so dropout
-is off and BatchNorm uses its running statistics. Batches are used as given: build them
-from a fixed, non-shuffled, non-augmented dataset. With the same inputs the products are
-bitwise deterministic on CPU.
+parameter except those of BatchNorm layers, as in the official pruning code; frozen ones are
+left out and a tied tensor counts once -- the same rule as the pruning and the L1 penalty).
+The model is put in eval mode for every product (its previous mode is restored afterwards), so
+dropout is off and BatchNorm uses its running statistics (which no product changes). Products
+are plain detached tensors. A parameter that ``forward`` never touches has zero curvature in
+every backend. Batches are used as given: build them from a fixed, non-shuffled,
+non-augmented dataset. With the same inputs the products are bitwise deterministic on CPU;
+the constructor checks that two products of one vector agree and that ``u.Hv = v.Hu``
+(:meth:`HessianOperator.check_determinism`) and refuses the model otherwise (e.g. dropout
+left on in eval mode).
 
 The L1 penalty ``lambda * sum |theta|`` has zero curvature wherever no weight is exactly
 zero, so it is left out of ``loss_fn`` (adding it changes nothing but cost).
@@ -42,8 +48,9 @@ and all-reduces the per-shard weighted sums, so every rank gets the full-data pr
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,10 +63,13 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 METHODS = ("auto", "linearize", "func", "autograd")
+#: Relative tolerance of the determinism / symmetry check at construction.
+CHECK_RTOL = 1e-3
 
 
 def hessian_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Trainable ``(name, parameter)`` pairs of ``model`` minus BatchNorm parameters."""
+    """Trainable ``(name, parameter)`` pairs of ``model`` minus BatchNorm parameters, each
+    tensor once (a tied tensor under its first name; frozen ones left out)."""
     bn_ids = {
         id(p)
         for m in model.modules()
@@ -69,25 +79,99 @@ def hessian_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in bn_ids]
 
 
-def batch_size_of(batch: Any) -> int:
-    """Leading dimension of the first tensor found in ``batch`` (tensor/tuple/list/dict)."""
+def resolve_hessian_params(
+    model: nn.Module, params: Any, where: str = "HessianOperator params"
+) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` pairs for ``params`` (``None``: :func:`hessian_parameters`).
+
+    ``params`` may hold parameters of ``model``, ``(name, parameter)`` pairs (as
+    ``model.named_parameters()`` yields) or ``(module, attribute)`` pairs (as
+    :func:`sparsemil.prune.magnitude.prunable_parameters` returns); a tensor given twice (or
+    tied) counts once.
+
+    Raises:
+        SparsemilError: another type, a tensor that is not a parameter of ``model``, a frozen
+            parameter (``requires_grad=False``: outside the pruning and the L1 penalty too),
+            or nothing at all.
+    """
+    if params is None:
+        named = hessian_parameters(model)
+        if not named:
+            raise SparsemilError("HessianOperator: the model has no trainable parameters")
+        return named
+    if isinstance(params, nn.Module | Tensor | str | bytes | Mapping) or not isinstance(
+        params, Iterable
+    ):
+        raise SparsemilError(
+            f"{where}: expected a list of parameters of the model, got {type(params).__name__}"
+        )
+    by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    named: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for i, item in enumerate(params):
+        p: Any = None
+        if isinstance(item, Tensor):
+            p = item
+        elif isinstance(item, tuple) and len(item) == 2:
+            if isinstance(item[1], Tensor):
+                p = item[1]
+            elif isinstance(item[0], nn.Module) and isinstance(item[1], str):
+                p = item[0]._parameters.get(item[1])
+        if p is None:
+            raise SparsemilError(
+                f"{where}[{i}]: expected a parameter of the model, a (name, parameter) or a "
+                f"(module, name) pair, got {type(item).__name__}"
+            )
+        if id(p) not in by_id:
+            raise SparsemilError(f"{where}[{i}]: not a parameter of the model")
+        if not p.requires_grad:
+            raise SparsemilError(
+                f"{where}[{i}]: {by_id[id(p)]!r} is frozen (requires_grad=False); frozen "
+                "parameters are left out of the Hessian, the pruning and the L1 penalty alike"
+            )
+        if id(p) not in seen:
+            seen.add(id(p))
+            named.append((by_id[id(p)], p))
+    if not named:
+        raise SparsemilError(f"{where}: empty; give at least one parameter")
+    return named
+
+
+def _leading_dims(batch: Any, out: list[int]) -> None:
+    """Append the leading dimension of every tensor (with at least one dimension) in
+    ``batch`` (a tensor or nested tuples/lists/dicts)."""
     if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, dict):
-        items: Sequence[Any] = list(batch.values())
+        if batch.dim() > 0:
+            out.append(int(batch.shape[0]))
+    elif isinstance(batch, Mapping):
+        for item in batch.values():
+            _leading_dims(item, out)
     elif isinstance(batch, list | tuple):
-        items = batch
-    else:
-        items = []
-    for item in items:
-        if isinstance(item, Tensor | list | tuple | dict):
-            try:
-                return batch_size_of(item)
-            except SparsemilError:
-                continue
-    raise SparsemilError(
-        "cannot infer a batch size: pass `weights=` to HessianOperator (one share per batch)"
-    )
+        for item in batch:
+            _leading_dims(item, out)
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of samples in ``batch``: the leading dimension shared by all of its tensors
+    (a tensor, or tuples/lists/dicts of them; 0-dim tensors and non-tensors are ignored).
+
+    Raises:
+        SparsemilError: no tensor with a batch dimension, or tensors whose leading dimensions
+            differ -- pass ``weights=`` (one share per batch) to the operator instead.
+    """
+    dims: list[int] = []
+    _leading_dims(batch, dims)
+    if not dims:
+        raise SparsemilError(
+            f"HessianOperator: cannot infer the size of a batch of type {type(batch).__name__} "
+            "(no tensor with a batch dimension); pass weights= (one share per batch)"
+        )
+    if len(set(dims)) > 1:
+        raise SparsemilError(
+            f"HessianOperator: cannot infer the size of a batch whose tensors have different "
+            f"leading dimensions {sorted(set(dims))}; pass weights= (one share per batch)"
+        )
+    return dims[0]
 
 
 class _LossModule(nn.Module):
@@ -124,7 +208,9 @@ class HessianOperator(LinearOperatorBase):
         loss_fn: ``(model, batch) -> scalar`` loss of one batch (mean over its samples).
         batches: fixed sequence of batches (tensors / tuples / dicts), already on the
             model's device; iterated in order for every product.
-        params: parameters to differentiate (default: :func:`hessian_parameters`).
+        params: parameters to differentiate (default: :func:`hessian_parameters`); see
+            :func:`resolve_hessian_params` for the accepted forms. Frozen parameters are
+            refused, tied ones counted once.
         weights: each batch's share (normalised to sum 1). Default: proportional to
             :func:`batch_size_of`.
         method: ``"auto"``, ``"func"`` or ``"autograd"`` (see the module docstring).
@@ -132,9 +218,13 @@ class HessianOperator(LinearOperatorBase):
         vmap_max_dim: vectors are batched with ``vmap`` only when D is at most this (on CPU
             large nets are compute-bound and ``vmap`` gains nothing; small nets are
             overhead-bound and gain a lot).
+        check: run :meth:`check_determinism` now (three products): two products of one
+            vector must agree and ``u.Hv = v.Hu``, else a one-line error naming the cause.
 
     Attributes:
         dim: D, the number of parameters in ``theta``.
+        names: the parameters' names, in the order of ``theta``.
+        determinism: the result of :meth:`check_determinism` (None when not run).
         dtype: the parameters' dtype (products are computed in it, accumulated in float64).
         num_products: how many Hessian-vector products have been computed.
     """
@@ -149,6 +239,7 @@ class HessianOperator(LinearOperatorBase):
         method: str = "auto",
         chunk_size: int = 16,
         vmap_max_dim: int = 100_000,
+        check: bool = True,
     ) -> None:
         if method not in METHODS:
             raise SparsemilError(f"HessianOperator method={method!r}: use one of {METHODS}")
@@ -158,15 +249,7 @@ class HessianOperator(LinearOperatorBase):
         self.model = model
         self.loss_fn = loss_fn
         self.batches = batches
-        named = hessian_parameters(model)
-        if params is not None:
-            by_id = {id(p): n for n, p in model.named_parameters()}
-            missing = [i for i, p in enumerate(params) if id(p) not in by_id]
-            if missing:
-                raise SparsemilError("HessianOperator params must be parameters of the model")
-            named = [(by_id[id(p)], p) for p in params]
-        if not named:
-            raise SparsemilError("HessianOperator: the model has no trainable parameters")
+        named = resolve_hessian_params(model, params)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [tuple(p.shape) for p in self.params]
@@ -182,6 +265,9 @@ class HessianOperator(LinearOperatorBase):
         self._resolved: str | None = None if method == "auto" else method
         self._wrapper = _LossModule(model, loss_fn)
         self._linear_cache: dict[int, Callable] = {}
+        self.determinism: dict[str, Any] | None = None
+        if check:
+            self.check_determinism()
 
     # ------------------------------------------------------------------ helpers
     def _normalise_weights(
@@ -190,13 +276,18 @@ class HessianOperator(LinearOperatorBase):
         if weights is None:
             raw = [float(batch_size_of(b)) for b in batches]
         else:
-            raw = [float(w) for w in weights]
+            try:
+                raw = [float(w) for w in weights]
+            except (TypeError, ValueError):
+                raise SparsemilError(
+                    "HessianOperator weights: must be a list of numbers (one per batch)"
+                ) from None
             if len(raw) != len(batches):
                 raise SparsemilError(
                     f"HessianOperator weights: {len(raw)} values for {len(batches)} batches"
                 )
         total = sum(raw)
-        if total <= 0 or any(w < 0 for w in raw):
+        if not all(math.isfinite(w) for w in raw) or total <= 0 or any(w < 0 for w in raw):
             raise SparsemilError("HessianOperator weights must be non-negative with a positive sum")
         return [w / total for w in raw]
 
@@ -257,13 +348,21 @@ class HessianOperator(LinearOperatorBase):
         """Double backward; the first-order graph is shared by the k vectors."""
         with torch.enable_grad():
             loss = self.loss_fn(self.model, self.batches[index])
-            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            if not loss.requires_grad:  # no parameter reaches the loss: zero curvature
+                return torch.zeros_like(V)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            # a parameter that forward never touches (grad None), or whose gradient does not
+            # depend on the parameters, contributes nothing to H v
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not live:
+                return torch.zeros_like(V)
             rows = []
             for i in range(V.shape[0]):
+                tangent = self.split(V[i])
                 hv = torch.autograd.grad(
-                    grads,
+                    [grads[j] for j in live],
                     self.params,
-                    grad_outputs=self.split(V[i]),
+                    grad_outputs=[tangent[j] for j in live],
                     retain_graph=i < V.shape[0] - 1,
                     allow_unused=True,
                 )
@@ -313,6 +412,54 @@ class HessianOperator(LinearOperatorBase):
     def backend(self) -> str | None:
         """The backend in use (``None`` until the first product under ``"auto"``)."""
         return self._resolved
+
+    def check_determinism(self, rtol: float = CHECK_RTOL, seed: int = 0) -> dict[str, Any]:
+        """Check that the operator behaves like a symmetric matrix; store and return the result.
+
+        Two seeded Gaussian vectors u, v: ``H u`` is computed twice and must agree
+        (``||Hu - Hu'|| <= rtol ||Hu||``), and ``|u.Hv - v.Hu| <= rtol max(|u||Hv|, |v||Hu|)``.
+        Three products, not counted in :attr:`num_products`. Run by the constructor unless
+        ``check=False``.
+
+        Raises:
+            SparsemilError: one line naming the likely cause (a random forward in eval mode
+                such as dropout with ``training=True``; or a loss that is not twice
+                differentiable as traced).
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        UV = torch.randn(self.dim, 2, generator=gen, dtype=torch.float64)
+        before = self.num_products
+        HUV = self.matmat(UV).to(device="cpu", dtype=torch.float64)
+        again = self.matmat(UV[:, :1]).to(device="cpu", dtype=torch.float64)[:, 0]
+        self.num_products = before
+        u, v, Hu, Hv = UV[:, 0], UV[:, 1], HUV[:, 0], HUV[:, 1]
+        tiny = torch.finfo(torch.float64).tiny
+        repeat = float((again - Hu).norm() / max(float(Hu.norm()), tiny))
+        scale = max(float(u.norm() * Hv.norm()), float(v.norm() * Hu.norm()), tiny)
+        symmetry = abs(float(u @ Hv) - float(v @ Hu)) / scale
+        self.determinism = {
+            "repeat_rel_diff": repeat,
+            "symmetry_rel_diff": symmetry,
+            "rtol": rtol,
+            "products": 3,
+            "passed": repeat <= rtol and symmetry <= rtol,
+        }
+        if repeat > rtol:
+            raise SparsemilError(
+                f"HessianOperator: two products of one vector differ (relative {repeat:.2g} > "
+                f"{rtol:g}): the loss is random under model.eval() -- e.g. dropout with "
+                "training=True in forward (F.dropout(x, p, training=True)) or random sampling; "
+                "make forward deterministic in eval mode"
+            )
+        if symmetry > rtol:
+            raise SparsemilError(
+                f"HessianOperator: the products are not symmetric (|u.Hv - v.Hu| relative "
+                f"{symmetry:.2g} > {rtol:g}): the loss is not twice differentiable as traced "
+                "(a detach/stop-gradient, a custom autograd Function or state changed by "
+                "forward), or the backend cannot trace it (try method='autograd', config key "
+                "limit.hvp_method)"
+            )
+        return self.determinism
 
     def reset(self) -> None:
         """Drop the cached linearisations (call after changing the model's weights)."""
@@ -394,6 +541,7 @@ class DistributedHessianOperator(HessianOperator):
         chunk_size: int = 16,
         shard: bool = True,
         group: Any = None,
+        check: bool = True,
     ) -> None:
         import torch.distributed as dist
 
@@ -417,6 +565,7 @@ class DistributedHessianOperator(HessianOperator):
                 None,
                 method,
                 chunk_size,
+                check=False,
             )
             # global shares; a rank without batches contributes zero
             self.weights = [full[i] for i in local] if local else [0.0]
@@ -426,10 +575,12 @@ class DistributedHessianOperator(HessianOperator):
                 if weights is None
                 else [float(w) for w in weights]
             )
-            super().__init__(model, loss_fn, batches, params, None, method, chunk_size)
+            super().__init__(model, loss_fn, batches, params, None, method, chunk_size, check=False)
             tot = torch.tensor([sum(raw)], dtype=torch.float64)
             dist.all_reduce(tot, group=group)
             self.weights = [w / float(tot.item()) for w in raw]
+        if check:  # collective: every rank runs the same products
+            self.check_determinism()
 
     def _reduce(self, out: Tensor) -> Tensor:
         import torch.distributed as dist

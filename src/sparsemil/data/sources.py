@@ -342,9 +342,9 @@ def _read_per_slide(
     index = bag_file_index(folder, suffixes)
     class_names = None
     if labels is not None:
-        bags, class_names = label_csv_refs(labels, index, folder, suffixes[0], label_map)
+        bags, class_names = label_csv_refs(labels, index, folder, suffixes, label_map)
     elif split_csv is not None:
-        bags = split_csv_refs(split_csv, index, folder, suffixes[0])
+        bags = split_csv_refs(split_csv, index, folder, suffixes)
     else:
         raise SparsemilError(
             f"data {folder} is a folder of {fmt} files but no labels were given; fix: set "
@@ -353,7 +353,7 @@ def _read_per_slide(
         )
     splits = None
     if split_csv is not None:
-        splits = split_csv_folds(split_csv, bags, index, folder, suffixes[0], notes)
+        splits = split_csv_folds(split_csv, bags, index, folder, suffixes, notes)
     return _Read(list(bags), splits, class_names)
 
 

@@ -53,6 +53,12 @@ WSI_SUFFIXES = (
     ".svslide",
 )
 """Slide-file suffixes stripped from split/dataset CSV entries before looking for features."""
+NA_CELLS = frozenset(
+    {"", "nan", "-nan", "none", "null", "na", "n/a", "<na>", "#n/a", "#n/a n/a", "#na"}
+    | {"-1.#ind", "-1.#qnan", "1.#ind", "1.#qnan"}
+)
+"""Cells (lower-cased) that pad a short split column: the values ``pandas.read_csv`` reads
+as missing, as the official loaders do."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,6 +224,71 @@ def slide_name(entry: str) -> str:
     return s
 
 
+def entry_slide_id(entry: str) -> str:
+    """The slide name of a split/dataset CSV entry: its last path component without a
+    slide-file or feature-file suffix (``data_tcga_lung_tree/TCGA-XX.svs`` -> ``TCGA-XX``)."""
+    return slide_name(entry.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1])
+
+
+def is_padding(cell: str) -> bool:
+    """True for a cell that pads a short split column: blank, or one of the cells pandas
+    reads as missing (``NaN``, ``nan``, ``None``, ``NA``, ``N/A``, ``NULL``, ``<NA>``, ...;
+    the official loaders read the split CSVs with ``pandas.read_csv``)."""
+    return cell.strip().lower() in NA_CELLS
+
+
+def find_bag_file(
+    entry: str,
+    data_dir: Path,
+    index: dict[str, Path],
+    suffixes: Sequence[str],
+    folders: dict[Path, dict[str, Path]] | None = None,
+) -> Path | None:
+    """The feature file of a split/dataset CSV entry, found as the official loaders do, then
+    by name.
+
+    In order: ``<data_dir>/<entry><suffix>`` (the MMIL-Transformer/TransMIL/CLAM loaders join
+    the entry to the feature folder and add the suffix, so ``data_tcga_lung_tree/TCGA-XX``
+    is ``<data_dir>/data_tcga_lung_tree/TCGA-XX.h5``); the entry in ``index`` (a
+    :func:`bag_file_index` of ``data_dir``); the entry's own sub-folder's index (with its
+    ``h5_files``/``pt_files``); the entry's last path component in ``index``. ``folders``
+    caches the sub-folder indices between calls.
+    """
+    s = entry.strip()
+    if not s:
+        return None
+    rel = slide_name(s)
+    exact = data_dir / s
+    if s.lower().endswith(tuple(x.lower() for x in suffixes)) and exact.is_file():
+        return exact
+    for suf in suffixes:
+        p = data_dir / (rel + suf)
+        if p.is_file():
+            return p
+    f = lookup_bag_file(index, s)
+    if f is not None:
+        return f
+    name = entry_slide_id(s)
+    sub = (data_dir / rel).parent
+    if sub != data_dir and sub.is_dir():
+        cache = folders if folders is not None else {}
+        if sub not in cache:
+            cache[sub] = bag_file_index(sub, suffixes)
+        f = lookup_bag_file(cache[sub], name)
+        if f is not None:
+            return f
+    return lookup_bag_file(index, name) if name != rel else None
+
+
+def missing_bag_file(entry: str, data_dir: Path, suffixes: Sequence[str]) -> str:
+    """Where :func:`find_bag_file` looked, for the message about an entry without a file."""
+    rel, name = slide_name(entry), entry_slide_id(entry)
+    first = f"{data_dir / (rel + suffixes[0])} does not exist"
+    if name == rel:
+        return first
+    return f"{first}, nor does {name}{suffixes[0]} in {data_dir} or its sub-folders"
+
+
 # --------------------------------------------------------------------------- split tables
 class SplitEntry(NamedTuple):
     """One non-blank cell of a split CSV."""
@@ -243,6 +314,10 @@ def is_folds_header(header: Sequence[str]) -> bool:
 def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
     """Parse an official MMIL/TransMIL (or CLAM ``splits_k``) split CSV without touching data.
 
+    Short columns are padded: a blank cell or one that pandas reads as missing (``NaN``,
+    ``nan``, ``None``, ...: :func:`is_padding`) is no slide. Labels may be written as floats
+    (``1.0``, as pandas writes a column padded with NaN).
+
     Returns ``{"train": [...], "val": [...], "test": [...]}`` (missing columns give empty
     lists); labels are ``None`` when the CSV has no ``<split>_label`` column.
     """
@@ -262,8 +337,8 @@ def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
         jl = header.index(f"{name}_label") if f"{name}_label" in header else None
         for line, row in rows:
             slide = _cell(row, j)
-            if not slide:
-                if jl is not None and _cell(row, jl):
+            if is_padding(slide):
+                if jl is not None and not is_padding(_cell(row, jl)):
                     raise SparsemilError(
                         f"split CSV {path}:{line}:{jl + 1}: {name}_label is set but {name} is "
                         f"blank; fix: fill in the slide name or clear the label"
@@ -272,6 +347,11 @@ def read_split_table(csv_path: PathLike) -> dict[str, list[SplitEntry]]:
             label = None
             if jl is not None:
                 cell = _cell(row, jl)
+                if is_padding(cell):
+                    raise SparsemilError(
+                        f"split CSV {path}:{line}:{jl + 1}: {name} slide {slide!r} has no "
+                        f"{name}_label ({cell or 'blank'}); fix: fill in its class label"
+                    )
                 label = parse_int(cell)
                 if label is None:
                     raise SparsemilError(
@@ -294,8 +374,10 @@ def read_official_split(
 ) -> dict[str, list[tuple[Path, int]]]:
     """Resolve an official MMIL/TransMIL split CSV to feature files.
 
-    Each slide maps to ``<data_dir>/<slide>.h5`` (else ``.pt``; also looked up in CLAM's
-    ``h5_files``/``pt_files`` sub-folders; a WSI suffix such as ``.tif`` is dropped).
+    Each entry maps to ``<data_dir>/<entry>.h5`` (else ``.pt``), as the official loader joins
+    it; else it is looked up by name in ``data_dir``, CLAM's ``h5_files``/``pt_files`` and
+    the other sub-folders, falling back to its last path component
+    (:func:`find_bag_file`; a WSI suffix such as ``.tif`` is dropped).
 
     Returns:
         ``{"train": [(path, label), ...], "val": [...], "test": [...]}``.
@@ -313,6 +395,7 @@ def read_official_split(
         )
     table = read_split_table(path)
     index = bag_file_index(data_dir, suffixes)
+    folders: dict[Path, dict[str, Path]] = {}
     out: dict[str, list[tuple[Path, int]]] = {}
     for name, entries in table.items():
         out[name] = []
@@ -322,13 +405,13 @@ def read_official_split(
                     f"split CSV {path}: no {name}_label column; fix: use the official layout "
                     f"with label columns, or give labels with a CLAM dataset CSV ('labels')"
                 )
-            f = lookup_bag_file(index, e.slide)
+            f = find_bag_file(e.slide, data_dir, index, suffixes, folders)
             if f is None:
                 if check_exists:
                     raise SparsemilError(
                         f"split CSV {path}:{e.line}: {name} slide {e.slide!r} has no feature "
-                        f"file: {data_dir / (slide_name(e.slide) + suffixes[0])} does not exist; "
-                        f"fix: extract its features or remove the row"
+                        f"file: {missing_bag_file(e.slide, data_dir, suffixes)}; fix: extract "
+                        f"its features or remove the row"
                     )
                 f = data_dir / (slide_name(e.slide) + suffixes[0])
             out[name].append((f, e.label))
@@ -442,37 +525,44 @@ def label_csv_refs(
     csv_path: PathLike,
     index: dict[str, Path],
     data_dir: Path,
-    suffix: str,
+    suffix: str | Sequence[str],
     label_map: dict[str, int] | None = None,
     *,
     check_exists: bool = True,
 ) -> tuple[list[BagRef], list[str] | None]:
     """The rows of a CLAM dataset CSV as :class:`BagRef` s to the files of ``index`` (a
     :func:`bag_file_index` of ``data_dir``), and the class names (``None`` for integer
-    labels). A slide without a file is an error naming the row (or, without
-    ``check_exists``, points at ``<data_dir>/<slide><suffix>``)."""
+    labels). Files are found by :func:`find_bag_file` (``suffix``: one suffix or several,
+    the first one named in messages). A slide without a file is an error naming the row
+    (or, without ``check_exists``, points at ``<data_dir>/<slide><suffix>``)."""
     path = Path(csv_path)
+    suffixes = _suffix_list(suffix)
     rows, names = read_label_csv(path, label_map)
     refs = []
+    folders: dict[Path, dict[str, Path]] = {}
     for r in rows:
-        f = lookup_bag_file(index, r.slide_id)
+        f = find_bag_file(r.slide_id, data_dir, index, suffixes, folders)
         if f is None:
-            f = data_dir / (slide_name(r.slide_id) + suffix)
             if check_exists:
                 raise SparsemilError(
                     f"dataset CSV {path}:{r.line}: slide {r.slide_id!r} has no feature file: "
-                    f"{f} does not exist; fix: extract its features or remove the row"
+                    f"{missing_bag_file(r.slide_id, data_dir, suffixes)}; fix: extract its "
+                    f"features or remove the row"
                 )
+            f = data_dir / (slide_name(r.slide_id) + suffixes[0])
         refs.append(BagRef(path=f, label=r.label, slide_id=r.slide_id, case_id=r.case_id))
     return refs, names
 
 
 def split_csv_refs(
-    csv_path: PathLike, index: dict[str, Path], data_dir: Path, suffix: str
+    csv_path: PathLike, index: dict[str, Path], data_dir: Path, suffix: str | Sequence[str]
 ) -> list[BagRef]:
     """The slides of an official split CSV with label columns as :class:`BagRef` s to the
-    files of ``index`` (train, then val, then test; each slide once)."""
+    files found by :func:`find_bag_file` (train, then val, then test; each slide once, its
+    id the entry's last path component without suffix: :func:`entry_slide_id`)."""
     path = Path(csv_path)
+    suffixes = _suffix_list(suffix)
+    folders: dict[Path, dict[str, Path]] = {}
     seen: dict[str, BagRef] = {}
     for name, entries in read_split_table(path).items():
         for e in entries:
@@ -482,15 +572,21 @@ def split_csv_refs(
                     f"dataset CSV ('labels': slide_id,label) or use the official layout with label "
                     f"columns"
                 )
-            f = lookup_bag_file(index, e.slide)
+            f = find_bag_file(e.slide, data_dir, index, suffixes, folders)
             if f is None:
                 raise SparsemilError(
                     f"split CSV {path}:{e.line}: {name} slide {e.slide!r} has no feature "
-                    f"file: {data_dir / (slide_name(e.slide) + suffix)} does not exist; "
-                    f"fix: extract its features or remove the row"
+                    f"file: {missing_bag_file(e.slide, data_dir, suffixes)}; fix: extract its "
+                    f"features or remove the row"
                 )
-            ref = BagRef(path=f, label=e.label, slide_id=slide_name(e.slide))
+            ref = BagRef(path=f, label=e.label, slide_id=entry_slide_id(e.slide))
             old = seen.setdefault(ref.slide_id, ref)
+            if Path(old.path) != Path(ref.path):
+                raise SparsemilError(
+                    f"split CSV {path}:{e.line}: {name} slide {e.slide!r} and an earlier row "
+                    f"are both named {ref.slide_id!r} but are the files {old.path} and {f}; "
+                    f"fix: give every slide a unique file name"
+                )
             if old.label != ref.label:
                 raise SparsemilError(
                     f"split CSV {path}: slide {ref.slide_id!r} has labels {old.label} and "
@@ -806,7 +902,7 @@ def split_csv_folds(
     bags: Sequence[BagRef | Bag],
     index: dict[str, Path] | None = None,
     data_dir: Path | None = None,
-    suffix: str = "",
+    suffix: str | Sequence[str] = ".h5",
     notes: list[str] | None = None,
 ) -> list[Fold]:
     """Predefined folds (indices into ``bags``) from a split CSV or a folds CSV.
@@ -822,13 +918,14 @@ def split_csv_folds(
         return list(read_folds_csv(split_csv, slide_ids=ids))
     table = read_split_table(split_csv)
     pos: dict[str, int] = {}
-    for i, s in enumerate(ids):
-        pos.setdefault(s, i)
-        pos.setdefault(slide_name(s), i)
+    for key in (lambda s: s.strip(), slide_name, entry_slide_id):
+        for i, s in enumerate(ids):
+            pos.setdefault(key(s), i)
     parts: dict[str, set[int]] = {k: set() for k in SPLIT_NAMES}
     for name, entries in table.items():
         for e in entries:
-            i = pos.get(e.slide.strip(), pos.get(slide_name(e.slide)))
+            keys = (e.slide.strip(), slide_name(e.slide), entry_slide_id(e.slide))
+            i = next((pos[k] for k in keys if k in pos), None)
             if i is None:
                 why = _why_not_a_bag(e.slide, index, data_dir, suffix)
                 raise SparsemilError(
@@ -857,14 +954,23 @@ def split_csv_folds(
 
 
 def _why_not_a_bag(
-    slide: str, index: dict[str, Path] | None, data_dir: Path | None, suffix: str
+    slide: str,
+    index: dict[str, Path] | None,
+    data_dir: Path | None,
+    suffix: str | Sequence[str],
 ) -> str:
     if data_dir is None:
         return "no bag has this id"
-    f = lookup_bag_file(index or {}, slide)
+    suffixes = _suffix_list(suffix)
+    f = find_bag_file(slide, data_dir, index or {}, suffixes)
     if f is None:
-        return f"{data_dir / (slide_name(slide) + suffix)} does not exist"
+        return missing_bag_file(slide, data_dir, suffixes)
     return f"{f} exists but the slide is not in the dataset CSV"
+
+
+def _suffix_list(suffix: str | Sequence[str]) -> tuple[str, ...]:
+    out = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+    return out or (".h5",)
 
 
 def replay_folds(bags: LabelledBags, folds_csv: PathLike) -> list[Fold]:

@@ -138,10 +138,41 @@ def loss_epsilon(batch_losses: np.ndarray | torch.Tensor) -> float:
         raise SparsemilError(
             "epsilon: need at least 2 mini-batches of training loss (lower batch_size)"
         )
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise SparsemilError(
+            f"epsilon: {bad} of {arr.size} per-batch training losses are NaN/Inf; the model's "
+            "weights or outputs are not finite (the training diverged: lower config key 'lr')"
+        )
     eps = float(np.std(arr))
     if not eps > 0:
         raise SparsemilError("epsilon: the per-batch training losses are all equal (eps = 0)")
     return eps
+
+
+def chance_warning(accuracy: float, labels: Any, name: str = "test") -> str | None:
+    """A warning when ``accuracy`` is at chance level on ``labels``, else ``None``.
+
+    Chance is the accuracy of always predicting the most frequent class of ``labels`` (1/K for
+    balanced classes). The accuracy counts as chance level when it is at most chance plus
+    ``max(0.02, 3 sigma)``, sigma = ``sqrt(c (1 - c) / n)`` being the binomial spread of a
+    chance predictor on ``n`` samples: the model has learned nothing measurable, and a
+    pruning limit of such a model says nothing about the network.
+    """
+    y = np.asarray(labels).reshape(-1)
+    if y.size == 0 or accuracy is None or not math.isfinite(float(accuracy)):
+        return None
+    _, counts = np.unique(y, return_counts=True)
+    chance = float(counts.max() / y.size)
+    margin = max(0.02, 3.0 * math.sqrt(chance * (1.0 - chance) / y.size))
+    if float(accuracy) > chance + margin:
+        return None
+    return (
+        f"chance-level accuracy: the dense model's {name} accuracy {float(accuracy):.4f} is "
+        f"within {margin:.3f} of chance ({chance:.4f}, {counts.size} classes, n={y.size}); "
+        "the model has not learned, so its predicted pruning limit is not meaningful "
+        "(train longer or with a larger lr)"
+    )
 
 
 def censored_abs_error(

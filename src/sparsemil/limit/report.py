@@ -22,9 +22,13 @@ def write_limit(
     extra: dict[str, Any] | None = None,
     title: str = "",
     density_bins: int = 2000,
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``limit.json``, ``predict.png``, ``acc_loss.png``, ``esd.png`` and
-    ``spectrum.json`` (Ritz pairs) to ``out_dir``, atomically. Returns the JSON object."""
+    ``spectrum.json`` (Ritz pairs) to ``out_dir``, atomically. Returns the JSON object.
+
+    ``warnings`` (e.g. :func:`sparsemil.limit.predict.chance_warning`) go to ``limit.json``'s
+    ``"warnings"`` list (empty when none)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spectrum = result.spectrum
@@ -63,6 +67,7 @@ def write_limit(
         "density": density,
         "R_max": float(np.nanmax(sweep.distance)),
         **(extra or {}),
+        "warnings": list(warnings or []),
     }
     atomic_write_json(out / "limit.json", doc)
     return doc

@@ -28,7 +28,6 @@ __all__ = [
     "check_model_kwargs",
     "check_model_name",
     "instance_encoder",
-    "model_accepts",
     "model_class",
 ]
 
@@ -46,18 +45,6 @@ def model_class(name: str) -> type[torch.nn.Module]:
 def check_model_name(name: str) -> None:
     """Raise :class:`SparsemilError` unless ``name`` is one of :data:`MODEL_NAMES`."""
     get_model_spec(name)
-
-
-def model_accepts(model: torch.nn.Module, method: str, arg: str) -> bool:
-    """Whether ``model.<method>`` takes an argument called ``arg`` (for models outside the
-    registry; registered models: read :class:`~sparsemil.mil.registry.ModelSpec`)."""
-    fn = getattr(model, method, None)
-    if fn is None:
-        return False
-    try:
-        return arg in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return False
 
 
 _RESERVED = frozenset({"self", "in_shape", "in_dim", "n_classes", "feat_ext", "criterion"})

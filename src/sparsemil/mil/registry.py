@@ -211,3 +211,31 @@ def spec_of(model: Any) -> ModelSpec | None:
         if isinstance(model, spec.model_class()):
             return spec
     return None
+
+
+def registered_spec(model: Any) -> ModelSpec:
+    """The registry entry of ``model``'s class; :class:`SparsemilError` for other models."""
+    spec = spec_of(model)
+    if spec is None:
+        raise SparsemilError(
+            f"model: {type(model).__name__} is not a registered MIL model "
+            "(sparsemil.mil.registry.MODELS); build it with build_mil_model"
+        )
+    return spec
+
+
+def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword inputs of ``model``'s ``forward``/``predict``/``compute_loss`` from a batch.
+
+    ``mask`` goes to every model that takes one (DTFD-MIL needs it even without padding);
+    ``coords`` when present and taken (:class:`~sparsemil.mil.registry.ModelSpec`). A model
+    that cannot take padded batches (TransMIL: no mask) never gets one --
+    :func:`~sparsemil.train.trainer.check_batch_support` rejects that up front.
+    """
+    spec = registered_spec(model)
+    kwargs: dict[str, Any] = {}
+    if spec.accepts_mask:
+        kwargs["mask"] = batch["mask"]
+    if "coords" in batch and spec.accepts_coords:
+        kwargs["coords"] = batch["coords"]
+    return kwargs

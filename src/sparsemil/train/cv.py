@@ -78,8 +78,8 @@ def run_cv(
 
     t0 = time.time()
     data = load_mil_data(cfg)  # validates every bag before anything is trained
-    folds = folds_for(data, cfg)
     preflight(cfg, data)
+    folds = folds_for(data, cfg)
     out = prepare_out_dir(out, resume, "metrics.json")
     rank0 = not is_launched_child()
     if rank0:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsemil.mil.factory import bag_loss, bag_probabilities, model_accepts
+from sparsemil.mil.factory import bag_loss, bag_probabilities
+from sparsemil.mil.registry import model_inputs, registered_spec
 from sparsemil.train.seeding import scoped_seed
 
 METRICS = ("accuracy", "balanced_accuracy", "auc", "f1", "loss")
@@ -119,18 +120,12 @@ def predict_bags(
     for t in range(int(num_test)):
         probs_t, loss_t = [], []
         with scoped_seed(seed * 1000 + t):
-            if hasattr(model, "reseed"):  # MMIL: its own generator drives random grouping
+            if registered_spec(model).seeded:  # MMIL: its own generator drives grouping
                 model.reseed(seed * 1000 + t)
             for batch in loader:
                 x = batch["X"].to(device)
-                kwargs: dict[str, Any] = {}
-                if model_accepts(model, "predict", "mask"):
-                    kwargs["mask"] = batch["mask"].to(device)
-                if "coords" in batch and model_accepts(model, "predict", "coords"):
-                    kwargs["coords"] = batch["coords"].to(device)
-                if model_accepts(model, "predict", "return_inst_pred"):
-                    kwargs["return_inst_pred"] = False
-                out = model.predict(x, **kwargs)
+                kwargs = {k: v.to(device) for k, v in model_inputs(model, batch).items()}
+                out = model.predict(x, return_inst_pred=False, **kwargs)
                 if isinstance(out, tuple | list):
                     out = out[0]
                 probs_t.append(bag_probabilities(out).float().cpu())

@@ -21,7 +21,8 @@ import torch
 from sparsemil.data.sources import BagSource
 from sparsemil.errors import SparsemilError, resolve_device
 from sparsemil.mil.checkpoint import load_mil_checkpoint
-from sparsemil.mil.factory import bag_probabilities, model_accepts
+from sparsemil.mil.factory import bag_probabilities
+from sparsemil.mil.registry import registered_spec
 from sparsemil.train.data import Standardizer
 
 
@@ -67,7 +68,7 @@ class Predictor:
     @property
     def takes_coords(self) -> bool:
         """Whether the model's ``forward`` accepts instance coordinates."""
-        return model_accepts(self.model, "forward", "coords")
+        return registered_spec(self.model).accepts_coords
 
     def check_features(self, n_features: int, where: str) -> None:
         """Raise :class:`SparsemilError` naming ``where`` if the dimension differs from C."""

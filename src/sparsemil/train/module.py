@@ -15,38 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import bag_probabilities
-from sparsemil.mil.registry import ModelSpec, spec_of
+from sparsemil.mil.registry import model_inputs, registered_spec
 from sparsemil.prune.l1 import l1_penalty
-
-
-def registered_spec(model: torch.nn.Module) -> ModelSpec:
-    """The registry entry of ``model``'s class; :class:`SparsemilError` for other models."""
-    spec = spec_of(model)
-    if spec is None:
-        raise SparsemilError(
-            f"model: {type(model).__name__} is not a registered MIL model "
-            "(sparsemil.mil.registry.MODELS); build it with build_mil_model"
-        )
-    return spec
-
-
-def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """Keyword inputs of ``model``'s ``forward``/``predict``/``compute_loss`` from a batch.
-
-    ``mask`` goes to every model that takes one (DTFD-MIL needs it even without padding);
-    ``coords`` when present and taken (:class:`~sparsemil.mil.registry.ModelSpec`). A model
-    that cannot take padded batches (TransMIL: no mask) never gets one --
-    :func:`~sparsemil.train.trainer.check_batch_support` rejects that up front.
-    """
-    spec = registered_spec(model)
-    kwargs: dict[str, Any] = {}
-    if spec.accepts_mask:
-        kwargs["mask"] = batch["mask"]
-    if "coords" in batch and spec.accepts_coords:
-        kwargs["coords"] = batch["coords"]
-    return kwargs
 
 
 def has_padding(batch: dict[str, Any]) -> bool:

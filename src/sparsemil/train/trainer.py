@@ -291,6 +291,13 @@ def preflight(cfg: MILTrainConfig, data: BagSource) -> None:
             labels, a binary-only model on more classes, bad ``model_kwargs``, unsupported
             batching, or a GPU that is not there.
     """
+    spec = get_model_spec(cfg.model)
+    if not spec.multiclass and data.n_classes > 2:
+        found = ", ".join(str(v) for v in np.unique(data.labels))
+        raise SparsemilError(
+            f"{data.source}: {data.n_classes} classes (labels {found}) but model "
+            f"{cfg.model!r} is binary only; fix: relabel to 0/1, or use model 'mmil'"
+        )
     distinct = int(np.unique(data.labels).size)
     if cfg.n_classes is not None and int(cfg.n_classes) != distinct:
         names = f" ({', '.join(data.class_names)})" if data.class_names else ""

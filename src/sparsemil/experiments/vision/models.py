@@ -310,11 +310,25 @@ def build_model(
     return model
 
 
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Raise when a parameter or buffer of ``model`` holds NaN/Inf (one line naming it)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SparsemilError(
+                f"{where}: {name!r} has NaN/Inf entries; a non-finite model cannot be pruned "
+                "or analysed (retrain with a lower config key 'lr')"
+            )
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`.
 
     Returns ``(model in eval mode, meta)``; a sparse export (:func:`save_sparse` with ``meta``) is
     read as well.
+
+    Raises:
+        SparsemilError: not a sparsemil checkpoint, weights that do not match the model, or
+            NaN/Inf weights (a diverged training: nothing downstream may use it).
     """
     path = Path(path)
     meta = read_safetensors_meta(path, CHECKPOINT_KEY)  # missing / unreadable: its own error
@@ -344,4 +358,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             raise SparsemilError(
                 f"checkpoint {path}: weights do not match the model ({err})"
             ) from None
+    check_finite_weights(model, f"checkpoint {path}")
     return model.to(device).eval(), meta

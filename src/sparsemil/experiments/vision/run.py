@@ -12,6 +12,17 @@ Pipeline (:func:`run_limit`):
    excluded; SLQ with ``lanczos_num`` runs x ``lanczos_iter`` steps;
 5. the predicted ratio (:func:`sparsemil.limit.predict.predict_limit`) and the report
    (:func:`sparsemil.limit.report.write_limit`).
+
+**One set of parameters.** Every step uses the trainable parameters, each tensor once: the
+sweep, R(rho) and the export prune the prunable set
+(:func:`sparsemil.prune.magnitude.prunable_set`), which lies inside the Hessian's parameters
+(:func:`sparsemil.curvature.hvp.hessian_parameters`: the trainable ones minus BatchNorm's,
+as the official code) and inside the L1 penalty's (``l1_scope``). Frozen weights are in none of
+them; tied weights are counted once in all. ``limit.json`` states the three sets under
+``"parameters"`` (with every left-out weight tensor and its reason), and the run prints them.
+
+**Warnings** (``limit.json`` ``"warnings"``, printed): a dense model at chance-level test
+accuracy (:func:`sparsemil.limit.predict.chance_warning`).
 """
 
 from __future__ import annotations
@@ -25,7 +36,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sparsemil.curvature.hvp import HessianOperator, cross_entropy_loss, fixed_batches
+from sparsemil.curvature.hvp import (
+    HessianOperator,
+    cross_entropy_loss,
+    fixed_batches,
+    hessian_parameters,
+)
 from sparsemil.data.vision import load_vision_dataset
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
@@ -36,6 +52,7 @@ from sparsemil.limit.plots import plot_sweep
 from sparsemil.limit.predict import (
     LimitOptions,
     LimitPrediction,
+    chance_warning,
     important_flat_fraction,
     loss_epsilon,
     predict_limit,
@@ -43,7 +60,8 @@ from sparsemil.limit.predict import (
 from sparsemil.limit.report import write_limit
 from sparsemil.prune.evaluate import batch_losses
 from sparsemil.prune.export import save_checkpoint, save_sparse
-from sparsemil.prune.magnitude import prunable_parameters, prune_model
+from sparsemil.prune.l1 import l1_params
+from sparsemil.prune.magnitude import PrunableSet, prunable_set, prune_model
 from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, vision_sweep
 
@@ -69,6 +87,9 @@ def run_limit(
         model, data, hist = train_from_config(cfg, progress=progress, device=device)
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     _save_trained(cfg, model, data, hist, out, device)
+    params = parameter_sets(model, cfg.l1_scope)
+    for line in params["lines"]:
+        say(line)
     with _timed(timings, "sweep_s"):
         x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
         eps = loss_epsilon(batch_losses(model, x_tr, y_tr, cfg.batch_size).numpy())
@@ -84,6 +105,8 @@ def run_limit(
         f"{timings['spectrum_s']:.1f}s; predicted ratio {result.predicted_ratio}"
     )
     extra = _limit_extra(cfg, data, op, batches, sweep, important, flat, timings)
+    extra["parameters"] = params["summary"]
+    warning = chance_warning(sweep.dense.get("test_acc"), data.y_test.numpy())
     return write_limit(
         out,
         result,
@@ -93,7 +116,60 @@ def run_limit(
         extra=extra,
         title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
         density_bins=cfg.limit.density_bins,
+        warnings=[warning] if warning else [],
     )
+
+
+def parameter_sets(model: nn.Module, l1_scope: str = "all") -> dict[str, Any]:
+    """The prunable, Hessian and L1 parameter sets of ``model`` (see the module docstring):
+    ``{"prunable": PrunableSet, "summary": JSON-able dict, "lines": console lines}``.
+
+    Raises:
+        SparsemilError: a prunable weight outside the Hessian's or the penalty's parameters
+            (the sets would disagree), or no prunable weight at all.
+    """
+    pset: PrunableSet = prunable_set(model)
+    if not pset.refs:
+        raise SparsemilError(
+            "model: no prunable weights (trainable Linear/Conv/attention/RNN weights); "
+            f"left out: {', '.join(f'{n} ({r})' for n, r in pset.left_out.items()) or 'none'}"
+        )
+    hess = hessian_parameters(model)
+    hess_ids = {id(p) for _, p in hess}
+    pen = l1_params(model, l1_scope)
+    pen_ids = {id(p) for _, p in pen}
+    for name, (m, a) in zip(pset.names, pset.refs, strict=True):
+        t = getattr(m, a)
+        if id(t) not in hess_ids or id(t) not in pen_ids:
+            where = "the Hessian's" if id(t) not in hess_ids else "the L1 penalty's"
+            raise SparsemilError(f"model: prunable weight {name!r} is not among {where} parameters")
+    hess_names = {n for n, _ in hess}
+    hess_left = {
+        n: ("frozen (requires_grad=False)" if not p.requires_grad else "BatchNorm parameter")
+        for n, p in model.named_parameters()
+        if n not in hess_names
+    }
+    summary = {
+        "prunable": pset.summary(),
+        "hessian": {
+            "rule": "trainable parameters minus BatchNorm's (official), each tensor once",
+            "n_tensors": len(hess),
+            "D": int(sum(p.numel() for _, p in hess)),
+            "left_out": hess_left,
+        },
+        "l1": {
+            "scope": l1_scope,
+            "n_tensors": len(pen),
+            "n_params": int(sum(p.numel() for _, p in pen)),
+        },
+        "R": "||w* - w_rho||_2 over the prunable set (only pruned weights change)",
+    }
+    lines = [
+        *pset.describe(),
+        f"Hessian over {summary['hessian']['D']} parameters in {len(hess)} tensors "
+        f"(trainable, BatchNorm excluded); L1 ({l1_scope}) over {summary['l1']['n_params']}",
+    ]
+    return {"prunable": pset, "summary": summary, "lines": lines}
 
 
 @contextlib.contextmanager
@@ -149,9 +225,10 @@ def _hessian(
         cross_entropy_loss,
         fixed_batches(x_tr, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
         method=opts.hvp_method,
+        check=False,  # same model and loss as ``op``, already checked
     )
     important = important_flat_fraction(
-        imp_op, prunable_parameters(model), opts.important_ratios, opts.important_tol
+        imp_op, prunable_set(model).refs, opts.important_ratios, opts.important_tol
     )
     return op, batches, important
 
@@ -199,7 +276,8 @@ def _limit_extra(
             "batch_size": opts.hessian_batch_size,
             "hvp_backend": op.backend,
             "num_products": int(op.num_products),
-            "excluded": "BatchNorm parameters",
+            "determinism": op.determinism,
+            "excluded": "BatchNorm parameters and frozen parameters",
             "loss": "mean cross-entropy over samples (L1 term has zero curvature)",
         },
         "negative": opts.negative,
@@ -285,10 +363,42 @@ def run_sweep(
     plot_sweep(
         res, out / "sweep.png", actual=summary["actual_ratio"], title=f"{cfg.model} on {data.name}"
     )
+    summary["parameters"] = parameter_sets(model, cfg.l1_scope)["summary"]
     ratio = summary["actual_ratio"].get(cfg.actual_criterion)
     if ratio is not None:
-        prune_model(model, ratio)
-        sizes = save_sparse(out / "pruned_sparse.safetensors", model.cpu(), meta)
-        summary["export"] = {"ratio": ratio, **sizes}
+        summary["export"] = _prune_and_save(
+            model.cpu(), ratio, meta, out / "pruned_sparse.safetensors"
+        )
     atomic_write_json(out / "sweep.json", summary)
     return summary
+
+
+def _prune_and_save(model: nn.Module, ratio: float, meta: dict, path: Path) -> dict[str, Any]:
+    """Prune ``model`` in place at ``ratio`` over its prunable set and write the sparse
+    export; returns ``{"ratio", "n_weights", "n_pruned", "pruned_fraction", "dense_bytes",
+    "sparse_bytes"}`` (``pruned_fraction`` is over the prunable set, ties included)."""
+    masks = prune_model(model, ratio)
+    n_weights = int(sum(m.numel() for m in masks.values()))
+    n_pruned = int(sum(int((~m).sum()) for m in masks.values()))
+    sizes = save_sparse(path, model, meta)
+    return {
+        "ratio": ratio,
+        "n_weights": n_weights,
+        "n_pruned": n_pruned,
+        "pruned_fraction": n_pruned / max(n_weights, 1),
+        **sizes,
+    }
+
+
+def run_export(checkpoint: str | Path, ratio: float, out: str | Path) -> dict[str, Any]:
+    """``prune export``: prune a checkpoint globally by magnitude at ``ratio`` over its
+    prunable set and write the compressed file ``out``. Returns :func:`_prune_and_save`'s
+    dict plus ``"parameters"`` (the prunable set and every left-out weight tensor).
+
+    Raises:
+        SparsemilError: an unreadable or non-finite checkpoint, or a ratio outside [0, 1].
+    """
+    model, meta = load_checkpoint(checkpoint)
+    params = parameter_sets(model)
+    doc = _prune_and_save(model, ratio, meta, Path(out))
+    return {**doc, "parameters": params["summary"], "lines": params["lines"]}

@@ -10,6 +10,10 @@ evaluated **per epoch**. (The official code calls ``scheduler.step()`` every ite
 milestones are epoch numbers, so its decays happen after that many *iterations*.)
 
 Determinism: shuffling uses a ``torch.Generator`` seeded with ``cfg.seed``; no global RNG.
+
+Divergence: training stops at the first non-finite (NaN/Inf) mini-batch loss with a one-line
+:class:`~sparsemil.errors.SparsemilError` (epoch, iteration, learning rate), and a model whose
+weights end non-finite is refused the same way -- nothing is written.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemil.data.vision import VisionData
+from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
+from sparsemil.experiments.vision.models import check_finite_weights
 from sparsemil.prune.evaluate import evaluate_split
 from sparsemil.prune.l1 import l1_params, l1_penalty
 
@@ -108,6 +114,11 @@ def train_l1(
             loss = (
                 (ce + cfg.lmbda * l1_penalty(model, pen_params, cfg.regularizer)) if use_pen else ce
             )
+            if not bool(torch.isfinite(loss)):
+                raise SparsemilError(
+                    f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, "
+                    f"iteration {it + 1} (lr {lr:g}); lower config key 'lr'"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -129,6 +140,7 @@ def train_l1(
                 f"test acc {ev['acc']:.4f}"
             )
     model.eval()
+    check_finite_weights(model, "training diverged: after the last step")
     hist["seconds"] = time.perf_counter() - t0
     return hist
 
