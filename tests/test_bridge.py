@@ -11,6 +11,7 @@ import torch
 from sparsemil.cli.main import main
 from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.data.mil_benchmarks import load_mil_benchmark
+from sparsemil.errors import SparsemilError
 from sparsemil.experiments.mil_bridge import (
     MILBags,
     bag_loss_fn,
@@ -61,8 +62,11 @@ def test_hvp_over_bags_is_deterministic_with_sequential_grouping():
             HessianOperator(model, bag_loss_fn, [b], method="autograd").matvec(v) for b in bags
         ]
     torch.testing.assert_close(h1, torch.stack(per_bag).mean(0), rtol=1e-4, atol=1e-6)
-    # With random grouping the same products differ: determinism comes from the context.
-    op_r = HessianOperator(model, bag_loss_fn, bags, method="autograd")
+    # With random grouping the same products differ: determinism comes from the context,
+    # and the operator's construction check refuses the random model (issue 14, P1).
+    with pytest.raises(SparsemilError, match="two products of one vector differ"):
+        HessianOperator(model, bag_loss_fn, bags, method="autograd")
+    op_r = HessianOperator(model, bag_loss_fn, bags, method="autograd", check=False)
     assert not torch.equal(op_r.matvec(v), op_r.matvec(v))
 
 

@@ -224,3 +224,210 @@ def test_linear_operator_interface_against_scipy_and_exact_hessian(digits):
     assert torch.equal(dense @ v.detach(), (dense @ v.detach()[:, None]).squeeze(1))
     by_dense = np.sort(eigsh(dense.to_scipy(), k=k, which="LA", return_eigenvectors=False))
     np.testing.assert_allclose(by_dense[::-1], exact[:k], rtol=0, atol=1e-10 * scale)
+
+
+# ----------------------------------------------------------------- issue 14, P1 and P5
+
+
+def _bn_convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 8 * 8, 10),
+    )
+
+
+@pytest.mark.parametrize("method", ["linearize", "func", "autograd", "auto"])
+def test_products_are_detached_and_batchnorm_uses_running_stats(digits, method):
+    """BatchNorm parameters still require gradients while outside the Hessian: the products
+    come back as plain detached tensors, BatchNorm runs on its running statistics (eval) and
+    no product changes them, and SLQ runs (issue 14: it died at its first step)."""
+    from sparsemil.curvature.slq import slq
+
+    x, y = digits
+    x = x[:64].reshape(-1, 1, 8, 8)
+    model = _bn_convnet()
+    model.train()
+    model(x)  # populate the running statistics
+    bn = model[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    op = HessianOperator(model, ce, [(x, y[:64])], method=method)
+    assert op.determinism["passed"]
+    assert "1.weight" not in op.names and op.dim == 3 * 9 + 3 + 192 * 10 + 10
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    hv = op @ v
+    assert not hv.requires_grad and hv.grad_fn is None
+    assert torch.equal(hv, op @ v)  # eval mode: the same product twice
+    spec = slq(op, num_runs=1, num_steps=4, seed=0)
+    assert np.all(np.isfinite(spec.ritz_values))
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2] and model.training  # mode restored
+    # the product is the Hessian of the eval-mode loss (BatchNorm on running statistics)
+    model.eval()
+    ref = HessianOperator(model, ce, [(x, y[:64])], method="autograd", check=False) @ v
+    model.train()
+    torch.testing.assert_close(hv, ref, rtol=1e-4, atol=1e-6)
+    # any params= subset: the other parameters still require grad, the product does not
+    sub = HessianOperator(model, ce, [(x, y[:64])], params=[model[0].weight], method=method)
+    out = sub @ torch.ones(sub.dim)
+    assert sub.dim == 27 and not out.requires_grad and out.grad_fn is None
+
+
+class _DropoutInEval(nn.Module):
+    """Dropout left on in eval mode: a different loss at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.tanh(self.fc1(x)), 0.5, training=True))
+
+
+class _NoisyInEval(_DropoutInEval):
+    """Another random forward: input noise drawn at every call."""
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x + 0.1 * torch.randn_like(x))))
+
+
+class _WrongBackward(torch.autograd.Function):
+    """``w1 * w2`` whose backward doubles the gradient of ``w1``: a gradient field that is not
+    a gradient, so its Jacobian ("Hessian") is not symmetric."""
+
+    @staticmethod
+    def forward(ctx, w1, w2):
+        ctx.save_for_backward(w1, w2)
+        return w1 * w2
+
+    @staticmethod
+    def backward(ctx, g):
+        w1, w2 = ctx.saved_tensors
+        return 2.0 * g * w2, g * w1
+
+
+class _Asymmetric(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.linspace(0.5, 1.5, 10))
+        self.w2 = nn.Parameter(torch.linspace(-1.0, 1.0, 10))
+
+    def forward(self, x):
+        return x[:, :10] * _WrongBackward.apply(self.w1, self.w2)
+
+
+@pytest.mark.parametrize("model_cls", [_DropoutInEval, _NoisyInEval])
+@pytest.mark.parametrize("method", ["auto", "autograd", "func", "linearize"])
+def test_random_forward_in_eval_is_refused(digits, model_cls, method):
+    x, y = digits
+    torch.manual_seed(0)
+    model = model_cls()
+    with pytest.raises(SparsemilError, match=r"random under model.eval\(\).*dropout"):
+        HessianOperator(model, ce, [(x, y)], method=method)
+    op = HessianOperator(model, ce, [(x, y)], method=method, check=False)  # opt out
+    assert op.determinism is None
+
+
+def test_asymmetric_products_are_refused(digits):
+    x, y = digits
+    with pytest.raises(SparsemilError, match="not symmetric"):
+        HessianOperator(_Asymmetric(), ce, [(x, y)], method="autograd")
+
+
+class _Unused(nn.Module):
+    """``unused`` never reaches the loss; ``shift`` reaches it linearly only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 10)
+        self.unused = nn.Linear(64, 10)
+        self.shift = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x):
+        return self.fc(x) + self.shift
+
+
+@pytest.mark.parametrize("method", ["linearize", "func", "autograd", "auto"])
+def test_unused_parameter_has_zero_curvature_in_every_backend(digits, method):
+    x, y = digits
+    model = _Unused()
+    op = HessianOperator(model, ce, [(x[:100], y[:100]), (x[100:], y[100:])], method=method)
+    H = op.dense()
+    start = 0
+    for name, n in zip(op.names, op.numels, strict=True):
+        block = H[start : start + n]
+        if name.startswith("unused."):
+            assert torch.equal(block, torch.zeros_like(block)), name
+        else:
+            assert float(block.abs().sum()) > 0, name
+        start += n
+    ref = HessianOperator(model, ce, [(x[:100], y[:100]), (x[100:], y[100:])], method="func")
+    torch.testing.assert_close(H, ref.dense(), rtol=1e-4, atol=1e-7)
+    # a loss no parameter reaches: zero curvature, no crash
+    const = HessianOperator(model, lambda m, b: b[0].sum() * 0 + 1.0, [(x, y)], method=method)
+    assert float(const.dense().abs().max()) == 0.0
+
+
+def test_params_argument_is_validated(digits):
+    x, y = digits
+    model = _net()
+    batches = [(x, y)]
+    for bad, kind in ((model, "Sequential"), (model[0].weight, "Parameter"), ("0.weight", "str")):
+        with pytest.raises(SparsemilError, match=f"expected a list of parameters.*got {kind}"):
+            HessianOperator(model, ce, batches, params=bad)
+    with pytest.raises(SparsemilError, match=r"params\[1\]: expected a parameter.*got int"):
+        HessianOperator(model, ce, batches, params=[model[0].weight, 3])
+    with pytest.raises(SparsemilError, match=r"params\[0\]: not a parameter of the model"):
+        HessianOperator(model, ce, batches, params=[nn.Parameter(torch.zeros(3))])
+    with pytest.raises(SparsemilError, match="empty"):
+        HessianOperator(model, ce, batches, params=[])
+    # accepted forms: parameters, named pairs, (module, name) pairs; duplicates count once
+    w = model[0].weight
+    for params in (
+        [w, w],
+        [("0.weight", w)],
+        [(model[0], "weight")],
+        (p for n, p in model.named_parameters() if n == "0.weight"),
+    ):
+        assert HessianOperator(model, ce, batches, params=params).dim == w.numel()
+    w.requires_grad_(False)
+    with pytest.raises(SparsemilError, match=r"'0.weight' is frozen"):
+        HessianOperator(model, ce, batches, params=[w])
+    assert HessianOperator(model, ce, batches).names == ["0.bias", "2.weight", "2.bias"]
+
+
+def test_batch_size_needs_a_batch_dimension_or_weights(digits):
+    from sparsemil.curvature.hvp import batch_size_of
+
+    x, y = digits
+    model = _net()
+    assert batch_size_of((x, y)) == 400
+    assert batch_size_of({"X": x[None], "Y": y[:1]}) == 1  # one MIL bag
+    assert batch_size_of([torch.tensor(2.0), (x, y)]) == 400  # 0-dim tensors do not count
+
+    def loss(m, b):
+        return ce(m, (b["x"], b["y"]))
+
+    for batch, msg in (
+        ({"x": x, "y": y, "note": "plain"}, None),
+        ({"x": x, "y": y[:10]}, r"different leading dimensions \[10, 400\]"),
+        (torch.tensor(3.0), "no tensor with a batch dimension"),
+        ({"x": 1.0}, "no tensor with a batch dimension"),
+    ):
+        if msg is None:
+            assert HessianOperator(model, loss, [batch]).weights == [1.0]
+            continue
+        with pytest.raises(SparsemilError, match=msg + ".*pass weights="):
+            batch_size_of(batch)
+    odd = [{"x": x[:100], "y": y[:100], "k": torch.arange(10)}, {"x": x[100:], "y": y[100:]}]
+    with pytest.raises(SparsemilError, match="different leading dimensions"):
+        HessianOperator(model, loss, odd)
+    op = HessianOperator(model, loss, odd, weights=[100, 300])
+    assert op.weights == [0.25, 0.75]
+    for bad in ([float("nan"), 1.0], ["a", "b"]):
+        with pytest.raises(SparsemilError, match="weights"):
+            HessianOperator(model, loss, odd, weights=bad)

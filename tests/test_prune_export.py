@@ -14,7 +14,7 @@ from sparsemil.prune.export import (
     save_sparse,
     serialized_bytes,
 )
-from sparsemil.prune.magnitude import prune_model
+from sparsemil.prune.magnitude import apply_masks, prune_model
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +61,9 @@ def test_sparse_export_with_batchnorm_and_dense_fallback(tmp_path) -> None:
     load_sparse(tmp_path / "bn.safetensors", fresh)
     for key, val in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], val), key
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
@@ -95,3 +98,47 @@ def test_not_a_checkpoint(tmp_path) -> None:
         load_checkpoint(bad)
     with pytest.raises(SparsemilError, match="missing.safetensors: file not found"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def _plain_conv() -> nn.Module:
+    return build_model("lenet", (1, 28, 28), 10, seed=5)
+
+
+@pytest.mark.parametrize("how", ["apply_masks", "torch_prune_twice", "global_unstructured"])
+def test_export_folds_torch_prune_hooks(tmp_path, how: str) -> None:
+    """A model still carrying torch.nn.utils.prune hooks (weight_orig / weight_mask) exports
+    the folded weights: smaller than the dense model, loadable into the plain architecture
+    (and through load_checkpoint), with the same outputs. Before: a larger file that failed
+    to load."""
+    from torch.nn.utils import prune as torch_prune
+
+    meta = {"model": "lenet", "in_shape": [1, 28, 28], "num_classes": 10, "widths": None}
+    model = _plain_conv().eval()
+    dense_bytes = serialized_bytes(_plain_conv())
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if how == "apply_masks":
+        apply_masks(prune_model(model, 0.9, permanent=False))
+    elif how == "torch_prune_twice":  # a PruningContainer: two masks combined
+        for m in layers:
+            torch_prune.l1_unstructured(m, "weight", amount=0.6)
+            torch_prune.l1_unstructured(m, "weight", amount=0.75)
+    else:
+        torch_prune.global_unstructured(
+            [(m, "weight") for m in layers], torch_prune.L1Unstructured, amount=0.9
+        )
+    assert torch_prune.is_pruned(model)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    sizes = save_sparse(tmp_path / "sp.safetensors", model, meta)
+    assert sizes["sparse_bytes"] < 0.3 * dense_bytes
+    assert sizes["dense_bytes"] < 1.01 * dense_bytes  # no *_orig / *_mask entries
+    fresh = _plain_conv()
+    load_sparse(tmp_path / "sp.safetensors", fresh)
+    back, _ = load_checkpoint(tmp_path / "sp.safetensors")
+    save_checkpoint(tmp_path / "ck.safetensors", model, meta)
+    back2, _ = load_checkpoint(tmp_path / "ck.safetensors")
+    with torch.no_grad():
+        for m in (fresh.eval(), back, back2):
+            assert torch.equal(m(x), expected)
+    assert torch_prune.is_pruned(model)  # the exported model itself is left as it was

@@ -106,6 +106,7 @@ def test_tcga_needs_mpp_then_works(wsi_dir, tmp_path, capsys):
     assert rc == 1
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "set 'mpp'" in lines[0] and "TCGA-CR-7395" in lines[0]
+    assert lines[0].endswith("(flag: --mpp)")  # the CLI names the flag of the field
     assert not (tmp_path / "TCGA-CR-7395-01A-01-TS1.h5").exists()
     rc, out, err = _run(
         capsys, "--slide", slide, "--out", str(tmp_path), "--workers", "0", "--mpp", "0.25"
@@ -119,6 +120,8 @@ def test_tcga_needs_mpp_then_works(wsi_dir, tmp_path, capsys):
             512,
         )
         assert float(a["level0_magnification"]) == 40.0 and f.attrs["resolution_source"] == "mpp"
+        assert np.isnan(f.attrs["mpp_file"]) and f.attrs["resolution_note"] == ""
+        assert f.attrs["tissue_mode"] == "otsu" and f.attrs["tissue_note"] == ""
         assert f["features"].shape == (TCGA_PATCHES, 64)
         assert (f["coords"][()] % 512 == 0).all()
 

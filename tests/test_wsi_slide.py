@@ -42,8 +42,10 @@ def test_cmu_resolution_and_geometry(cmu):
     assert (g10.level, g10.read_size, g10.patch_size_level0) == (0, 512, 512)
     with pytest.raises(SparsemilError, match="cannot extract at 40x"):
         patch_geometry(s, res, 40, 256, cmu)
-    # --mpp is a fallback only: the file's own MPP wins
-    assert resolve_resolution(s, cmu, mpp=0.25).source == "openslide.mpp-x"
+    # the user's mpp always overrides the file, and says so
+    over = resolve_resolution(s, cmu, mpp=0.25)
+    assert (over.source, over.mag0, over.file_mpp) == ("mpp", 40.0, pytest.approx(0.499))
+    assert over.note == "mpp 0.25 overrides the file's openslide.mpp-x 0.499 um/px"
     s.close()
 
 

@@ -13,12 +13,17 @@ import numpy as np
 
 
 def write_tiled_tiff(
-    path: Path, rgb: np.ndarray, tile: int = 256, mpp: float | None = None
+    path: Path,
+    rgb: np.ndarray,
+    tile: int = 256,
+    mpp: float | None = None,
+    dpi: float | None = None,
 ) -> Path:
     """Write (H, W, 3) uint8 ``rgb`` as an uncompressed, tiled, little-endian TIFF.
 
     ``mpp`` (um/px) is stored as X/YResolution in pixels per centimetre, which OpenSlide
-    reports as ``openslide.mpp-x``; without it the slide has no resolution.
+    reports as ``openslide.mpp-x``; ``dpi`` stores a resolution in pixels per inch instead
+    (as image editors write a screen's 72 dpi); without either the slide has no resolution.
     """
     h, w, _ = rgb.shape
     nx, ny = -(-w // tile), -(-h // tile)
@@ -57,6 +62,10 @@ def write_tiled_tiff(
         for tag in (282, 283):
             entries.append((tag, 5, 1, struct.pack("<II", px_per_cm, 1)))
         short(296, [3])  # centimetre
+    elif dpi is not None:
+        for tag in (282, 283):
+            entries.append((tag, 5, 1, struct.pack("<II", int(round(dpi * 1000)), 1000)))
+        short(296, [2])  # inch
     entries.sort(key=lambda e: e[0])
     ifd_off = pos
     extra_off = ifd_off + 2 + 12 * len(entries) + 4

@@ -48,7 +48,8 @@ def resolve_device(device: str | None, field: str = "device") -> str:
         field: the field named in errors.
 
     Raises:
-        SparsemilError: not a torch device, or CUDA asked for where none is visible.
+        SparsemilError: not a torch device, or CUDA (that index) / MPS asked for where none
+            is visible.
     """
     import torch
 
@@ -63,4 +64,11 @@ def resolve_device(device: str | None, field: str = "device") -> str:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SparsemilError(f"{field} {device!r}: no CUDA device is visible; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SparsemilError(
+            f"{field} {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+            "use cuda:0 .. cuda:N-1"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SparsemilError(f"{field} {device!r}: MPS is not available here; use cpu")
     return text

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from sparsemil.cli import demo, mil, prune, wsi
+from sparsemil.cli.flags import append_flags, flags_of
 from sparsemil.errors import SparsemilError
 
 app = typer.Typer(
@@ -39,32 +40,14 @@ def command_flags(argv: list[str] | None) -> dict[str, str]:
         if sub is None:
             break
         cmd = sub
-    flags = {}
-    for param in cmd.params:
-        longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        if param.name and longs:
-            flags[param.name] = longs[0]
-    if "threads" in flags:  # the config field behind --threads
-        flags.setdefault("num_threads", flags["threads"])
-    return flags
+    return flags_of(cmd)
 
 
 def with_flags(message: str, argv: list[str] | None) -> str:
     """Library errors name fields (``'data_dir'``, ``limit.hessian_samples``); append the
-    command-line flag of each named field that this command has."""
-    import re
-
-    flags = command_flags(argv if argv is not None else sys.argv[1:])
-    named = re.findall(r"'([A-Za-z_][\w.]*)'|^([a-z_][\w.]*)[ :]", message)
-    hits = []
-    for quoted, leading in named:
-        if leading == "config":  # "config FILE: key 'x' ..." names the key, not the file
-            continue
-        field = (quoted or leading).rsplit(".", 1)[-1]
-        flag = flags.get(field)
-        if flag and flag not in hits and flag not in message:
-            hits.append(flag)
-    return f"{message} (flag: {', '.join(hits)})" if hits else message
+    command-line flag of each named field that this command has
+    (:func:`sparsemil.cli.flags.append_flags`)."""
+    return append_flags(message, command_flags(argv if argv is not None else sys.argv[1:]))
 
 
 def quiet_lightning() -> None:

@@ -60,10 +60,13 @@ def sweep(
 
     cfg = config_system.override(load_prune_config(config), device=device)
     summary = run_sweep(cfg, checkpoint, out, progress=not quiet)
+    for line in summary["lines"]:
+        typer.echo(line)
     if "export" in summary:
         ex = summary["export"]
         typer.echo(
-            f"pruned at {ex['ratio']:.3f} ({cfg.actual_criterion}): dense "
+            f"pruned at {ex['ratio']:.3f} ({cfg.actual_criterion}): {ex['n_pruned']} of "
+            f"{ex['n_weights']} weights ({ex['pruned_fraction']:.2%}); dense "
             f"{ex['dense_bytes']} bytes -> sparse {ex['sparse_bytes']} bytes "
             f"({ex['sparse_bytes'] / ex['dense_bytes']:.2%})"
         )
@@ -84,16 +87,15 @@ def export(
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
 ) -> None:
     """Prune a checkpoint globally by magnitude and save it in the compressed format."""
-    from sparsemil.experiments.vision.models import load_checkpoint
-    from sparsemil.prune.export import save_sparse
-    from sparsemil.prune.magnitude import prune_model
+    from sparsemil.experiments.vision.run import run_export
 
-    model, meta = load_checkpoint(checkpoint)
-    prune_model(model, ratio)
-    sizes = save_sparse(out, model, meta)
+    doc = run_export(checkpoint, ratio, out)
+    for line in doc["lines"]:
+        typer.echo(line)
     typer.echo(
-        f"dense {sizes['dense_bytes']} bytes -> sparse {sizes['sparse_bytes']} bytes "
-        f"({sizes['sparse_bytes'] / sizes['dense_bytes']:.2%}); wrote {out}"
+        f"pruned {doc['n_pruned']} of {doc['n_weights']} weights ({doc['pruned_fraction']:.2%}); "
+        f"dense {doc['dense_bytes']} bytes -> sparse {doc['sparse_bytes']} bytes "
+        f"({doc['sparse_bytes'] / doc['dense_bytes']:.2%}); wrote {out}"
     )
 
 

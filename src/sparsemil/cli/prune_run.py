@@ -58,7 +58,8 @@ def run(
 
 
 def echo_limit(doc: dict, out: Path) -> None:
-    """Print the one-line summary of a ``limit.json`` object."""
+    """Print the one-line summary of a ``limit.json`` object, then each of its warnings
+    (``warning: ...``, on stderr)."""
     pred = doc["predicted_ratio"]
     act = doc["actual_ratio"].get(doc["default_criterion"])
     typer.echo(
@@ -66,3 +67,5 @@ def echo_limit(doc: dict, out: Path) -> None:
         f"({doc['default_criterion']}) {'undefined' if act is None else f'{act:.4f}'}; "
         f"epsilon {doc['epsilon']:.4g}; D {doc['D']}; wrote {out / 'limit.json'}"
     )
+    for warning in doc.get("warnings") or []:
+        typer.echo(f"warning: {warning}", err=True)

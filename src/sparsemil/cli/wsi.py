@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from sparsemil.cli.flags import append_flags, flags_of
+
 app = typer.Typer(
     help="Whole-slide images: features for MIL, attention heatmaps.", no_args_is_help=True
 )
@@ -13,6 +15,7 @@ app = typer.Typer(
 
 @app.command("extract")
 def extract(
+    ctx: typer.Context,
     slide: Path = typer.Option(..., "--slide", help="A slide file or a folder of slides."),
     out: Path = typer.Option(
         ..., "--out", help="Output folder for <stem>.h5 and <stem>_tissue.png."
@@ -33,7 +36,10 @@ def extract(
         None, "--shard", help="K/N: process every N-th slide starting at K (0-based)."
     ),
     mpp: float | None = typer.Option(
-        None, "--mpp", help="Micrometres per level-0 pixel (needed when the slide has none)."
+        None,
+        "--mpp",
+        help="Micrometres per level-0 pixel; overrides the slide's metadata (needed when it "
+        "has none or an implausible one).",
     ),
     max_patches: int | None = typer.Option(
         None, "--max-patches", help="At most this many patches per slide (evenly spaced)."
@@ -48,6 +54,46 @@ def extract(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bars (default: when on a terminal)."
     ),
+    mask_mpp: float | None = typer.Option(
+        None, "--mask-mpp", help="Tissue detection: um/px of the tissue mask (default 4)."
+    ),
+    max_side: int | None = typer.Option(
+        None, "--max-side", help="Tissue detection: longest side of the mask, px (default 4096)."
+    ),
+    median_um: float | None = typer.Option(
+        None, "--median-um", help="Tissue detection: median filter side, um (default 28)."
+    ),
+    min_saturation: int | None = typer.Option(
+        None,
+        "--min-saturation",
+        help="Tissue detection: floor on Otsu's saturation threshold, 0..254 (default 20).",
+    ),
+    closing_um: float | None = typer.Option(
+        None, "--closing-um", help="Tissue detection: closing radius, um (default 8)."
+    ),
+    opening_um: float | None = typer.Option(
+        None, "--opening-um", help="Tissue detection: opening radius, um (default 4)."
+    ),
+    max_hole_um2: float | None = typer.Option(
+        None,
+        "--max-hole-um2",
+        help="Tissue detection: fill holes smaller than this, um^2 (default 16384).",
+    ),
+    min_object_um2: float | None = typer.Option(
+        None,
+        "--min-object-um2",
+        help="Tissue detection: drop tissue pieces smaller than this, um^2 (default 16384).",
+    ),
+    glass_saturation: int | None = typer.Option(
+        None,
+        "--glass-saturation",
+        help="Tissue detection: saturation up to which a pixel looks like glass (default 8).",
+    ),
+    tissue_threshold: int | None = typer.Option(
+        None,
+        "--tissue-threshold",
+        help="Tissue detection: fixed saturation threshold instead of the automatic one.",
+    ),
 ) -> None:
     """Detect tissue, patch and encode slides into CLAM/Trident-style feature h5 files.
 
@@ -56,6 +102,25 @@ def extract(
     """
     from sparsemil.wsi.extract import ExtractConfig, run_extract
     from sparsemil.wsi.slide import parse_shard
+    from sparsemil.wsi.tissue import TissueParams
+
+    given = {
+        "mask_mpp": mask_mpp,
+        "max_side": max_side,
+        "median_um": median_um,
+        "min_saturation": min_saturation,
+        "closing_um": closing_um,
+        "opening_um": opening_um,
+        "max_hole_um2": max_hole_um2,
+        "min_object_um2": min_object_um2,
+        "glass_saturation": glass_saturation,
+        "tissue_threshold": tissue_threshold,
+    }
+    tissue = TissueParams(**{k: v for k, v in given.items() if v is not None})
+    flags = flags_of(ctx.command)
+
+    def log(message: str, err: bool = False) -> None:
+        typer.echo(append_flags(message, flags) if err else message, err=err)
 
     cfg = ExtractConfig(
         mag=mag,
@@ -68,10 +133,12 @@ def extract(
         input_size=input_size,
         device=device,
         progress=progress,
+        tissue=tissue,
     )
     results = run_extract(
-        slide, out, cfg, backbone_name=backbone, weights=weights, shard=parse_shard(shard)
-    )
+        slide, out, cfg, backbone_name=backbone, weights=weights, shard=parse_shard(shard),
+        log=log,
+    )  # fmt: skip
     if any(r.status == "failed" for r in results):
         # SystemExit (not typer.Exit) so the status survives standalone_mode=False in main()
         raise SystemExit(1)
@@ -79,6 +146,7 @@ def extract(
 
 @app.command("heatmap")
 def heatmap(
+    ctx: typer.Context,
     slide: Path = typer.Option(..., "--slide", help="The slide the h5 was extracted from."),
     h5: Path = typer.Option(..., "--h5", help="Feature h5 (features + coords) of that slide."),
     checkpoint: Path = typer.Option(
@@ -92,14 +160,35 @@ def heatmap(
     alpha: float = typer.Option(0.5, "--alpha", help="Opacity of the heatmap colours."),
     cmap: str = typer.Option("jet", "--cmap", help="Matplotlib colour map."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, ..."),
+    patch_size: int | None = typer.Option(
+        None,
+        "--patch-size",
+        help="Patch side in level-0 pixels; overrides the h5 (default: its coords attributes, "
+        "else the coordinate grid's step).",
+    ),
+    allow_mismatch: bool = typer.Option(
+        False,
+        "--allow-mismatch",
+        help="Draw an h5 that does not match the slide (patches off it, another slide name) "
+        "with a warning instead of refusing.",
+    ),
 ) -> None:
-    """Draw the MIL model's per-patch attention over a slide thumbnail, with a colour bar."""
+    """Draw the MIL model's per-patch attention over a slide thumbnail, with a colour bar.
+
+    Refuses an h5 whose patches lie off the slide or that records another slide, unless
+    --allow-mismatch.
+    """
     from sparsemil.wsi.heatmap import heatmap_from_checkpoint
 
     res, predictor = heatmap_from_checkpoint(
         slide, h5, checkpoint, out, thumb_size=thumb_size, normalize=norm, alpha=alpha,
-        cmap=cmap, device=device,
+        cmap=cmap, device=device, patch_size=patch_size, allow_mismatch=allow_mismatch,
     )  # fmt: skip
+    flags = flags_of(ctx.command)
+    for note in res.notes:
+        typer.echo(f"sparsemil: note: {append_flags(note, flags)}", err=True)
+    for warning in res.warnings:
+        typer.echo(f"sparsemil: warning: {warning}", err=True)
     probs = ", ".join(
         f"{name} {p:.3f}" for name, p in zip(predictor.class_names, res.probabilities, strict=True)
     )

@@ -194,6 +194,22 @@ def _agrees(a: Tensor, b: Tensor, rtol: float = 1e-4) -> bool:
     return float((a - b).abs().max()) <= rtol * max(scale, 1e-30) if b.numel() else True
 
 
+def _trace_error(backend: str, err: Exception) -> SparsemilError:
+    """One line for a traced backend (``linearize``/``func``) that failed on this model."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "random" in first.lower():
+        return SparsemilError(
+            f"HessianOperator: the loss is random under model.eval() ({backend} backend: "
+            f"{first[:120]}) -- e.g. dropout with training=True in forward "
+            "(F.dropout(x, p, training=True)) or random sampling; make forward deterministic "
+            "in eval mode"
+        )
+    return SparsemilError(
+        f"HessianOperator: the {backend} backend cannot trace this model ({type(err).__name__}: "
+        f"{first[:120]}); use method='autograd' (config key limit.hvp_method)"
+    )
+
+
 class HessianOperator(LinearOperatorBase):
     """Matrix-free Hessian of the weighted mean of ``loss_fn`` over ``batches``.
 
@@ -388,14 +404,29 @@ class HessianOperator(LinearOperatorBase):
                 except Exception:  # noqa: BLE001 - tracing failures come in many types
                     self._linear_cache.clear()
                     continue
-                if _agrees(out, reference):
+                # a cached linearisation must also give the same product again (one that
+                # mutates captured state, e.g. an in-place masked softmax, drifts)
+                if _agrees(out, reference) and (
+                    name != "linearize" or _agrees(impl[name](index, V), reference)
+                ):
                     self._resolved = name
                     return out
                 # e.g. a masked softmax traced into NaN tangents for some vectors
                 self._linear_cache.clear()
             self._resolved = "autograd"
             return reference
-        out = impl[self._resolved](index, V)
+        try:
+            out = impl[self._resolved](index, V)
+        except SparsemilError:
+            raise
+        except Exception as err:  # noqa: BLE001 - tracing failures come in many types
+            if self._resolved == "autograd":
+                raise
+            if self.method != "auto":
+                raise _trace_error(self._resolved, err) from None
+            self._resolved = "autograd"  # a traced backend failed on a later batch
+            self._linear_cache.clear()
+            out = impl["autograd"](index, V)
         if not bool(torch.isfinite(out).all()) and self.method == "auto":
             self._resolved = "autograd"  # a traced backend failed on a later vector
             self._linear_cache.clear()
@@ -419,13 +450,50 @@ class HessianOperator(LinearOperatorBase):
         Two seeded Gaussian vectors u, v: ``H u`` is computed twice and must agree
         (``||Hu - Hu'|| <= rtol ||Hu||``), and ``|u.Hv - v.Hu| <= rtol max(|u||Hv|, |v||Hu|)``.
         Three products, not counted in :attr:`num_products`. Run by the constructor unless
-        ``check=False``.
+        ``check=False``. Under ``method="auto"`` a traced backend that fails is replaced by
+        ``autograd`` and the check repeated (``"fallback_from"`` in the result).
 
         Raises:
             SparsemilError: one line naming the likely cause (a random forward in eval mode
                 such as dropout with ``training=True``; or a loss that is not twice
                 differentiable as traced).
         """
+        result = self._measure_determinism(rtol, seed)
+        if not result["passed"] and self.method == "auto" and self._resolved != "autograd":
+            # a traced backend that passed the first-product comparison may still misbehave
+            # (e.g. a cached linearisation that mutates captured state): fall back
+            traced = self._resolved
+            self._resolved = "autograd"
+            self._linear_cache.clear()
+            result = {**self._measure_determinism(rtol, seed), "fallback_from": traced}
+        self.determinism = result
+        backend = f"{self._resolved} backend"
+        if result["repeat_rel_diff"] > rtol:
+            hint = (
+                "or the backend cannot trace it (try method='autograd', config key "
+                "limit.hvp_method)"
+                if self._resolved != "autograd"
+                else "make forward deterministic in eval mode"
+            )
+            raise SparsemilError(
+                f"HessianOperator: two products of one vector differ (relative "
+                f"{result['repeat_rel_diff']:.2g} > {rtol:g}, {backend}): the loss is random "
+                "under model.eval() -- e.g. dropout with training=True in forward "
+                f"(F.dropout(x, p, training=True)) or random sampling; {hint}"
+            )
+        if result["symmetry_rel_diff"] > rtol:
+            raise SparsemilError(
+                f"HessianOperator: the products are not symmetric (|u.Hv - v.Hu| relative "
+                f"{result['symmetry_rel_diff']:.2g} > {rtol:g}, {backend}): the loss is not "
+                "twice differentiable as traced (a detach/stop-gradient, a custom autograd "
+                "Function or state changed by forward), or the backend cannot trace it (try "
+                "method='autograd', config key limit.hvp_method)"
+            )
+        return result
+
+    def _measure_determinism(self, rtol: float, seed: int) -> dict[str, Any]:
+        """Three products (not counted): the repeat and symmetry errors, see
+        :meth:`check_determinism`."""
         gen = torch.Generator().manual_seed(int(seed))
         UV = torch.randn(self.dim, 2, generator=gen, dtype=torch.float64)
         before = self.num_products
@@ -437,29 +505,14 @@ class HessianOperator(LinearOperatorBase):
         repeat = float((again - Hu).norm() / max(float(Hu.norm()), tiny))
         scale = max(float(u.norm() * Hv.norm()), float(v.norm() * Hu.norm()), tiny)
         symmetry = abs(float(u @ Hv) - float(v @ Hu)) / scale
-        self.determinism = {
+        return {
             "repeat_rel_diff": repeat,
             "symmetry_rel_diff": symmetry,
             "rtol": rtol,
             "products": 3,
+            "backend": self._resolved,
             "passed": repeat <= rtol and symmetry <= rtol,
         }
-        if repeat > rtol:
-            raise SparsemilError(
-                f"HessianOperator: two products of one vector differ (relative {repeat:.2g} > "
-                f"{rtol:g}): the loss is random under model.eval() -- e.g. dropout with "
-                "training=True in forward (F.dropout(x, p, training=True)) or random sampling; "
-                "make forward deterministic in eval mode"
-            )
-        if symmetry > rtol:
-            raise SparsemilError(
-                f"HessianOperator: the products are not symmetric (|u.Hv - v.Hu| relative "
-                f"{symmetry:.2g} > {rtol:g}): the loss is not twice differentiable as traced "
-                "(a detach/stop-gradient, a custom autograd Function or state changed by "
-                "forward), or the backend cannot trace it (try method='autograd', config key "
-                "limit.hvp_method)"
-            )
-        return self.determinism
 
     def reset(self) -> None:
         """Drop the cached linearisations (call after changing the model's weights)."""

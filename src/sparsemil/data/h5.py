@@ -75,6 +75,79 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a zip archive (the format torch.save writes)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"MATLAB 5.0 MAT-file", "a MATLAB v5 .mat file"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"II+\x00", "a BigTIFF image"),
+    (b"MM\x00+", "a BigTIFF image"),
+    (b"\x1f\x8b", "a gzip-compressed file"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+)
+
+
+def file_kind(path: PathLike) -> str:
+    """What the content of ``path`` is, by its first bytes: ``"an HDF5 file"``, ``"a zip
+    archive (...)"``, ``"a PNG image"``, ``"a text (CSV) file"``, ... or "" when unknown
+    (also for an unreadable or empty file)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+            hdf5 = head.startswith(_HDF5_SIGNATURE)
+            for off in (512, 1024, 2048, 4096, 8192):  # after a user block (MATLAB 7.3)
+                if hdf5:
+                    break
+                fh.seek(off)
+                hdf5 = fh.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return ""
+    if hdf5:
+        return "an HDF5 file"
+    for magic, kind in _SIGNATURES:
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (what older torch.save and pickle.dump write)"
+    if head and b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return ""
+        return "a text (CSV) file" if "," in text else "a text file"
+    return ""
+
+
+_CONVERT = {
+    "a zip archive": "it is a .pt bag saved with torch.save: name it <slide>.pt (format "
+    "'pt' reads it), or write the CLAM layout with sparsemil.data.h5.write_h5_file",
+    "a Python pickle": "if it is a .pt bag saved with torch.save, name it <slide>.pt "
+    "(format 'pt' reads it), or write the CLAM layout with sparsemil.data.h5.write_h5_file",
+    "a NumPy .npy": "load it with numpy.load and write the CLAM layout with "
+    "sparsemil.data.h5.write_h5_file(path, features, coords)",
+    "a MATLAB v5": "read it with scipy.io.loadmat and write the CLAM layout with "
+    "sparsemil.data.h5.write_h5_file(path, features, coords)",
+    "a text (CSV)": "if it is a DSMIL per-slide CSV, name it <slide>.csv (format "
+    "'dsmil-csv' reads it)",
+}
+
+
+def not_hdf5_message(path: Path, kind: str) -> str:
+    """The message for a readable file of another kind where an HDF5 feature file was
+    expected: what it is and how to convert it (never "corrupt")."""
+    fix = next((v for k, v in _CONVERT.items() if kind.startswith(k)), None)
+    if fix is None and ("image" in kind or "TIFF" in kind):
+        fix = "it is an image, not features: extract features from the slide first (wsi extract)"
+    if fix is None:
+        fix = "point at a CLAM/Trident .h5 feature file (datasets 'features', 'coords')"
+    return f"{path}: {kind}, not an HDF5 feature file; fix: {fix}"
+
+
 def _corrupt(path: Path, exc: BaseException) -> SparsemilError:
     return SparsemilError(
         f"{path}: corrupt or unreadable HDF5 file ({_first_line(exc)}); fix: re-copy the "
@@ -96,6 +169,14 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r")
     except Exception as exc:  # h5py raises OSError for bad signatures and truncated files
+        if path.stat().st_size == 0:
+            raise SparsemilError(
+                f"{path}: empty file; fix: re-copy the file or re-run feature extraction for "
+                f"this slide (interrupted copies and extractions leave such files)"
+            ) from None
+        kind = file_kind(path)
+        if kind and kind != "an HDF5 file":  # readable, of another kind: never "corrupt"
+            raise SparsemilError(not_hdf5_message(path, kind)) from None
         raise _corrupt(path, exc) from None
 
 
@@ -107,11 +188,61 @@ _MISSING_FIX = {
 }
 
 
+def _layout_of(f) -> tuple[str, str] | None:
+    """``(what the file is, how to convert it)`` for HDF5 layouts other than CLAM/Trident
+    that are recognisable, else ``None``."""
+    import h5py
+
+    keys = set(f.keys())
+    userblock = int(getattr(f, "userblock_size", 0) or 0)
+    if userblock:
+        with open(f.filename, "rb") as fh:
+            if fh.read(19) == b"MATLAB 7.3 MAT-file":
+                return (
+                    "a MATLAB v7.3 .mat file",
+                    "read it (h5py or the mat73 package) and write the CLAM layout with "
+                    "sparsemil.data.h5.write_h5_file(path, features, coords)",
+                )
+    if "model_weights" in keys or "model_config" in f.attrs or "keras_version" in f.attrs:
+        return ("a Keras model file, not features", "point at the slide's feature file")
+    if {"X", "obs", "var"} <= keys:
+        return (
+            "an AnnData (.h5ad) file",
+            "write its X matrix as features with sparsemil.data.h5.write_h5_file",
+        )
+    if isinstance(f.get("features"), h5py.Group):
+        inner = ", ".join(sorted(f["features"].keys())) or "nothing"
+        return (
+            f"an HDF5 file whose 'features' is a group (holding {inner}), not an (N, C) dataset",
+            "store one (N, C) dataset 'features' per slide (sparsemil.data.h5.write_h5_file)",
+        )
+    matrices = [
+        k
+        for k in sorted(keys)
+        if k not in ("coords", "features")
+        and isinstance(f[k], h5py.Dataset)
+        and len(f[k].shape) in (2, 3)
+        and f[k].shape[-1] > 2
+        and f[k].dtype.kind in "fiu"
+    ]
+    if matrices:
+        k = matrices[0]
+        return (
+            f"an HDF5 file holding {k!r} {tuple(f[k].shape)} but no 'features' (another "
+            f"pipeline's layout)",
+            f"rename the dataset: h5py.File(path, 'r+').move({k!r}, 'features')",
+        )
+    return None
+
+
 def _dataset(f, path: Path, key: str):
     import h5py
 
     obj = f.get(key)
     if not isinstance(obj, h5py.Dataset):
+        layout = _layout_of(f) if key == "features" else None
+        if layout is not None:
+            raise SparsemilError(f"{path}: {layout[0]}; fix: {layout[1]}")
         have = ", ".join(sorted(f.keys())) or "nothing"
         raise SparsemilError(
             f"{path}: no '{key}' dataset (the file has: {have}); fix: {_MISSING_FIX[key]}"
@@ -194,6 +325,33 @@ def patch_size_level0(
         f"{where}: coords have neither patch_size_level0 nor patch_size attributes; cannot "
         f"place patches; fix: re-extract with sparsemil, CLAM or Trident"
     )
+
+
+def grid_step(coords: np.ndarray) -> int | None:
+    """The step of the patch grid that ``coords`` (N, 2) lie on, in coords units, or
+    ``None`` when there is no clear grid.
+
+    The most common positive difference between neighbouring patches of a row (equal y)
+    or of a column (equal x), provided it accounts for at least half of those differences
+    (CLAM's grids restart at each tissue piece, and tissue gaps skip cells). For the
+    non-overlapping grids of CLAM, Trident and sparsemil the step is the patch side.
+    """
+    c = np.asarray(coords)
+    if c.ndim != 2 or c.shape[1] != 2 or c.shape[0] < 2:
+        return None
+    c = np.rint(c.astype(np.float64)).astype(np.int64)
+    parts = []
+    for a, b in ((0, 1), (1, 0)):  # along x within rows, along y within columns
+        s = c[np.lexsort((c[:, a], c[:, b]))]
+        d = s[1:, a] - s[:-1, a]
+        parts.append(d[(s[1:, b] == s[:-1, b]) & (d > 0)])
+    d = np.concatenate(parts)
+    if d.size == 0:
+        return None
+    values, counts = np.unique(d, return_counts=True)
+    if counts.max() * 2 < d.size:
+        return None
+    return int(values[int(np.argmax(counts))])
 
 
 # --------------------------------------------------------------------------- writing

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sparsemil.data.bags import Bag, BagRef, bag_arrays, check_bag_values
-from sparsemil.data.h5 import H5_SUFFIXES, h5_info, read_h5_file
+from sparsemil.data.h5 import H5_SUFFIXES, file_kind, h5_info, read_h5_file
 from sparsemil.errors import SparsemilError
 
 BAG_SUFFIXES = (".h5", ".pt", ".csv")
@@ -94,6 +94,14 @@ def read_pt(path: PathLike, label: int = -1, slide_id: str | None = None) -> Bag
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        kind = file_kind(path)
+        if kind == "an HDF5 file" or kind.startswith("a text"):
+            fix = (
+                "name it <slide>.h5 (format 'h5' reads the CLAM/Trident layout)"
+                if kind == "an HDF5 file"
+                else "if it is a DSMIL per-slide CSV, name it <slide>.csv (format 'dsmil-csv')"
+            )
+            raise SparsemilError(f"{path}: {kind}, not a torch file; fix: {fix}") from None
         raise SparsemilError(
             f"{path}: cannot be read by torch.load(weights_only=True) ({_first_line(exc)}); "
             f"fix: save a plain tensor or a dict of tensors with torch.save, or re-create the file"

@@ -5,8 +5,10 @@ The same theory as for vision models (:mod:`sparsemil.limit.predict`), with MIL 
 - **Model:** any checkpoint written by the MIL trainer (MMIL-Transformer or a torchmil
   baseline), rebuilt with :func:`sparsemil.mil.checkpoint.load_mil_checkpoint`; features are
   standardised with the training statistics stored in the checkpoint.
-- **Pruning:** one global magnitude threshold over every ``nn.Linear`` weight (biases, tokens
-  and position embeddings untouched).
+- **Pruning:** one global magnitude threshold over the prunable set
+  (:func:`sparsemil.prune.magnitude.prunable_set`: trainable ``Linear``/``Conv``/attention/RNN
+  weights, each tensor once; biases, tokens and position embeddings untouched and listed in
+  ``limit.json`` under ``parameters``).
 - **Sweep:** bag-level accuracy, AUC and loss on the evaluation bags (the checkpoint's test
   fold by default), training loss on its training bags.
 - **Hessian:** of the mean per-bag loss over the training bags, one bag per batch, so bags of
@@ -37,11 +39,12 @@ from sparsemil.experiments.vision.config import PruneConfig
 from sparsemil.limit.predict import (
     LimitOptions,
     LimitPrediction,
+    chance_warning,
     important_flat_fraction,
     predict_limit,
 )
 from sparsemil.limit.report import write_limit
-from sparsemil.prune.magnitude import prunable_parameters
+from sparsemil.prune.magnitude import prunable_set
 from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
 
@@ -278,6 +281,8 @@ def mil_limit(
     info = _mil_info(
         op, len(hess_bags), sweep, bags, opts, important, timings, slq_settings, device
     )
+    y_eval = np.array([int(b["Y"].reshape(-1)[0]) for b in bags.eval])
+    warning = chance_warning(sweep.dense.get("test_acc"), y_eval, "evaluation-bag")
     return write_limit(
         out,
         result,
@@ -287,6 +292,7 @@ def mil_limit(
         extra={**info, **(extra or {})},
         title=title,
         density_bins=opts.density_bins,
+        warnings=[warning] if warning else [],
     )
 
 
@@ -308,11 +314,16 @@ def _checked_options(options: LimitOptions | None, n_ratios: int) -> LimitOption
 def _on_device(
     model: nn.Module, bags: MILBags, device: str
 ) -> tuple[nn.Module, list[tuple[nn.Module, str]], MILBags]:
-    """The model in eval mode and the bags on ``device``; the prunable ``nn.Linear`` weights."""
+    """The model in eval mode and the bags on ``device``; the prunable weights (the one
+    prunable set, :func:`sparsemil.prune.magnitude.prunable_set`)."""
     model = model.to(device).eval()
-    params = prunable_parameters(model, include=(nn.Linear,))
-    if not params:
-        raise SparsemilError("the MIL model has no nn.Linear weights to prune")
+    pset = prunable_set(model)
+    if not pset.refs:
+        raise SparsemilError(
+            "the MIL model has no prunable weights (trainable Linear/Conv/attention/RNN "
+            "weights)"
+        )
+    params = pset.refs
     bags = dataclasses.replace(
         bags, train=_to_device(bags.train, device), eval=_to_device(bags.eval, device)
     )
@@ -380,7 +391,8 @@ def _mil_info(
             "num_products": int(op.num_products),
         },
         "epsilon_rule": "std (ddof 0) of the per-bag training losses at w*",
-        "pruned": "global magnitude threshold over all nn.Linear weights",
+        "pruned": "global magnitude threshold over the prunable set",
+        "parameters": {"prunable": prunable_set(op.model).summary()},
         "n_weights": int(sweep.n_weights),
         "dense": dict(sweep.dense),
         "eval_split": bags.eval_split,
@@ -411,6 +423,7 @@ def run_mil_limit(
     from sparsemil.train.data import holdout_for, load_mil_data
     from sparsemil.train.trainer import fit_fold, preflight
 
+    device = cfg.resolved_device()  # a missing CUDA device fails here, before training
     if cfg.mil is None:
         raise SparsemilError("config: the MIL bridge needs a 'mil:' section")
     if cfg.mil.data is None:
@@ -433,7 +446,7 @@ def run_mil_limit(
         lanczos_iter=cfg.lanczos_iter,
         lanczos_num=cfg.lanczos_num,
         seed=int(cfg.seed),
-        device=cfg.resolved_device(),
+        device=device,
         progress=progress,
         title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
         f"(lmbda {mil_cfg.lmbda:g}, seed {mil_cfg.seed})",

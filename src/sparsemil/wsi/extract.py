@@ -17,9 +17,12 @@ Per slide ``<stem>`` (the file name without its last suffix) in ``out_dir``:
     (pixels fed to the backbone, before ``--input-size``). When the target magnification
     is a pyramid level (the usual case) ``patch_size == target_patch_size``.
 
-    Root attributes: provenance (``sparsemil_version``, ``slide``, ``mpp0``,
-    ``resolution_source``, tissue-detection parameters and threshold, ``min_tissue``,
-    ``max_patches``, ``n_patches_tissue`` before the cap, and the backbone attributes).
+    Root attributes: provenance (``sparsemil_version``, ``slide``, ``mpp0`` and
+    ``resolution_source`` -- ``mpp`` for the user's value, else the slide property used --,
+    ``mpp_file`` (the file's own ``openslide.mpp-x``, NaN when none) and ``resolution_note``
+    (what was overridden or ignored), tissue-detection parameters, threshold, ``tissue_mode``
+    and ``tissue_note``, ``min_tissue``, ``max_patches``, ``n_patches_tissue`` before the cap,
+    and the backbone attributes).
 
 ``<stem>_tissue.png``
     The tissue-mask image (see :mod:`sparsemil.wsi.tissue`, default 4 um/px) with tissue
@@ -51,6 +54,8 @@ from sparsemil.wsi.backbones import Backbone
 from sparsemil.wsi.slide import (
     SLIDE_EXTENSIONS,
     PatchGeometry,
+    check_mag,
+    check_mpp,
     list_slides,
     open_slide,
     patch_geometry,
@@ -72,7 +77,7 @@ class ExtractConfig:
         batch_size: patches per backbone batch.
         workers: DataLoader worker processes reading patches (0 = read in the main process;
             None = ``min(4, os.cpu_count())``).
-        mpp: micrometres per level-0 pixel; overrides the slide's metadata.
+        mpp: micrometres per level-0 pixel; always overrides the slide's metadata.
         max_patches: keep at most this many patches per slide (evenly spaced), None = all.
         min_tissue: keep patches whose tissue fraction is at least this.
         input_size: resize patches to this side before the backbone (None = ``patch_size``).
@@ -102,14 +107,14 @@ class ExtractConfig:
             raise SparsemilError(f"max_patches {self.max_patches}: must be at least 1")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise SparsemilError(f"min_tissue {self.min_tissue}: must be within 0..1")
-        if self.mag <= 0:
-            raise SparsemilError(f"mag {self.mag}: must be a positive magnification, e.g. 20")
+        check_mag(self.mag)
         if self.patch_size < 8:
             raise SparsemilError(f"patch_size {self.patch_size}: must be at least 8 pixels")
         if self.input_size is not None and self.input_size < 8:
             raise SparsemilError(f"input_size {self.input_size}: must be at least 8 pixels")
-        if self.mpp is not None and not self.mpp > 0:
-            raise SparsemilError(f"mpp {self.mpp}: must be a positive number of um/pixel")
+        if self.mpp is not None:
+            check_mpp(self.mpp)
+        self.tissue.validate()
 
     def n_workers(self) -> int:
         if self.workers is not None:
@@ -198,13 +203,16 @@ def make_loader(ds: PatchDataset, batch_size: int, workers: int, pin: bool) -> D
 
 @dataclass
 class SlideResult:
-    """Outcome for one slide: ``status`` in {"done", "skipped", "no_tissue", "failed"}."""
+    """Outcome for one slide: ``status`` in {"done", "skipped", "no_tissue", "failed"};
+    ``warnings``: doubts about a finished slide (overridden or ignored metadata, a doubtful
+    tissue mask)."""
 
     slide: Path
     status: str
     h5: Path | None = None
     n_patches: int = 0
     message: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def output_paths(slide: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -315,13 +323,21 @@ def extract_slide(
     device = device or torch.device(resolve_device(cfg.device))
     res, geom, tissue, coords_all, coords, level_dims, level_downs = plan_patches(path, cfg)
     overlay_png(tissue, png_path, coords, geom.patch_size_level0)
+    warnings = [w for w in (res.note, tissue.note) if w]
+    if tissue.mode in ("no_glass", "pale"):
+        what = "no glass background" if tissue.mode == "no_glass" else "a very pale stain"
+        warnings.append(
+            f"tissue detection found {what}; used saturation threshold {tissue.threshold} "
+            f"(Otsu: {tissue.otsu}); check {png_path.name}"
+        )
     if coords.shape[0] == 0:
         why = (
             "no tissue found"
             if not tissue.mask.any()
             else f"no patch has tissue fraction >= {cfg.min_tissue}"
         )
-        return SlideResult(path, "no_tissue", None, 0, f"{why}; no h5 written")
+        extra = f" ({tissue.note})" if tissue.note else ""
+        return SlideResult(path, "no_tissue", None, 0, f"{why}; no h5 written{extra}")
     feats = encode_patches(path, coords, geom, backbone, cfg, device, desc=path.name)
     lvl = geom.level
     ld = float(level_downs[lvl])
@@ -350,9 +366,13 @@ def extract_slide(
         "slide": str(path),
         "mpp0": float(res.mpp0),
         "resolution_source": res.source,
+        "mpp_file": float(res.file_mpp) if res.file_mpp is not None else float("nan"),
+        "resolution_note": res.note,
         "tissue_params": json.dumps(cfg.tissue.as_dict()),
         "tissue_threshold": int(tissue.threshold),
         "tissue_otsu": int(tissue.otsu),
+        "tissue_mode": tissue.mode,
+        "tissue_note": tissue.note,
         "min_tissue": float(cfg.min_tissue),
         "max_patches": int(cfg.max_patches or 0),
         "n_patches_tissue": int(coords_all.shape[0]),
@@ -366,7 +386,7 @@ def extract_slide(
         features_attrs=feature_attrs,
         coords_attrs=coords_attrs,
     )
-    return SlideResult(path, "done", h5_path, int(coords.shape[0]))
+    return SlideResult(path, "done", h5_path, int(coords.shape[0]), warnings=warnings)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -426,6 +446,8 @@ def extract_batch(
             log(f"sparsemil: warning: {path}: {r.message}", True)
         else:
             log(f"sparsemil: {path.name}: {r.n_patches} patches -> {r.h5}", False)
+            for w in r.warnings:
+                log(f"sparsemil: warning: {path}: {w}", True)
     bar.close()
     return results
 

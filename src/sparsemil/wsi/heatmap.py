@@ -25,12 +25,28 @@ filled with its colour (``cmap``) blended at ``alpha`` over the thumbnail; areas
 patches show the plain thumbnail. A colour bar is drawn *inside* the picture at the right
 edge, so **the PNG has exactly the thumbnail's size**. Rendering uses matplotlib's Agg
 canvas directly (no pyplot, no global backend change).
+
+Slide and feature file must match
+---------------------------------
+Before the model runs, the bag is checked against the slide (:func:`footprint_problems`,
+:func:`h5_slide_problems`): every patch footprint must lie on the slide -- one of the four
+points at the footprint's centre +- a quarter side inside level 0, which every CLAM
+(padded, ``four_pt``), Trident or sparsemil patch satisfies --, the h5's recorded slide
+name (``coords``/``features`` attribute ``name``, root attribute ``slide``) must be the
+slide's, and its recorded level size (``level_dim`` at ``patch_level``) the slide's. A
+mismatch is refused, or with ``allow_mismatch`` drawn with a warning.
+
+The patch side comes from the h5's ``coords`` attributes
+(:func:`sparsemil.data.h5.patch_size_level0`), or from ``patch_size`` (level-0 pixels;
+it overrides the attributes), or -- for coords without patch-size attributes, as CLAM's
+``extract_features_fp.py`` writes them -- from the step of the coordinate grid
+(:func:`sparsemil.data.h5.grid_step`); either way a note names the file.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +70,8 @@ class HeatmapResult:
         logits: model output for the bag (first element of the model's output), as numpy
             (``None`` when drawn through a :class:`~sparsemil.train.inference.Predictor`).
         probabilities: (n_classes,) bag probabilities (sigmoid of a single logit, else softmax).
+        warnings: mismatches drawn anyway (``allow_mismatch``).
+        notes: where the patch size came from when the h5 did not say it.
     """
 
     png: Path
@@ -62,6 +80,8 @@ class HeatmapResult:
     normalized: np.ndarray
     logits: np.ndarray | None
     probabilities: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _takes_coords(model: torch.nn.Module) -> bool:
@@ -225,6 +245,89 @@ def bag_scores(
     return scores, bag_probabilities(flat)[0].numpy(), logits.numpy()
 
 
+def footprint_problems(
+    coords: np.ndarray, patch_size: int, dimensions: tuple[int, int], what: str
+) -> str:
+    """Why the patches at ``coords`` (level-0 top-left corners, side ``patch_size``) cannot
+    come from a slide of level-0 size ``dimensions``, or "" when they can.
+
+    A patch is off the slide when none of the four points at its centre +- a quarter side
+    lies inside level 0 (CLAM keeps a padded edge patch only when one of them is in the
+    tissue); the message also counts the footprints not wholly inside.
+    """
+    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if c.shape[0] == 0:
+        return ""
+    w0, h0 = (float(d) for d in dimensions)
+    ps = float(patch_size)
+    q = ps / 4.0
+    off = (
+        (c[:, 0] + q >= w0) | (c[:, 1] + q >= h0) | (c[:, 0] + 3 * q <= 0) | (c[:, 1] + 3 * q <= 0)
+    )
+    if not off.any():
+        return ""
+    outside = (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] + ps > w0) | (c[:, 1] + ps > h0)
+    x1, y1 = int(np.ceil((c[:, 0] + ps).max())), int(np.ceil((c[:, 1] + ps).max()))
+    return (
+        f"{what}: {int(outside.sum())} of {c.shape[0]} patch footprints are not wholly on "
+        f"the slide ({int(off.sum())} lie off it): the patches reach {x1}x{y1} level-0 "
+        f"pixels but the slide is {int(w0)}x{int(h0)}; the features were extracted from "
+        f"another slide (or at another resolution)"
+    )
+
+
+def _names_match(recorded: str, slide: Path) -> bool:
+    r = str(recorded).strip()
+    if not r:
+        return True
+    rp = Path(r.replace("\\", "/"))
+    return bool({slide.name, slide.stem} & {r, rp.name, rp.stem})
+
+
+def h5_slide_problems(bag, slide_path: Path, level_dimensions: list) -> list[str]:
+    """What the h5 ``bag`` (:class:`~sparsemil.data.h5.H5Bag`) records that contradicts the
+    slide: another slide name, or another size of its patch level."""
+    out = []
+    for where, attrs, key in (
+        ("coords attribute 'name'", bag.coords_attrs, "name"),
+        ("features attribute 'name'", bag.features_attrs, "name"),
+        ("root attribute 'slide'", bag.attrs, "slide"),
+    ):
+        value = attrs.get(key)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and not _names_match(value, slide_path):
+            out.append(f"h5 {bag.path} records slide {value!r} ({where}), not {slide_path.name}")
+            break
+    a = bag.coords_attrs
+    if "level_dim" in a:
+        level = int(np.asarray(a.get("patch_level", 0)).ravel()[0])
+        rec = tuple(int(v) for v in np.asarray(a["level_dim"]).ravel()[:2])
+        if level >= len(level_dimensions):
+            out.append(
+                f"h5 {bag.path} records patches at level {level} of a {rec[0]}x{rec[1]} level, "
+                f"but {slide_path.name} has {len(level_dimensions)} level(s)"
+            )
+        elif tuple(int(v) for v in level_dimensions[level]) != rec:
+            have = tuple(int(v) for v in level_dimensions[level])
+            out.append(
+                f"h5 {bag.path} records level {level} as {rec[0]}x{rec[1]} pixels (coords "
+                f"attribute 'level_dim'), but {slide_path.name}'s is {have[0]}x{have[1]}"
+            )
+    return out
+
+
+def _mismatch(problems: list[str], allow: bool, warnings: list[str]) -> None:
+    if not problems:
+        return
+    if not allow:
+        raise SparsemilError(
+            f"{'; '.join(problems)}; fix: pass the h5 extracted from this slide, or set "
+            f"'allow_mismatch' to draw it anyway"
+        )
+    warnings.extend(problems)
+
+
 def attention_heatmap(
     slide_path: str | os.PathLike[str],
     features: np.ndarray,
@@ -237,6 +340,7 @@ def attention_heatmap(
     alpha: float = 0.5,
     cmap: str = "jet",
     device: str | torch.device = "cpu",
+    allow_mismatch: bool = False,
 ) -> HeatmapResult:
     """Run ``model`` on the bag and draw its per-instance scores over the slide thumbnail.
 
@@ -250,13 +354,16 @@ def attention_heatmap(
         patch_size: patch side in **level-0** pixels (h5 ``coords.attrs["patch_size_level0"]``).
         thumb_size: longest side of the thumbnail / PNG in pixels.
         normalize: ``"rank"`` or ``"minmax"``.
+        allow_mismatch: draw patches that lie off the slide (with a warning in
+            ``HeatmapResult.warnings``) instead of refusing.
 
     Returns:
         :class:`HeatmapResult`; the PNG is ``thumbnail_size(slide.dimensions, thumb_size)``.
 
     Raises:
-        SparsemilError: mismatched coords, ``thumb_size`` < 16, ``alpha`` outside 0..1,
-            a non-positive ``patch_size``, or an unreadable slide.
+        SparsemilError: mismatched coords, patches off the slide (:func:`footprint_problems`)
+            unless ``allow_mismatch``, ``thumb_size`` < 16, ``alpha`` outside 0..1, a
+            non-positive ``patch_size``, or an unreadable slide.
     """
     from PIL import Image
 
@@ -275,15 +382,18 @@ def attention_heatmap(
         raise SparsemilError(f"alpha {alpha}: must be within 0..1")
     if int(patch_size) < 1:
         raise SparsemilError(f"patch_size {patch_size}: must be a positive level-0 size")
-    scores, probs, logits = bag_scores(model, features, coords, device=device)
-    values = normalize_scores(scores, normalize)
+    warnings: list[str] = []
     slide = open_slide(slide_path)
     try:
         w0, h0 = slide.dimensions
+        problem = footprint_problems(coords, int(patch_size), (w0, h0), f"slide {slide_path}")
+        _mismatch([problem] if problem else [], allow_mismatch, warnings)
         tw, th = thumbnail_size((w0, h0), thumb_size)
         thumb, scale = read_thumbnail(slide, path=slide_path, size=(tw, th))
     finally:
         slide.close()
+    scores, probs, logits = bag_scores(model, features, coords, device=device)
+    values = normalize_scores(scores, normalize)
     label = "attention (percentile)" if normalize == "rank" else "attention (min-max)"
     picture = render_heatmap(thumb, scale, coords, values, int(patch_size), alpha, cmap, label)
     out_png = Path(out_png)
@@ -297,6 +407,7 @@ def attention_heatmap(
         normalized=values,
         logits=logits,
         probabilities=probs,
+        warnings=warnings,
     )
 
 
@@ -311,16 +422,26 @@ def heatmap_from_checkpoint(
     alpha: float = 0.5,
     cmap: str = "jet",
     device: str | None = "auto",
+    patch_size: int | None = None,
+    allow_mismatch: bool = False,
 ) -> tuple[HeatmapResult, Predictor]:
     """``wsi heatmap``: a trained checkpoint's attention on a slide's feature h5.
 
     The checkpoint is applied through :func:`sparsemil.train.inference.load_predictor`
     (standardiser, classes), so the slide probabilities equal ``mil predict``'s. Everything is
-    checked (colour map, h5 layout, feature dimension, slide readable) before the model runs.
+    checked (colour map, h5 layout, feature dimension, slide readable, h5 and slide match:
+    see the module doc) before the model runs.
+
+    Args:
+        patch_size: patch side in level-0 pixels; overrides the h5's ``coords`` attributes
+            (default: those, else the coordinate grid's step).
+        allow_mismatch: warn (``HeatmapResult.warnings``) instead of refusing an h5 that
+            does not match the slide.
 
     Raises:
-        SparsemilError: unknown ``cmap``, a missing/unreadable file, an h5 without coords or
-            patch-size attributes, or features of another dimension than the checkpoint's.
+        SparsemilError: unknown ``cmap``, a missing/unreadable file, an h5 without coords,
+            a patch size that is neither recorded, given nor inferable, features of another
+            dimension than the checkpoint's, or an h5 that does not match the slide.
     """
     from matplotlib import colormaps
 
@@ -332,17 +453,68 @@ def heatmap_from_checkpoint(
         raise SparsemilError(f"cmap {cmap!r}: not a matplotlib colour map (e.g. jet, viridis)")
     if not Path(h5).is_file():
         raise SparsemilError(f"h5 {h5}: no such file")
+    if patch_size is not None and int(patch_size) < 1:
+        raise SparsemilError(f"patch_size {patch_size}: must be a positive level-0 size")
     predictor = load_predictor(checkpoint, device)
     bag = read_h5_file(h5, need_coords=True)
     predictor.check_features(bag.features.shape[1], f"h5 {h5}")
     s = open_slide(slide)
     try:
         downs = list(s.level_downsamples)
+        level_dims = list(s.level_dimensions)
     finally:
         s.close()
+    size, notes = heatmap_patch_size(bag, downs, patch_size)
+    problems = h5_slide_problems(bag, Path(slide), level_dims)
+    off = footprint_problems(bag.coords, size, level_dims[0], f"h5 {h5} on slide {slide}")
+    warnings: list[str] = []
+    _mismatch(problems + ([off] if off else []), allow_mismatch, warnings)
     res = attention_heatmap(
-        slide, bag.features, bag.coords.astype(np.int64), predictor, out_png,
-        bag.patch_size_level0(downs), thumb_size=thumb_size, normalize=normalize, alpha=alpha,
-        cmap=cmap,
+        slide, bag.features, bag.coords.astype(np.int64), predictor, out_png, size,
+        thumb_size=thumb_size, normalize=normalize, alpha=alpha, cmap=cmap,
+        allow_mismatch=True,  # checked above
     )  # fmt: skip
+    res.warnings = warnings
+    res.notes.extend(notes)
     return res, predictor
+
+
+def heatmap_patch_size(
+    bag, level_downsamples: list[float], patch_size: int | None = None
+) -> tuple[int, list[str]]:
+    """The patch side in level-0 pixels for the h5 ``bag``, and notes on where it came from
+    when the h5 does not record it (see the module doc)."""
+    from sparsemil.data.h5 import grid_step
+
+    try:
+        recorded: int | None = bag.patch_size_level0(level_downsamples)
+    except SparsemilError:
+        recorded = None
+    if patch_size is not None:
+        size = int(patch_size)
+        if recorded is None:
+            return size, [
+                f"h5 {bag.path}: coords carry no patch-size attributes; patch size {size} "
+                f"level-0 px from 'patch_size'"
+            ]
+        if recorded != size:
+            return size, [
+                f"h5 {bag.path}: patch_size {size} overrides the {recorded} level-0 px its "
+                f"coords attributes give"
+            ]
+        return size, []
+    if recorded is not None:
+        return recorded, []
+    step = grid_step(bag.coords)
+    if step is None:
+        raise SparsemilError(
+            f"h5 {bag.path}: coords carry no patch-size attributes (patch_size_level0 or "
+            f"patch_size, as CLAM's extract_features_fp.py leaves them) and the "
+            f"{bag.coords.shape[0]} coordinates form no regular grid to infer it from; fix: "
+            f"set 'patch_size' to the patch side in level-0 pixels"
+        )
+    return step, [
+        f"h5 {bag.path}: coords carry no patch-size attributes (as CLAM's "
+        f"extract_features_fp.py leaves them); patch size {step} level-0 px inferred from "
+        f"the coordinate grid's step; set 'patch_size' if the patches overlap"
+    ]

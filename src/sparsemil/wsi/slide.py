@@ -6,16 +6,19 @@ Resolution of level 0
 ---------------------
 The level-0 magnification ``mag0`` is taken, in this order, from
 
-1. the slide's ``openslide.mpp-x`` / ``openslide.mpp-y`` (their mean);
-2. the slide's ``openslide.objective-power``;
-3. the user's ``--mpp`` (micrometres per level-0 pixel), used only for slides that record
-   neither -- so one ``--mpp`` can accompany a mixed batch.
+1. the user's ``mpp`` (micrometres per level-0 pixel), which always overrides the file;
+2. the slide's ``openslide.mpp-x`` / ``openslide.mpp-y`` (their mean);
+3. the slide's ``openslide.objective-power``.
 
-A micrometre-per-pixel value is turned into a magnification with the usual convention
-``mag = 10 / mpp`` (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to the nearest standard
-objective (1.25, 2.5, 5, 10, 20, 40, 60, 80, 100x) when within 10 % of it, so a scanner's
-0.499 um/px counts as 20x and patches are exactly 256 px rather than 256.5. With none of the
-three the slide is refused with a one-line message asking for ``--mpp``.
+Metadata outside the plausible microscope range :data:`MPP_RANGE` (0.05-20 um/px, i.e.
+an objective power of 0.5-200x) counts as missing: a TIFF whose only resolution tag is a
+screen's 72 dpi becomes 352.8 um/px in OpenSlide, which is no scan. A user ``mpp`` outside
+the range is refused. A micrometre-per-pixel value is turned into a magnification with the
+usual convention ``mag = 10 / mpp`` (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to the
+nearest standard objective (1.25, 2.5, 5, 10, 20, 40, 60, 80, 100x) when within 10 % of it,
+so a scanner's 0.499 um/px counts as 20x and patches are exactly 256 px rather than 256.5.
+With none of the three the slide is refused with a one-line message asking for ``mpp``
+(naming any implausible value that was ignored).
 
 Patch geometry
 --------------
@@ -57,6 +60,11 @@ SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".czi",
 )
 
+#: Plausible micrometres per pixel of a microscope scan (outside: treated as missing).
+MPP_RANGE: tuple[float, float] = (0.05, 20.0)
+#: Plausible magnifications, ``10 / MPP_RANGE``.
+MAG_RANGE: tuple[float, float] = (10.0 / MPP_RANGE[1], 10.0 / MPP_RANGE[0])
+
 #: Standard objective magnifications that an MPP-derived magnification snaps to.
 STANDARD_MAGNIFICATIONS: tuple[float, ...] = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
 
@@ -64,8 +72,117 @@ _LEVEL_TOLERANCE = 1.01  # a level may exceed the wanted downsample by 1 %
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+_TIFF_TYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8}
+_COMPRESSIONS = {1: "none", 5: "LZW", 6: "old JPEG", 7: "JPEG", 8: "Deflate", 32773: "PackBits"}
+_COMPRESSIONS.update({33003: "JPEG 2000", 33005: "JPEG 2000", 34712: "JPEG 2000", 50001: "WebP"})
+
+
+def tiff_layout(path: str | os.PathLike[str]) -> dict | None:
+    """The first image of a TIFF (classic or BigTIFF) from its header, or ``None`` when the
+    header or first directory cannot be parsed or its pixel data lie beyond the end of the
+    file (a truncated or damaged file).
+
+    Returns ``{"width", "height", "tiled", "compression", "samples", "bits", "pages"}``.
+    """
+    import struct
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            if head[:2] not in (b"II", b"MM"):
+                return None
+            e = "<" if head[:2] == b"II" else ">"
+            version = struct.unpack(e + "H", head[2:4])[0]
+            big = version == 43
+            if version not in (42, 43):
+                return None
+            first = struct.unpack(e + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+            tags: dict[int, list[int]] = {}
+            pages, offset = 0, first
+            while offset and pages < 4096:
+                if offset + (8 if big else 2) > size:
+                    return None
+                fh.seek(offset)
+                count_fmt, entry_size = ("Q", 20) if big else ("H", 12)
+                n = struct.unpack(e + count_fmt, fh.read(8 if big else 2))[0]
+                raw = fh.read(n * entry_size + (8 if big else 4))
+                if len(raw) < n * entry_size + (8 if big else 4):
+                    return None
+                if pages == 0:
+                    for i in range(n):
+                        ent = raw[i * entry_size : (i + 1) * entry_size]
+                        tag, typ = struct.unpack(e + "HH", ent[:4])
+                        cnt = struct.unpack(
+                            e + ("Q" if big else "I"), ent[4:12] if big else ent[4:8]
+                        )[0]
+                        width = _TIFF_TYPES.get(typ)
+                        if width is None or tag not in (
+                            256,
+                            257,
+                            258,
+                            259,
+                            273,
+                            277,
+                            279,
+                            322,
+                            323,
+                            324,
+                            325,
+                        ):
+                            continue
+                        inline = ent[12:20] if big else ent[8:12]
+                        nbytes = width * cnt
+                        if nbytes <= len(inline):
+                            data = inline[:nbytes]
+                        else:
+                            ptr = struct.unpack(e + ("Q" if big else "I"), inline)[0]
+                            if ptr + nbytes > size:
+                                return None
+                            here = fh.tell()
+                            fh.seek(ptr)
+                            data = fh.read(nbytes)
+                            fh.seek(here)
+                        code = {1: "B", 3: "H", 4: "I", 16: "Q"}.get(typ)
+                        if code is None:
+                            continue
+                        tags[tag] = list(struct.unpack(e + code * cnt, data))
+                pages += 1
+                offset = struct.unpack(e + ("Q" if big else "I"), raw[-(8 if big else 4) :])[0]
+    except (OSError, struct.error):
+        return None
+    if 256 not in tags or 257 not in tags:
+        return None
+    tiled = 324 in tags
+    offs, counts = (tags.get(324), tags.get(325)) if tiled else (tags.get(273), tags.get(279))
+    if not offs or not counts or len(offs) != len(counts):
+        return None
+    if max(o + c for o, c in zip(offs, counts, strict=True)) > size:
+        return None  # pixel data cut off: truncated
+    return {
+        "width": tags[256][0],
+        "height": tags[257][0],
+        "tiled": tiled,
+        "compression": tags.get(259, [1])[0],
+        "samples": tags.get(277, [1])[0],
+        "bits": tags.get(258, [1])[0],
+        "pages": pages,
+    }
+
+
+_CONVERT_TIFF = (
+    "convert it to a tiled pyramidal TIFF, e.g. with libvips: vips tiffsave IN OUT.tif "
+    "--tile --pyramid --compression jpeg --Q 90 --tile-width 256 --tile-height 256 (add "
+    "--xres/--yres in pixels per mm, or set 'mpp')"
+)
+
+
 def _describe_format_failure(path: Path) -> str:
-    """Why OpenSlide refused ``path``: a damaged slide, or no slide at all (by content)."""
+    """Why OpenSlide refused ``path``: a readable file in a layout OpenSlide does not read
+    (what it is and how to convert it), a damaged slide, or no slide at all (by content)."""
+    from sparsemil.data.h5 import file_kind
+
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -73,6 +190,21 @@ def _describe_format_failure(path: Path) -> str:
         return f"{path}: cannot read the file ({err.strerror})"
     if not head:
         return f"{path}: empty file, not a slide"
+    if head[:4] in _TIFF_MAGICS:
+        info = tiff_layout(path)
+        if info is not None:
+            what = f"{info['width']}x{info['height']}"
+            if not info["tiled"]:
+                return (
+                    f"{path}: a {what} TIFF image stored in strips (not tiled), a layout "
+                    f"OpenSlide does not read as a slide; fix: {_CONVERT_TIFF}"
+                )
+            comp = _COMPRESSIONS.get(info["compression"], f"code {info['compression']}")
+            return (
+                f"{path}: a tiled {what} TIFF ({comp} compression, {info['samples']} samples "
+                f"of {info['bits']} bits, {info['pages']} page(s)) that OpenSlide does not "
+                f"read; fix: {_CONVERT_TIFF}"
+            )
     slide_like = (
         head[:4] in _TIFF_MAGICS
         or head.startswith(b"SQLite format 3")  # Sakura .svslide
@@ -88,6 +220,17 @@ def _describe_format_failure(path: Path) -> str:
         return (
             f"{path}: OpenSlide cannot open this {path.suffix} slide: its companion files "
             "are missing or damaged (they must sit next to it, as the scanner wrote them)"
+        )
+    kind = file_kind(path)
+    if kind in ("a PNG image", "a JPEG image", "a GIF image"):
+        return (
+            f"{path}: {kind}, not a whole-slide image (OpenSlide reads tiled pyramidal "
+            f"formats); fix: {_CONVERT_TIFF}"
+        )
+    if kind:
+        return (
+            f"{path}: not a slide file: it is {kind} (OpenSlide reads "
+            f"{', '.join(SLIDE_EXTENSIONS)}, DICOM)"
         )
     return (
         f"{path}: not a slide file: its content is no format OpenSlide reads "
@@ -190,13 +333,18 @@ class Resolution:
     Attributes:
         mag0: level-0 magnification used for all geometry (snapped, see module doc).
         mpp0: micrometres per level-0 pixel as found (user, file, or ``10 / objective``).
-        source: where it came from: ``"openslide.mpp-x"``,
-            ``"openslide.objective-power"`` or ``"mpp"``.
+        source: where it came from: ``"mpp"`` (the user's value), ``"openslide.mpp-x"`` or
+            ``"openslide.objective-power"``.
+        file_mpp: the file's own ``openslide.mpp-x`` (mean with ``mpp-y``), plausible or
+            not, or ``None`` when it records none.
+        note: what was overridden or ignored (e.g. an implausible 352.8 um/px), or "".
     """
 
     mag0: float
     mpp0: float
     source: str
+    file_mpp: float | None = None
+    note: str = ""
 
 
 def magnification_from_mpp(mpp: float) -> float:
@@ -214,26 +362,79 @@ def _positive_float(value: object) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def resolve_resolution(slide, path: str | os.PathLike[str], mpp: float | None = None) -> Resolution:
-    """Level-0 magnification from ``openslide.mpp-x``, the objective power, or ``mpp``.
+def plausible_mpp(mpp: float | None) -> bool:
+    """Whether ``mpp`` micrometres per pixel lies in :data:`MPP_RANGE`."""
+    return mpp is not None and MPP_RANGE[0] <= mpp <= MPP_RANGE[1]
 
-    ``mpp`` (the CLI's ``--mpp``) is only used for slides that record neither, so one
-    value can be given for a whole batch without overriding slides that know their size.
-    """
-    props = slide.properties
+
+def check_mpp(mpp: object, field: str = "mpp") -> float:
+    """A user's micrometres per pixel as a float in :data:`MPP_RANGE`, else a one-line error
+    naming ``field``."""
+    v = _positive_float(mpp)
+    if v is None:
+        raise SparsemilError(f"{field} {mpp!r}: must be a positive number of micrometres/pixel")
+    if not plausible_mpp(v):
+        raise SparsemilError(
+            f"{field} {v:g}: outside the plausible range of a microscope scan "
+            f"({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px); use the scan's micrometres per "
+            f"level-0 pixel, e.g. 0.25 for a 40x scan, 0.5 for 20x"
+        )
+    return v
+
+
+def check_mag(mag: object, field: str = "mag") -> float:
+    """A target magnification as a float in :data:`MAG_RANGE`, else a one-line error."""
+    v = _positive_float(mag)
+    if v is None or not MAG_RANGE[0] <= v <= MAG_RANGE[1]:
+        raise SparsemilError(
+            f"{field} {mag!r}: must be a magnification within {MAG_RANGE[0]:g}-"
+            f"{MAG_RANGE[1]:g}x, e.g. 20"
+        )
+    return v
+
+
+def _file_mpp(props) -> float | None:
     mx = _positive_float(props.get("openslide.mpp-x"))
     my = _positive_float(props.get("openslide.mpp-y"))
-    if mx is not None:
-        v = (mx + my) / 2 if my is not None else mx
-        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="openslide.mpp-x")
+    if mx is None:
+        return my
+    return (mx + my) / 2 if my is not None else mx
+
+
+def resolve_resolution(slide, path: str | os.PathLike[str], mpp: float | None = None) -> Resolution:
+    """Level-0 magnification from ``mpp``, ``openslide.mpp-x`` or the objective power.
+
+    ``mpp`` (the user's micrometres per level-0 pixel) always overrides the file; file
+    values outside :data:`MPP_RANGE` count as missing (see the module doc).
+    """
+    props = slide.properties
+    file_mpp = _file_mpp(props)
     power = _positive_float(props.get("openslide.objective-power"))
-    if power is not None:
-        return Resolution(mag0=power, mpp0=10.0 / power, source="openslide.objective-power")
     if mpp is not None:
-        v = _positive_float(mpp)
-        if v is None:
-            raise SparsemilError(f"mpp {mpp!r}: must be a positive number of micrometres/pixel")
-        return Resolution(mag0=magnification_from_mpp(v), mpp0=v, source="mpp")
+        v = check_mpp(mpp)
+        note = ""
+        if file_mpp is not None and abs(file_mpp - v) > 0.1 * v:
+            note = f"mpp {v:g} overrides the file's openslide.mpp-x {file_mpp:g} um/px"
+        return Resolution(magnification_from_mpp(v), v, "mpp", file_mpp, note)
+    ignored = []
+    if plausible_mpp(file_mpp):
+        assert file_mpp is not None
+        return Resolution(magnification_from_mpp(file_mpp), file_mpp, "openslide.mpp-x", file_mpp)
+    if file_mpp is not None:
+        ignored.append(f"its pixel size {file_mpp:g} um/px (openslide.mpp-x)")
+    if power is not None and plausible_mpp(10.0 / power):
+        note = f"ignored {ignored[0]}: implausible" if ignored else ""
+        return Resolution(power, 10.0 / power, "openslide.objective-power", file_mpp, note)
+    if power is not None:
+        ignored.append(f"its objective power {power:g}x (openslide.objective-power)")
+    if ignored:
+        raise SparsemilError(
+            f"{path}: the slide records {' and '.join(ignored)}, outside the plausible range "
+            f"of a microscope scan ({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px, "
+            f"{MAG_RANGE[0]:g}-{MAG_RANGE[1]:g}x; e.g. a screen resolution of 72 dpi); set "
+            f"'mpp' to the micrometres per level-0 pixel (e.g. 0.25 for a 40x scan, 0.5 for "
+            f"20x)"
+        )
     raise SparsemilError(
         f"{path}: the slide records neither its pixel size (openslide.mpp-x) nor its "
         "objective power (openslide.objective-power); set 'mpp' to the micrometres per "
@@ -279,8 +480,7 @@ def patch_geometry(
     slide, resolution: Resolution, target_mag: float, patch_size: int, path: str | os.PathLike[str]
 ) -> PatchGeometry:
     """Read level and read size for ``patch_size`` pixels at ``target_mag``."""
-    if not (_positive_float(target_mag)):
-        raise SparsemilError(f"mag {target_mag!r}: must be a positive magnification, e.g. 20")
+    target_mag = check_mag(target_mag)
     if int(patch_size) < 8:
         raise SparsemilError(f"patch_size {patch_size}: must be at least 8 pixels")
     ds = resolution.mag0 / float(target_mag)

@@ -7,9 +7,29 @@ Steps (numpy + ``scipy.ndimage``), applied to an RGB image of the whole slide re
    0 where the pixel is black). Transparent, unscanned areas were composited onto white
    and so have S = 0. Glass is grey/white (low S); H&E-stained tissue is pink/purple (high S).
 2. median filter of side ``median_um`` (odd number of pixels) against speckle;
-3. Otsu's threshold of the filtered S over the whole image (256-bin histogram, the
-   threshold maximising the between-class variance), but never below
-   ``min_saturation``: on a blank slide Otsu would otherwise split background noise;
+3. the threshold (:func:`choose_threshold`): Otsu's threshold of the filtered S over the
+   whole image (256-bin histogram, the threshold maximising the between-class variance),
+   but never below ``min_saturation``, since on a blank slide Otsu would otherwise split
+   background noise -- except in the two situations Otsu's glass-vs-tissue split does not
+   fit, which are detected and handled:
+
+   * **no glass background** (tissue edge to edge, e.g. a crop or a core): fewer than 1 %
+     of the pixels are glass-like (S <= ``glass_saturation``) and the median S is above
+     ``min_saturation``, or Otsu's lower class is itself stained (its mean S >
+     ``min_saturation``: Otsu split the tissue in two). The threshold is then
+     ``min_saturation``, so all stained tissue is kept (mode ``no_glass``). Without glass
+     and with a median S between the two (uniformly faint: a pale stain edge to edge, or
+     tinted glass -- saturation cannot tell them apart) the result gets a note;
+   * **very pale stain**: Otsu's threshold is below ``min_saturation``, its lower class is
+     glass (mean S <= ``glass_saturation``), its upper class is at least 6 saturation units
+     above it, and the two are well separated (between-class variance >= 0.8 of the total)
+     or the upper class is the larger one (pale tissue with little glass).
+     Otsu's threshold is then used (mode ``pale``), where the floor would find no tissue.
+
+   ``tissue_threshold`` fixes the threshold instead (mode ``fixed``). A result that still
+   looks doubtful -- no tissue while part of the image is faintly stained, or a quarter of
+   the image with a saturation between glass and the threshold -- carries a ``note``
+   that ``wsi extract`` prints as a warning;
 4. closing then opening with discs of radius ``closing_um`` / ``opening_um``
    (bridges small gaps, removes thin debris);
 5. holes (background wholly enclosed by tissue) smaller than ``max_hole_um2`` are filled;
@@ -43,6 +63,10 @@ class TissueParams:
         opening_um: radius of the opening disc (um).
         max_hole_um2: holes in tissue smaller than this area are filled (um^2).
         min_object_um2: tissue pieces smaller than this area are removed (um^2).
+        glass_saturation: saturation at or below which a pixel looks like glass (0..255);
+            used to recognise images without glass and very pale stains.
+        tissue_threshold: a fixed saturation threshold (pixels above it are tissue)
+            instead of the automatic choice; None = automatic.
     """
 
     mask_mpp: float = 4.0
@@ -53,9 +77,32 @@ class TissueParams:
     opening_um: float = 4.0
     max_hole_um2: float = 16384.0  # one 256-px patch at 20x (128 um square)
     min_object_um2: float = 16384.0
+    glass_saturation: int = 8
+    tissue_threshold: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Raise :class:`~sparsemil.errors.SparsemilError` naming the first bad field."""
+        from sparsemil.errors import SparsemilError
+
+        def bad(name: str, why: str) -> SparsemilError:
+            return SparsemilError(f"{name} {getattr(self, name)}: {why}")
+
+        if not (math.isfinite(self.mask_mpp) and self.mask_mpp > 0):
+            raise bad("mask_mpp", "must be a positive number of micrometres per pixel, e.g. 4")
+        if self.max_side < 16:
+            raise bad("max_side", "must be at least 16 pixels")
+        for name in ("median_um", "closing_um", "opening_um", "max_hole_um2", "min_object_um2"):
+            v = float(getattr(self, name))
+            if not (math.isfinite(v) and v >= 0):
+                raise bad(name, "must be 0 or more")
+        for name in ("min_saturation", "glass_saturation"):
+            if not 0 <= int(getattr(self, name)) <= 254:
+                raise bad(name, "must be a saturation within 0..254")
+        if self.tissue_threshold is not None and not 0 <= int(self.tissue_threshold) <= 254:
+            raise bad("tissue_threshold", "must be a saturation within 0..254")
 
 
 @dataclass
@@ -68,6 +115,9 @@ class TissueMask:
         scale: (sx, sy) level-0 pixels per mask pixel.
         threshold: saturation threshold used (0..255).
         otsu: Otsu's threshold before the ``min_saturation`` floor.
+        mode: how the threshold was chosen: ``"otsu"`` (Otsu, floored at
+            ``min_saturation``), ``"no_glass"``, ``"pale"`` or ``"fixed"`` (see the module doc).
+        note: a doubt about the result worth a warning, or "".
     """
 
     mask: np.ndarray
@@ -75,6 +125,8 @@ class TissueMask:
     scale: tuple[float, float]
     threshold: int
     otsu: int
+    mode: str = "otsu"
+    note: str = ""
 
     @property
     def fraction(self) -> float:
@@ -127,19 +179,105 @@ def _odd(n: float) -> int:
     return k if k % 2 == 1 else k + 1
 
 
+MIN_GLASS_FRACTION = 0.01
+"""Below this fraction of glass-like pixels an image has no glass background."""
+PALE_MIN_CONTRAST = 6.0
+"""A pale stain's Otsu classes differ by at least this much mean saturation."""
+PALE_MIN_SEPARATION = 0.8
+"""... and their between-class variance is at least this fraction of the total."""
+DOUBTFUL_FRACTION = 0.25
+"""A result is doubtful when this much of the image lies between glass and the threshold."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """What :func:`choose_threshold` decided (see the module doc)."""
+
+    value: int
+    otsu: int
+    mode: str
+    note: str = ""
+
+
+def choose_threshold(s: np.ndarray, params: TissueParams = TissueParams()) -> Threshold:
+    """The saturation threshold of the (median-filtered) saturation image ``s``: Otsu's
+    floored at ``min_saturation``, or the handling of images without glass and of very pale
+    stains (module doc, step 3)."""
+    v = np.asarray(s, dtype=np.uint8).ravel()
+    otsu = otsu_threshold(v)
+    floor, glass_s = int(params.min_saturation), int(params.glass_saturation)
+    if v.size == 0:
+        return Threshold(floor, otsu, "otsu")
+    if params.tissue_threshold is not None:
+        return Threshold(int(params.tissue_threshold), otsu, "fixed")
+    lo, hi = v[v <= otsu].astype(np.float64), v[v > otsu].astype(np.float64)
+    lo_mean = float(lo.mean()) if lo.size else 0.0
+    hi_mean = float(hi.mean()) if hi.size else lo_mean
+    glass = float(np.mean(v <= glass_s))
+    median = float(np.median(v))
+    uniform_note = ""
+    if glass < MIN_GLASS_FRACTION and median > glass_s:
+        if median > floor:  # stained everywhere
+            return Threshold(floor, otsu, "no_glass")
+        uniform_note = (
+            f"no glass-like area and a uniformly faint saturation (median {median:g}, "
+            f"between glass {glass_s} and the threshold {max(otsu, floor)}): a very pale "
+            f"stain edge to edge, or tinted glass without tissue; check the tissue PNG and, "
+            f"if it is tissue, set 'tissue_threshold' below {median:g}"
+        )
+    if lo_mean > floor:
+        return Threshold(floor, otsu, "no_glass")
+    if otsu < floor and lo.size and hi.size:
+        w0 = lo.size / v.size
+        between = w0 * (1.0 - w0) * (hi_mean - lo_mean) ** 2
+        separation = between / max(float(v.var()), 1e-12)
+        if (
+            lo_mean <= glass_s
+            and hi_mean - lo_mean >= PALE_MIN_CONTRAST
+            and (separation >= PALE_MIN_SEPARATION or hi.size >= lo.size)
+        ):
+            return Threshold(max(otsu, 1), otsu, "pale")
+    thr = max(otsu, floor)
+    between_fraction = float(np.mean((v > glass_s) & (v <= thr)))
+    note = uniform_note
+    if not note and between_fraction >= DOUBTFUL_FRACTION:
+        note = (
+            f"{100 * between_fraction:.0f}% of the image has a saturation between glass "
+            f"({glass_s}) and the threshold ({thr}): a very pale stain? check the tissue "
+            f"PNG and set 'tissue_threshold' or 'min_saturation' if tissue is missing"
+        )
+    elif not note and not np.any(v > thr) and np.percentile(v, 99) > glass_s:
+        note = (
+            f"no saturation above the threshold {thr}, but the most saturated 1% of the "
+            f"image reaches {int(np.percentile(v, 99))}: a very pale stain? set "
+            f"'tissue_threshold' or 'min_saturation' below it to keep it"
+        )
+    return Threshold(thr, otsu, "otsu", note)
+
+
 def mask_from_rgb(
     rgb: np.ndarray, um_per_px: float, params: TissueParams = TissueParams()
 ) -> tuple[np.ndarray, int, int]:
     """Tissue mask of an RGB image whose pixels are ``um_per_px`` micrometres wide.
 
-    Returns ``(mask (h, w) bool, threshold, otsu)``.
+    Returns ``(mask (h, w) bool, threshold, otsu)`` (:func:`tissue_mask_of_rgb` also says
+    how the threshold was chosen).
     """
+    mask, choice = tissue_mask_of_rgb(rgb, um_per_px, params)
+    return mask, choice.value, choice.otsu
+
+
+def tissue_mask_of_rgb(
+    rgb: np.ndarray, um_per_px: float, params: TissueParams = TissueParams()
+) -> tuple[np.ndarray, Threshold]:
+    """Tissue mask of an RGB image whose pixels are ``um_per_px`` micrometres wide, and the
+    :class:`Threshold` it used."""
     s = saturation(rgb)
     k = _odd(params.median_um / um_per_px)
     if k > 1:
         s = ndi.median_filter(s, size=k, mode="nearest")
-    otsu = otsu_threshold(s)
-    thr = max(otsu, int(params.min_saturation))
+    choice = choose_threshold(s, params)
+    thr = choice.value
     mask = s > thr
     r_close = int(round(params.closing_um / um_per_px))
     if r_close > 0 and mask.any():
@@ -163,7 +301,7 @@ def mask_from_rgb(
         keep = sizes * px_area >= params.min_object_um2
         keep[0] = False
         mask = keep[lab]
-    return mask, thr, otsu
+    return mask, choice
 
 
 def mask_downsample(
@@ -187,8 +325,16 @@ def detect_tissue(slide, mpp0: float, params: TissueParams = TissueParams(), pat
     ds = mask_downsample(slide.dimensions, mpp0, params)
     image, scale = read_thumbnail(slide, ds, path=path)
     um_per_px = mpp0 * math.sqrt(scale[0] * scale[1])
-    mask, thr, otsu = mask_from_rgb(image, um_per_px, params)
-    return TissueMask(mask=mask, image=image, scale=scale, threshold=thr, otsu=otsu)
+    mask, choice = tissue_mask_of_rgb(image, um_per_px, params)
+    return TissueMask(
+        mask=mask,
+        image=image,
+        scale=scale,
+        threshold=choice.value,
+        otsu=choice.otsu,
+        mode=choice.mode,
+        note=choice.note,
+    )
 
 
 def overlay_png(tissue: TissueMask, out_png, coords=None, patch_size_level0: int | None = None):

@@ -118,12 +118,7 @@ class PruneConfig:
             "actual_criterion",
             f"must be one of {', '.join(CRITERIA)}",
         )
-        _check(
-            where,
-            self.device == "auto" or self.device.startswith(("cpu", "cuda", "mps")),
-            "device",
-            "must be auto, cpu, cuda, cuda:N or mps",
-        )
+        _check(where, _device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
         if self.model == "mlp":
             _check(where, bool(self.widths), "widths", "the mlp model needs widths, e.g. [256, 128]")
 
@@ -134,6 +129,20 @@ class PruneConfig:
     def to_dict(self) -> dict:
         """JSON-able dict (sections as nested dicts) that :func:`config_from_dict` reads back."""
         return config_system.to_mapping(self)
+
+
+def _device_syntax_ok(device: str) -> bool:
+    """``device`` names a CPU/CUDA/MPS torch device (whether one is present is checked when a
+    command starts, :meth:`PruneConfig.resolved_device`, so that ``--device`` can override a
+    file written for another machine)."""
+    import torch
+
+    if device in ("auto", "gpu"):
+        return True
+    try:
+        return torch.device(device).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _check(where: str, cond: bool, key: str, msg: str) -> None:

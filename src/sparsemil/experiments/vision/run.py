@@ -224,7 +224,7 @@ def _hessian(
         model,
         cross_entropy_loss,
         fixed_batches(x_tr, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
-        method=opts.hvp_method,
+        method=op.backend or opts.hvp_method,  # the backend ``op``'s check settled on
         check=False,  # same model and loss as ``op``, already checked
     )
     important = important_flat_fraction(
@@ -313,7 +313,8 @@ def run_train(cfg: PruneConfig, out_dir: str | Path, progress: bool = True) -> d
         SparsemilError: the config has a ``mil:`` section.
     """
     _vision_only(cfg, "prune train")
-    model, data, hist = train_from_config(cfg, progress=progress)
+    device = cfg.resolved_device()  # a missing CUDA device fails here, before any work
+    model, data, hist = train_from_config(cfg, progress=progress, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = model_metadata(cfg, data)
@@ -330,7 +331,8 @@ def run_sweep(
     """``prune sweep``: the pruning sweep of a ``prune train`` checkpoint over
     ``sparse_epoch`` ratios. Writes ``sweep.csv``, ``sweep.png``, ``sweep.json`` (dense
     metrics, the actual ratio of every criterion) and, when the configured criterion's ratio
-    exists, ``pruned_sparse.safetensors``. Returns the ``sweep.json`` object.
+    exists, ``pruned_sparse.safetensors``. Returns the ``sweep.json`` object plus ``"lines"``
+    (the parameter sets, for the console).
 
     Raises:
         SparsemilError: a ``mil:`` section, or a checkpoint whose input shape differs from
@@ -363,14 +365,15 @@ def run_sweep(
     plot_sweep(
         res, out / "sweep.png", actual=summary["actual_ratio"], title=f"{cfg.model} on {data.name}"
     )
-    summary["parameters"] = parameter_sets(model, cfg.l1_scope)["summary"]
+    params = parameter_sets(model, cfg.l1_scope)
+    summary["parameters"] = params["summary"]
     ratio = summary["actual_ratio"].get(cfg.actual_criterion)
     if ratio is not None:
         summary["export"] = _prune_and_save(
             model.cpu(), ratio, meta, out / "pruned_sparse.safetensors"
         )
     atomic_write_json(out / "sweep.json", summary)
-    return summary
+    return {**summary, "lines": params["lines"]}
 
 
 def _prune_and_save(model: nn.Module, ratio: float, meta: dict, path: Path) -> dict[str, Any]:
@@ -399,6 +402,6 @@ def run_export(checkpoint: str | Path, ratio: float, out: str | Path) -> dict[st
         SparsemilError: an unreadable or non-finite checkpoint, or a ratio outside [0, 1].
     """
     model, meta = load_checkpoint(checkpoint)
-    params = parameter_sets(model)
+    params = parameter_sets(model, (meta.get("config") or {}).get("l1_scope", "all"))
     doc = _prune_and_save(model, ratio, meta, Path(out))
     return {**doc, "parameters": params["summary"], "lines": params["lines"]}

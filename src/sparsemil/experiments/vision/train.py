@@ -116,7 +116,7 @@ def train_l1(
             )
             if not bool(torch.isfinite(loss)):
                 raise SparsemilError(
-                    f"training diverged: the loss is {float(loss)} at epoch {epoch + 1}, "
+                    f"training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, "
                     f"iteration {it + 1} (lr {lr:g}); lower config key 'lr'"
                 )
             opt.zero_grad(set_to_none=True)
