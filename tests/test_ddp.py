@@ -39,7 +39,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     data = write_subset(tmp_path / "musk1_sub.csv", per_class=12)  # 10 training bags per fold
     one, _ = _cv(tmp_path / "one", data, devices=1, accumulate=2)
     two, log = _cv(tmp_path / "two", data, devices=2, accumulate=1)
-    assert "distributed_backend=gloo" in log and "MEMBER: 1/2" in log  # really 2 processes
+    assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log  # really 2 processes (gloo on CPU)
     for f1, f2 in zip(one["folds"], two["folds"], strict=True):
         assert f1["n_train"] == f2["n_train"] == 10
         assert f1["epochs_done"] == f2["epochs_done"] == 2
