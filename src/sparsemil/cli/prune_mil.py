@@ -35,23 +35,24 @@ def mil(
 ) -> None:
     """Predicted (Gaussian width) against measured pruning limit of a MIL checkpoint."""
     from sparsemil.cli.prune_run import echo_limit
-    from sparsemil.errors import SparsemilError, resolve_device
+    from sparsemil.errors import SparsemilError
     from sparsemil.experiments.mil_bridge import load_bridge_bags, mil_limit
     from sparsemil.limit.predict import LimitOptions
-    from sparsemil.mil.checkpoint import load_mil_checkpoint
+    from sparsemil.train.inference import load_predictor
 
     options = LimitOptions(negative=negative)
     options.validate("--negative")
     if not checkpoint.is_file():
         raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
-    model, meta = load_mil_checkpoint(checkpoint)
+    predictor = load_predictor(checkpoint, device)  # the one checkpoint loader
+    model, meta = predictor.model, predictor.meta
     bags = load_bridge_bags(
         meta, data=data, eval_split=eval_split, base=checkpoint.resolve().parent,
         data_dir=data_dir, format=format, labels=labels,
     )  # fmt: skip
     doc = mil_limit(
         model, bags, out, options=options, n_ratios=n_ratios, lanczos_iter=lanczos_iter,
-        lanczos_num=lanczos_num, seed=seed, device=resolve_device(device), progress=progress,
+        lanczos_num=lanczos_num, seed=seed, device=predictor.device, progress=progress,
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
     )  # fmt: skip
