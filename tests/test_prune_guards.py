@@ -156,3 +156,11 @@ def test_one_config_serves_train_and_run(tmp_path, capsys) -> None:
         for command in ("train", "run"):
             assert main(["prune", command, "--config", bad, "--out", str(tmp_path / "x")]) == 2
             _one_line_error(capsys, "unknown key", f"did you mean {hint}")
+
+
+def test_run_needs_two_mini_batches_before_training(tmp_path, capsys) -> None:
+    """epsilon needs >= 2 mini-batches: said before training, naming the key."""
+    cfg = _cfg(tmp_path, extra="subset: 64\n")  # batch_size 64: one mini-batch
+    assert main(["prune", "run", "--config", cfg, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    _one_line_error(capsys, "config key 'batch_size' 64", "1 mini-batch", "raise subset")
+    assert not (tmp_path / "r" / "model.safetensors").exists()

@@ -159,6 +159,18 @@ def test_tied_weights_are_counted_once() -> None:
     assert len(global_magnitude_masks(refs, 0.5)) == 2
     with pytest.raises(SparsemilError, match="tied weights cannot carry"):
         prune_model(model, 0.5, permanent=False)
+    # the batched (GPU) sweep prunes the same set, with the same results
+    from sparsemil.prune.batched_sweep import batched_pruning_sweep
+
+    def evaluate_many(model, stacked):
+        logits = torch.func.vmap(lambda p: torch.func.functional_call(model, p, (x,)))(stacked)
+        losses = np.array([float(F.cross_entropy(out, y)) for out in logits])
+        acc = (logits.argmax(-1) == y).float().mean(1).numpy()
+        return {"test_acc": acc, "test_loss": losses, "train_loss": losses}
+
+    batched = batched_pruning_sweep(model, evaluate_many, [0.0, 0.5, 0.9], chunk=2, progress=False)
+    assert batched.n_weights == 1440 and batched.num_pruned.tolist() == [1, 720, 1296]
+    np.testing.assert_allclose(batched.test_loss, sweep.test_loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize("writer", ["checkpoint", "sparse"])

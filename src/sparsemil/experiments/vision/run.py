@@ -79,12 +79,12 @@ def run_limit(
     ``sweep.csv`` and ``history.json``. Returns the ``limit.json`` object.
     """
     say = log or (lambda _msg: None)
+    device = cfg.resolved_device()  # a missing CUDA device fails here, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    device = cfg.resolved_device()
     with _timed(timings, "train_s"):
-        model, data, hist = train_from_config(cfg, progress=progress, device=device)
+        model, data, hist = train_from_config(cfg, progress=progress, device=device, min_batches=2)
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     _save_trained(cfg, model, data, hist, out, device)
     params = parameter_sets(model, cfg.l1_scope)

@@ -29,7 +29,7 @@ from torch import nn
 from sparsemil.data.vision import VisionData
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
-from sparsemil.experiments.vision.models import check_finite_weights
+from sparsemil.experiments.vision.models import build_model, check_finite_weights
 from sparsemil.prune.evaluate import evaluate_split
 from sparsemil.prune.l1 import l1_params, l1_penalty
 
@@ -159,16 +159,30 @@ def model_metadata(cfg: PruneConfig, data: VisionData) -> dict[str, Any]:
 
 
 def train_from_config(
-    cfg: PruneConfig, progress: bool = True, device: str | torch.device | None = None
+    cfg: PruneConfig,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    min_batches: int = 1,
 ) -> tuple[nn.Module, VisionData, dict[str, Any]]:
     """Load ``cfg``'s dataset, build ``cfg``'s model and train it with the L1 penalty.
 
     Returns ``(model, data, history)``; the model is on ``device`` (default: the config's).
+
+    Raises:
+        SparsemilError: the training set gives fewer than ``min_batches`` mini-batches of
+            ``batch_size`` (``prune run`` needs 2 for epsilon), checked before training.
     """
     from sparsemil.data.vision import load_vision_dataset
-    from sparsemil.experiments.vision.models import build_model
 
     data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
+    n = int(data.y_train.shape[0])
+    if math.ceil(n / cfg.batch_size) < min_batches:
+        raise SparsemilError(
+            f"config key 'batch_size' {cfg.batch_size}: the {n} training samples give "
+            f"{math.ceil(n / cfg.batch_size)} mini-batch(es); epsilon (the std of the "
+            f"per-mini-batch training losses) needs at least {min_batches}: lower batch_size "
+            "or raise subset"
+        )
     model = build_model(
         cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
     )
