@@ -34,7 +34,10 @@ def _cohort(root, name, n_normal, n_tumor, seed):
         x = rng.normal(size=(10, C)).astype(np.float32) + (3.0 if tumor else 0.0)
         coords = np.stack([np.arange(10) * 256, np.zeros(10)], 1).astype(np.int64)
         sid = f"{name}-{i:03d}"
-        write_h5_file(feats / f"{sid}.h5", x, coords, coords_attrs={"patch_size": 256})
+        write_h5_file(
+            feats / f"{sid}.h5", x, coords, coords_attrs={"patch_size": 256},
+            features_attrs={"backbone": "resnet50_trunc", "weights_sha256": "ab12"},
+        )  # fmt: skip
         rows.append((sid, "tumor_tissue" if tumor else "normal_tissue"))
     labels = root / f"{name}.csv"
     with open(labels, "w", newline="") as fh:
@@ -60,7 +63,8 @@ def test_checkpoint_records_classes_slides_and_dimension(trained):
     _, ckpt = trained
     p = load_predictor(ckpt)
     assert p.class_names == ["normal_tissue", "tumor_tissue"] and p.n_classes == 2
-    assert p.in_dim == C
+    assert p.in_dim == C and p.meta["needs_coords"] is False
+    assert p.meta["encoder"] == {"backbone": "resnet50_trunc", "weights_sha256": "ab12"}
     slides = p.meta["slides"]
     assert len(slides["train"]) + len(slides["val"]) == 30  # fold 0 of 4: 10 test bags
 

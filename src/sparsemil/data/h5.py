@@ -407,3 +407,27 @@ def write_h5_file(
                 for k, v in (extra or {}).items():
                     obj.attrs[k] = v
     return path
+
+
+ENCODER_ATTRS = ("backbone", "pretrained", "weights", "weights_sha256", "normalization")
+
+
+def encoder_attrs(path: PathLike) -> dict[str, Any]:
+    """The patch encoder recorded on the ``features`` dataset of a feature file written by
+    ``sparsemil wsi extract`` (``backbone``, ``weights_sha256``, ...); ``{}`` when the file
+    records none (e.g. CLAM's own files) or is not an h5 file. Reads attributes only."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            feats = f.get("features")
+            attrs = dict(feats.attrs) if feats is not None else {}
+    except OSError:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ENCODER_ATTRS:
+        if key in attrs:
+            value = attrs[key]
+            value = value.decode() if isinstance(value, bytes) else value
+            out[key] = value.item() if hasattr(value, "item") else value
+    return out

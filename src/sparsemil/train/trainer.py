@@ -387,6 +387,17 @@ def absolute_paths(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def encoder_of(data: BagSource) -> dict[str, Any]:
+    """The patch encoder recorded in the first bag's h5 (``{}`` when unknown)."""
+    from sparsemil.data.bags import BagRef
+    from sparsemil.data.h5 import encoder_attrs
+
+    first = data.bags[0] if data.bags else None
+    if isinstance(first, BagRef) and first.path.suffix.lower() in (".h5", ".hdf5"):
+        return encoder_attrs(first.path)
+    return {}
+
+
 def class_names_of(data: BagSource) -> list[str]:
     """Class names in index order: the label strings of the data, else ``"0"``, ``"1"``..."""
     if data.class_names:
@@ -427,6 +438,7 @@ def build_fold(
         "n_classes": data.n_classes,
         "class_names": class_names_of(data),
         "needs_coords": needs_coords(cfg),
+        "encoder": encoder_of(data),
         "standardize": std.to_meta() if std else None,
         "train_config": absolute_paths(cfg.to_dict()),
         "fold": fold.index,
