@@ -148,3 +148,18 @@ def test_checkpoint_data_paths_work_from_any_folder(tmp_path, monkeypatch, capsy
     assert rc == 0, err
     doc = json.loads((tmp_path / "limit" / "limit.json").read_text())
     assert doc["device"] == "cpu" and doc["n_eval_bags"] == 4
+
+
+def test_diverging_mil_training_stops_with_one_line(tmp_path, capsys):
+    """NaN training never passes through: a diverging run (lr 1e12) stops at the first
+    non-finite loss with a one-line error naming the fix, and writes no model."""
+    feats, labels = _cohort(tmp_path, "div", 6, 6, seed=5)
+    out = tmp_path / "run"
+    rc = main([
+        "mil", "train", "--data", str(feats), "--labels", str(labels), "--model", "abmil",
+        "--lr", "1e12", "--max-epochs", "30", "--no-early-stopping", "--folds", "3",
+        "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "training loss is" in err and "lower 'lr'" in err, err[-500:]
+    assert not (out / "model.safetensors").exists()

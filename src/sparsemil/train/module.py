@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import bag_probabilities
 from sparsemil.mil.registry import model_inputs, registered_spec
 from sparsemil.prune.l1 import l1_penalty
@@ -77,6 +78,13 @@ class MILModule(L.LightningModule):
         _, loss, _ = self._losses(batch)
         if self.lmbda > 0:
             loss = loss + self.lmbda * l1_penalty(self.model)
+        if not bool(torch.isfinite(loss.detach())):
+            slides = ", ".join(map(str, batch.get("slide_id", [])[:3]))
+            raise SparsemilError(
+                f"training loss is {float(loss.detach())} at epoch {self.current_epoch}, step "
+                f"{batch_idx} (bags {slides}); the model diverged; fix: lower 'lr' (now "
+                f"{self.lr:g}) or check the features for extreme values"
+            )
         b = int(batch["Y"].shape[0])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
