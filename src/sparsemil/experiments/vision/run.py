@@ -191,12 +191,11 @@ def _save_trained(
     atomic_write_json(out / "history.json", hist)
 
 
-def _sweep(
-    cfg: PruneConfig, model: nn.Module, data: Any, eps: float, out: Path, progress: bool
-) -> tuple[SweepResult, dict[str, float | None]]:
-    """The pruning sweep over ``sparse_epoch`` ratios (written to ``sweep.csv``) and the
-    actual ratio of every criterion (``loss_eps`` when set, else ``eps``)."""
-    sweep = vision_sweep(
+def config_sweep(cfg: PruneConfig, model: nn.Module, data: Any, progress: bool) -> SweepResult:
+    """:func:`sparsemil.prune.sweep.vision_sweep` with the config's ratio count
+    (``sparse_epoch``) and batch sizes (``eval_batch_size``; ``batch_size`` for the
+    per-batch training loss)."""
+    return vision_sweep(
         model,
         data,
         n_ratios=cfg.sparse_epoch,
@@ -204,6 +203,14 @@ def _sweep(
         loss_batch_size=cfg.batch_size,
         progress=progress,
     )
+
+
+def _sweep(
+    cfg: PruneConfig, model: nn.Module, data: Any, eps: float, out: Path, progress: bool
+) -> tuple[SweepResult, dict[str, float | None]]:
+    """The pruning sweep over ``sparse_epoch`` ratios (written to ``sweep.csv``) and the
+    actual ratio of every criterion (``loss_eps`` when set, else ``eps``)."""
+    sweep = config_sweep(cfg, model, data, progress)
     sweep.to_csv(out / "sweep.csv")
     actual = actual_ratios(sweep, eps=cfg.loss_eps if cfg.loss_eps is not None else eps)
     return sweep, actual
@@ -346,14 +353,7 @@ def run_sweep(
             f"checkpoint {checkpoint}: input shape {meta['in_shape']} does not "
             f"match dataset {data.name} {list(data.in_shape)}"
         )
-    res = vision_sweep(
-        model,
-        data,
-        n_ratios=cfg.sparse_epoch,
-        batch_size=cfg.eval_batch_size,
-        loss_batch_size=cfg.batch_size,
-        progress=progress,
-    )
+    res = config_sweep(cfg, model, data, progress)
     summary = res.summary(eps=cfg.loss_eps)
     summary["criterion"] = cfg.actual_criterion
     summary["loss_eps"] = (
