@@ -156,16 +156,22 @@ def _corrupt(path: Path, exc: BaseException) -> SparsemilError:
     )
 
 
-def _open(path: Path):
-    import h5py
-
+def require_file(path: Path, kinds: str = ".h5") -> None:
+    """Raise :class:`SparsemilError` unless ``path`` is an existing file (one message for
+    every per-slide reader; ``kinds`` names the expected file types)."""
     if not path.exists():
         raise SparsemilError(
             f"data file {path} does not exist; fix: check the path (and the data folder / "
             f"slide_id in your dataset or split CSV)"
         )
     if not path.is_file():
-        raise SparsemilError(f"{path} is not a file; fix: point at a per-slide .h5 file")
+        raise SparsemilError(f"{path} is not a file; fix: point at a per-slide {kinds} file")
+
+
+def _open(path: Path):
+    import h5py
+
+    require_file(path)
     try:
         return h5py.File(path, "r")
     except Exception as exc:  # h5py raises OSError for bad signatures and truncated files

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sparsemil.data.bags import Bag, BagRef, bag_arrays, check_bag_values
-from sparsemil.data.h5 import H5_SUFFIXES, file_kind, h5_info, read_h5_file
+from sparsemil.data.h5 import H5_SUFFIXES, file_kind, h5_info, read_h5_file, require_file
 from sparsemil.errors import SparsemilError
 
 BAG_SUFFIXES = (".h5", ".pt", ".csv")
@@ -44,13 +44,7 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 
 
 def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise SparsemilError(
-            f"data file {path} does not exist; fix: check the path (and the data folder / "
-            f"slide_id in your dataset or split CSV)"
-        )
-    if not path.is_file():
-        raise SparsemilError(f"{path} is not a file; fix: point at a per-slide .h5/.pt/.csv file")
+    require_file(path, ".h5/.pt/.csv")
 
 
 def _finish(
