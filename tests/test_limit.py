@@ -72,18 +72,28 @@ def test_prune_run_end_to_end(tmp_path):
         sweep.ratios, sweep.distance, lambda R: gaussian_width(R, vals, wts, doc["epsilon"])
     )
     assert pred == pytest.approx(doc["predicted_ratio"], abs=1e-9)
-    # epsilon is the std of the per-mini-batch training losses (batch_size 64, fixed order)
+    # epsilon is the std of the per-mini-batch training losses at the official batch size
+    # 128 (limit.epsilon_batch_size), over one seeded shuffle of the training set
     from sparsemil.data.vision import load_vision_dataset
     from sparsemil.experiments.vision.models import load_checkpoint
 
     model, _ = load_checkpoint(out / "model.safetensors")
     data = load_vision_dataset("digits", seed=0)
+    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(1))
+    xs, ys = data.x_train[perm], data.y_train[perm]
     with torch.no_grad():
         losses = [
-            float(F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64]))
-            for i in range(0, len(data.y_train), 64)
+            float(F.cross_entropy(model(xs[i : i + 128]), ys[i : i + 128]))
+            for i in range(0, len(ys), 128)
         ]
     assert doc["epsilon"] == pytest.approx(float(np.std(losses)), rel=1e-6)
+    # the spread over the two probes and the premise checks are reported
+    spread = doc["uncertainty"]
+    assert spread["num_probes"] == 2 and len(spread["per_probe"]) == 2
+    lo, hi = spread["interval_90"]
+    assert spread["min"] <= lo <= doc["predicted_ratio"] + 1e-9 and hi <= spread["max"]
+    assert spread["by_steps"]["steps"][-1] == 48
+    assert doc["premises"]["kkt"]["bound"] == pytest.approx(0.0005 * np.sqrt(doc["D"]))
 
 
 def test_prune_run_bad_option(tmp_path, capsys):
@@ -120,7 +130,8 @@ def test_important_rows_against_exact_per_batch_hessians():
     prunable = prunable_parameters(model)
     out = important_flat_fraction(op, prunable, num_ratios=20, tol=1e-7)
     _, idx = threshold_indices(op, prunable, 20)
-    # exact per-batch Hessians (float64, autograd), rows' L1 norm averaged over the batches
+    # exact per-batch Hessians (float64, autograd); official normalisation: the rows' L1
+    # norms summed over the batches, divided by the number of samples (gradient.py)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
@@ -136,9 +147,9 @@ def test_important_rows_against_exact_per_batch_hessians():
 
         Hb = torch.autograd.functional.hessian(loss, theta, vectorize=True).numpy()
         rows += np.abs(Hb[idx]).sum(axis=1)
-    rows /= len(batches)
+    rows /= 120
     np.testing.assert_allclose(out["row_l1_norms"], rows, rtol=1e-5, atol=1e-12)
-    assert out["num_batches"] == 3
+    assert out["num_batches"] == 3 and out["num_samples"] == 120
     assert out["fraction"] == pytest.approx(np.mean(rows < 1e-7))
     assert 0.0 < out["fraction"] < 1.0  # the smallest weights are the dead unit's
 

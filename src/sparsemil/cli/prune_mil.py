@@ -28,7 +28,9 @@ def mil(
     eval_split: str = typer.Option("test", "--eval-split", help="test or val bags for the sweep."),
     n_ratios: int = typer.Option(200, "--n-ratios", help="Evenly spaced ratios i/n."),
     lanczos_iter: int = typer.Option(64, "--lanczos-iter", help="Lanczos steps per run."),
-    lanczos_num: int = typer.Option(1, "--lanczos-num", help="SLQ runs (probe vectors)."),
+    lanczos_num: int = typer.Option(
+        4, "--lanczos-num", help="SLQ probes (runs); >= 2 to measure the spread."
+    ),
     negative: str = typer.Option("abs", "--negative", help="abs (official) or flat."),
     seed: int = typer.Option(0, "--seed", help="Seed of the SLQ probes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
@@ -55,5 +57,14 @@ def mil(
         lanczos_num=lanczos_num, seed=seed, device=predictor.device, progress=progress,
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
+        lmbda=_trained_lmbda(meta),
     )  # fmt: skip
     echo_limit(doc, out)
+
+
+def _trained_lmbda(meta: dict) -> float:
+    """The L1 strength the checkpoint was trained with (``train_config.lmbda``; older
+    checkpoints say ``l1``); 0 when unrecorded (the premise checks then warn)."""
+    cfg = meta.get("train_config") or {}
+    value = cfg.get("lmbda", cfg.get("l1", 0.0))
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0

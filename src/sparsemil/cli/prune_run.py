@@ -57,15 +57,27 @@ def run(
     echo_limit(doc, out)
 
 
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
+
+
 def echo_limit(doc: dict, out: Path) -> None:
     """Print the one-line summary of a ``limit.json`` object, then each of its warnings
     (``warning: ...``, on stderr)."""
     pred = doc["predicted_ratio"]
     act = doc["actual_ratio"].get(doc["default_criterion"])
+    official = doc["actual_ratio"].get("official")
+    interval = (doc.get("uncertainty") or {}).get("interval_90")
+    spread = (
+        "" if not interval or None in interval else f" [90%: {interval[0]:.3f}-{interval[1]:.3f}]"
+    )
     typer.echo(
-        f"predicted ratio {'undefined' if pred is None else f'{pred:.4f}'}; actual "
-        f"({doc['default_criterion']}) {'undefined' if act is None else f'{act:.4f}'}; "
+        f"predicted ratio {_fmt(pred)}{spread}; actual "
+        f"({doc['default_criterion']}) {_fmt(act)}, (official) {_fmt(official)}; "
         f"epsilon {doc['epsilon']:.4g}; D {doc['D']}; wrote {out / 'limit.json'}"
     )
+    premises = doc.get("premises")
+    if premises:
+        typer.echo(f"premises: {premises['verdict']}")
     for warning in doc.get("warnings") or []:
         typer.echo(f"warning: {warning}", err=True)

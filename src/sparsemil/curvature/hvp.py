@@ -564,6 +564,32 @@ class HessianOperator(LinearOperatorBase):
         finally:
             self.model.train(was_training)
 
+    def gradient(self) -> Tensor:
+        """g = sum_b w_b dL_b/dtheta at the current weights: the gradient of the same loss
+        the operator is the Hessian of, shape (D,), float64, detached, on the operator's
+        device (model in eval mode, as for the products). Not counted in
+        :attr:`num_products`."""
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        try:
+            for batch, w in zip(self.batches, self.weights, strict=True):
+                if w == 0.0:
+                    continue
+                with torch.enable_grad():
+                    loss = self.loss_fn(self.model, batch)
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                flat = [
+                    torch.zeros(n, dtype=torch.float64, device=self.device)
+                    if g is None
+                    else g.detach().reshape(-1).to(torch.float64)
+                    for g, n in zip(grads, self.numels, strict=True)
+                ]
+                total += w * torch.cat(flat)
+        finally:
+            self.model.train(was_training)
+        return self._reduce(total[None])[0]
+
     def dense(self) -> Tensor:
         """The full (D, D) Hessian in float64 (only for small D: tests and checks)."""
         if self.dim > 20_000:

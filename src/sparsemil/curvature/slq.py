@@ -41,6 +41,7 @@ at 128 steps) and the multi-vector ``matmat`` used by Hutch++ and the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,50 @@ class SpectrumResult:
     seconds: float
     num_products: int
     extra: dict[str, Any] = field(default_factory=dict)
+    alpha: np.ndarray | None = None  # (runs, steps) Lanczos diagonals, NaN-padded
+    beta: np.ndarray | None = None  # (runs, steps - 1) off-diagonals, NaN-padded
+
+    def select_runs(self, runs: np.ndarray | list[int]) -> SpectrumResult:
+        """The spectrum of a subset of the probes (rows ``runs``; repeats allowed, as in a
+        bootstrap resample). Trace and the Lanczos coefficients follow the selection."""
+        idx = np.asarray(runs, dtype=np.int64)
+        first = None if self.alpha is None else self.alpha[idx, 0]
+        return dataclasses.replace(
+            self,
+            ritz_values=self.ritz_values[idx],
+            ritz_weights=self.ritz_weights[idx],
+            num_steps=self.num_steps[idx],
+            trace=self.trace if first is None else float(self.dim * np.mean(first)),
+            alpha=None if self.alpha is None else self.alpha[idx],
+            beta=None if self.beta is None else self.beta[idx],
+        )
+
+    def truncated(self, steps: int) -> SpectrumResult:
+        """The spectrum the first ``steps`` Lanczos steps of every probe give (Ritz pairs of
+        the leading ``steps x steps`` tridiagonal). Needs the stored coefficients.
+
+        Raises:
+            SparsemilError: the result has no Lanczos coefficients (built by hand).
+        """
+        if self.alpha is None or self.beta is None:
+            raise SparsemilError("SpectrumResult.truncated needs the Lanczos coefficients")
+        k = int(max(1, min(steps, self.alpha.shape[1])))
+        runs = self.alpha.shape[0]
+        values = np.full((runs, k), np.nan)
+        weights = np.zeros((runs, k))
+        taken = np.minimum(self.num_steps, k)
+        for r in range(runs):
+            s = int(taken[r])
+            theta, tau = ritz_pairs(self.alpha[r, :s], self.beta[r, : s - 1])
+            values[r, :s], weights[r, :s] = theta, tau
+        return dataclasses.replace(
+            self,
+            ritz_values=values,
+            ritz_weights=weights,
+            num_steps=taken,
+            alpha=self.alpha[:, :k],
+            beta=self.beta[:, : max(k - 1, 0)],
+        )
 
     def nodes_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """Flat Ritz values and weights; weights averaged over runs (sum to 1)."""
@@ -119,6 +164,7 @@ class SpectrumResult:
             "lambda_min": self.lambda_min,
             "trace": self.trace,
             "negative_mass": float(weights[nodes < 0].sum()),
+            "nonpositive_mass": float(weights[nodes <= 0].sum()),
             "num_runs": int(self.ritz_values.shape[0]),
             "num_steps": [int(s) for s in self.num_steps],
             "num_products": int(self.num_products),
@@ -133,6 +179,8 @@ class SpectrumResult:
         return {
             "ritz_values": self.ritz_values.tolist(),
             "ritz_weights": self.ritz_weights.tolist(),
+            "lanczos_alpha": None if self.alpha is None else self.alpha.tolist(),
+            "lanczos_beta": None if self.beta is None else self.beta.tolist(),
             **self.summary(),
         }
 
@@ -284,6 +332,8 @@ def slq(
         seconds=seconds,
         num_products=int(getattr(op, "num_products", 0) - before),
         extra={"basis_dtype": str(basis_dtype).replace("torch.", "")},
+        alpha=lz.alpha,
+        beta=lz.beta,
     )
 
 

@@ -123,7 +123,7 @@ def run_vision(p: dict[str, Any], out: Path, progress: bool, log) -> dict[str, A
     v = p["vision"]
     cfg = config_from_dict(
         {"model": "mlp", "dataset": "digits", "batch_size": 64, "lr": 0.05, "seed": 0,
-         "lanczos_num": 1, **v},
+         **v},
         where="demo vision config",
     )  # fmt: skip
     log(f"[3/3] pruning limit of an MLP {v['widths']} on digits (L1 {v['lmbda']:g}) ...")

@@ -43,6 +43,7 @@ from sparsemil.limit.predict import (
     important_flat_fraction,
     predict_limit,
 )
+from sparsemil.limit.premises import premise_checks
 from sparsemil.limit.report import write_limit
 from sparsemil.prune.magnitude import prunable_set
 from sparsemil.prune.result import SweepResult
@@ -235,12 +236,13 @@ def mil_limit(
     options: LimitOptions | None = None,
     n_ratios: int = 200,
     lanczos_iter: int = 64,
-    lanczos_num: int = 1,
+    lanczos_num: int = 4,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     title: str = "",
+    lmbda: float | None = None,
 ) -> dict[str, Any]:
     """Sweep + spectrum + prediction for a trained MIL ``model``; writes ``limit.json``,
     ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object.
@@ -256,6 +258,9 @@ def mil_limit(
             (bags differ in size and are never padded). ``threads`` is applied by the caller.
         n_ratios, lanczos_iter, lanczos_num, seed: sweep grid and SLQ settings.
         device: torch device of the sweep and the Hessian.
+        lmbda: the L1 strength the model was trained with, for the premise checks
+            (``limit.premises``; None: taken as 0 -- the checks then warn that the model is
+            outside the theory's premises).
 
     Raises:
         SparsemilError: ``n_ratios < 2``, no ``nn.Linear`` weights, or a non-default
@@ -278,6 +283,21 @@ def mil_limit(
         model, bags, params, sweep, eps, opts, **slq_settings, progress=progress
     )
     timings["spectrum_s"] = time.perf_counter() - t0
+    premises = None
+    if opts.premises:
+        t0 = time.perf_counter()
+        with deterministic_grouping(model):
+            premises = premise_checks(
+                op,
+                params,
+                (result.uncertainty or {}).get("central"),
+                eps,
+                float(lmbda or 0.0),
+                trace_probes=opts.trace_probes,
+                seed=seed,
+                samples=len(hess_bags),
+            )
+        timings["diagnostics_s"] = time.perf_counter() - t0
     info = _mil_info(
         op, len(hess_bags), sweep, bags, opts, important, timings, slq_settings, device
     )
@@ -293,6 +313,7 @@ def mil_limit(
         title=title,
         density_bins=opts.density_bins,
         warnings=[warning] if warning else [],
+        premises=premises,
     )
 
 
@@ -320,8 +341,7 @@ def _on_device(
     pset = prunable_set(model)
     if not pset.refs:
         raise SparsemilError(
-            "the MIL model has no prunable weights (trainable Linear/Conv/attention/RNN "
-            "weights)"
+            "the MIL model has no prunable weights (trainable Linear/Conv/attention/RNN weights)"
         )
     params = pset.refs
     bags = dataclasses.replace(
@@ -351,7 +371,11 @@ def _mil_prediction(
         op = HessianOperator(model, bag_loss_fn, hess_bags, method=opts.hvp_method)
         if opts.important:
             important = important_flat_fraction(
-                op, params, opts.important_ratios, opts.important_tol
+                op,
+                params,
+                opts.important_ratios,
+                opts.important_tol,
+                batch_samples=[1] * len(hess_bags),  # one bag = one sample
             )
         result = predict_limit(
             op,
@@ -450,6 +474,7 @@ def run_mil_limit(
         progress=progress,
         title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
         f"(lmbda {mil_cfg.lmbda:g}, seed {mil_cfg.seed})",
+        lmbda=mil_cfg.lmbda,
         extra={
             "model": mil_cfg.model,
             "lmbda": mil_cfg.lmbda,

@@ -20,6 +20,7 @@ def plot_sweep(
     predicted_ratio: float | None = None,
     actual: Mapping[str, float | None] | None = None,
     title: str | None = None,
+    interval: tuple[float, float] | list[float] | None = None,
 ) -> Path:
     """Accuracy (left axis) and losses relative to the dense loss (right axis) against ratio.
 
@@ -27,8 +28,10 @@ def plot_sweep(
         sweep: the sweep.
         path: output PNG.
         predicted_ratio: draws a dashed vertical line "predicted" when given.
-        actual: ``{criterion: ratio or None}``; a dotted line per defined criterion.
+        actual: ``{criterion: ratio or None}``; a dotted line per defined criterion (the
+            official criterion and ``drop_1pt`` are both drawn when given).
         title: figure title.
+        interval: the prediction's 90 % interval over SLQ probes, drawn as a band.
     """
     from matplotlib.figure import Figure
 
@@ -60,6 +63,7 @@ def plot_sweep(
             ax.axvline(val, ls=":", c=colours.get(name, "grey"), label=f"actual ({name}) {val:.3f}")
     if predicted_ratio is not None:
         ax.axvline(predicted_ratio, ls="--", c="tab:cyan", label=f"predicted {predicted_ratio:.3f}")
+    _band(ax, interval, vertical=True)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=7)
@@ -71,7 +75,22 @@ def plot_sweep(
     return Path(path)
 
 
-def plot_prediction(path: Path, R_curve, gw_curve, distance, ratios, pred, title) -> None:
+def _band(ax: Any, interval: Any, vertical: bool) -> None:
+    """Shade the prediction's 90 % interval over probes (nothing when absent)."""
+    if not interval or interval[0] is None or interval[1] is None:
+        return
+    lo, hi = float(interval[0]), float(interval[1])
+    label = f"90% interval over probes [{lo:.3f}, {hi:.3f}]"
+    if vertical:
+        ax.axvspan(lo, hi, color="tab:cyan", alpha=0.15, label=label)
+    else:
+        ax.axhspan(lo, hi, color="grey", alpha=0.2, label=label)
+
+
+def plot_prediction(
+    path: Path, R_curve, gw_curve, distance, ratios, pred, title, interval=None
+) -> None:
+    """gw(R) against the sweep's (R(rho), rho); the predicted ratio and its interval."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), dpi=120)
@@ -80,6 +99,7 @@ def plot_prediction(path: Path, R_curve, gw_curve, distance, ratios, pred, title
     ax.plot(R_curve, gw_curve, c="tab:green", label="theory gw(R)")
     if pred is not None:
         ax.axhline(pred, ls="--", c="k", lw=0.8, label=f"predicted ratio {pred:.3f}")
+    _band(ax, interval, vertical=False)
     ax.set_xlabel("R = ||w* - w_rho||")
     ax.set_ylabel("pruning ratio")
     ax.set_ylim(-0.02, 1.02)
@@ -90,7 +110,9 @@ def plot_prediction(path: Path, R_curve, gw_curve, distance, ratios, pred, title
         fig.savefig(tmp, bbox_inches="tight")
 
 
-def plot_spectral_density(path: Path, spectrum: SpectrumResult, bins: int, title: str) -> dict[str, Any]:
+def plot_spectral_density(
+    path: Path, spectrum: SpectrumResult, bins: int, title: str
+) -> dict[str, Any]:
     from matplotlib.figure import Figure
 
     grid, dens = spectral_density(spectrum.ritz_values, spectrum.ritz_weights, num_bins=bins)

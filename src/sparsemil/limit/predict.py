@@ -58,6 +58,11 @@ class LimitOptions:
         density_bins: grid points of the plotted density.
         official_grid: also compute the official grid-density / integer-R prediction.
         threads: torch CPU threads (None: leave torch's default).
+        epsilon_batch_size: mini-batch size of the per-batch training losses whose std is
+            epsilon (official: 128, over the shuffled training loader).
+        premises: check the theory's premises (:mod:`sparsemil.limit.premises`): KKT
+            residual, first- vs second-order loss change, anisotropy of the pruning direction.
+        trace_probes: Hutch++ products for the trace in the anisotropy check.
     """
 
     hessian_samples: int | None = None
@@ -70,6 +75,9 @@ class LimitOptions:
     density_bins: int = 2000
     official_grid: bool = True
     threads: int | None = None
+    epsilon_batch_size: int = 128
+    premises: bool = True
+    trace_probes: int = 24
 
     def validate(self, where: str = "config [limit]") -> None:
         """Raise :class:`SparsemilError` naming the ``limit.<key>`` that is out of range."""
@@ -93,6 +101,10 @@ class LimitOptions:
             raise bad("density_bins", "must be >= 10")
         if self.threads is not None and self.threads < 1:
             raise bad("threads", "must be >= 1 or null")
+        if self.epsilon_batch_size < 1:
+            raise bad("epsilon_batch_size", "must be >= 1")
+        if self.trace_probes < 3:
+            raise bad("trace_probes", "must be >= 3 (Hutch++)")
 
 
 @dataclass
@@ -114,6 +126,8 @@ class LimitPrediction:
             not computed, or when the official density is empty).
         official_grid_nonzero_bins: non-empty bins of the official density (None when not
             computed).
+        uncertainty: :func:`prediction_spread`'s dict (spread over probes, ``abs``/``flat``,
+            the non-positive Ritz mass, the prediction per Lanczos step count).
     """
 
     predicted_ratio: float | None
@@ -126,6 +140,7 @@ class LimitPrediction:
     spectrum: SpectrumResult
     predicted_ratio_official: float | None = None
     official_grid_nonzero_bins: int | None = None
+    uncertainty: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -228,24 +243,36 @@ def important_flat_fraction(
     prunable: list[tuple[nn.Module, str]],
     num_ratios: int = 100,
     tol: float = 1e-7,
+    batch_samples: list[int] | None = None,
 ) -> dict[str, Any]:
     """The important-eigenvalue correction: fraction f of threshold weights with a flat row.
 
     For each ratio ``i / num_ratios`` the Hessian row of the threshold weight is computed
-    batch by batch; its L1 norm is the mean over the batches of ``||H_b e_j||_1`` (divided by
-    the number of batches -- the official code divides by the number of samples, making the
-    norms ``batch_size`` times too small). ``f`` = fraction of rows with norm < ``tol``.
+    batch by batch; its L1 norm is, as in the official ``gradient.py``, the sum over batches
+    of ``||H_b e_j||_1`` (``H_b`` the Hessian of batch b's mean loss) divided by the number
+    of *samples*, so ``tol`` (official 1e-7) has the authors' calibration at their batch size
+    (128). ``f`` = fraction of rows with norm < ``tol``.
+
+    Args:
+        batch_samples: samples in each of ``op``'s batches (default: the leading dimension
+            of each batch, :func:`~sparsemil.curvature.hvp.batch_size_of`; MIL passes 1 per
+            bag).
     """
+    from sparsemil.curvature.hvp import batch_size_of
+
     ratios, idx = threshold_indices(op, prunable, num_ratios)
+    if batch_samples is None:
+        batch_samples = [int(batch_size_of(b)) for b in getattr(op, "batches", [])]
     uniq, inverse = np.unique(idx, return_inverse=True)
     E = torch.zeros(op.shape[0], uniq.size, dtype=torch.float64)
     E[torch.as_tensor(uniq), torch.arange(uniq.size)] = 1.0
     total = torch.zeros(uniq.size, dtype=torch.float64)
     n_batches = 0
     for _, HE in op.per_batch_matmat(E):
-        total += HE.abs().sum(dim=0)
+        total += HE.abs().sum(dim=0).cpu()
         n_batches += 1
-    norms = (total / max(n_batches, 1)).numpy()[inverse]
+    n_samples = int(sum(batch_samples)) if batch_samples else n_batches
+    norms = (total / max(n_samples, 1)).numpy()[inverse]
     flat = norms < tol
     return {
         "fraction": float(flat.mean()),
@@ -253,6 +280,140 @@ def important_flat_fraction(
         "row_l1_norms": norms.tolist(),
         "tol": tol,
         "num_batches": n_batches,
+        "num_samples": n_samples,
+        "normalisation": "sum over batches of ||H_b e_j||_1 / samples (official gradient.py)",
+    }
+
+
+# --------------------------------------------------------------------------- spread
+
+#: relative change below which the prediction counts as stable in the Lanczos step count
+STEP_TOL = 0.01
+
+
+def _solve(
+    spectrum: SpectrumResult,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    negative: str,
+    flat_fraction: float,
+) -> tuple[float | None, bool]:
+    """``(ratio, censored)``: the root of rho = gw(R(rho)) for ``spectrum``; when the root
+    lies outside the swept range, the end of the range it lies beyond and ``censored``."""
+    gw = _gw_function(spectrum, eps, negative, flat_fraction)
+    pred = predicted_ratio(ratios, distance, gw, method="bisect")
+    if pred is not None:
+        return pred, False
+    bound = _predicted_bound(ratios, distance, gw, pred)
+    return (None, False) if bound is None else (float(bound["ratio"]), True)
+
+
+def _interval(values: list[float | None]) -> dict[str, Any]:
+    vals = np.array([v for v in values if v is not None], dtype=np.float64)
+    if vals.size == 0:
+        return {"min": None, "max": None, "q05": None, "q95": None}
+    return {
+        "min": float(vals.min()),
+        "max": float(vals.max()),
+        "q05": float(np.quantile(vals, 0.05)),
+        "q95": float(np.quantile(vals, 0.95)),
+    }
+
+
+def prediction_spread(
+    spectrum: SpectrumResult,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    negative: str = "abs",
+    flat_fraction: float = 0.0,
+    n_boot: int = 500,
+    seed: int = 0,
+    step_tol: float = STEP_TOL,
+) -> dict[str, Any]:
+    """How sure the prediction is: its spread over the SLQ probes and its sensitivity.
+
+    Computed from the Ritz pairs already in ``spectrum`` (no Hessian products):
+
+    - ``per_probe``: the prediction from each probe's quadrature alone, with ``min``/``max``;
+    - ``interval_90``: the 5 %% and 95 %% quantiles of the pooled prediction over ``n_boot``
+      bootstrap resamples of the probes (Efron's percentile interval; seeded). With one
+      probe there is no spread to measure: ``None`` and a note;
+    - ``by_negative``: the prediction under ``abs`` (official) and under ``flat``, and
+      ``nonpositive_mass`` (weight of Ritz values <= 0; the two agree when it is ~0);
+    - ``by_steps``: the pooled prediction from the first k Lanczos steps, k = 8, 16, 32, ...
+      and the full count; ``stable_at_steps``: the smallest k from which every prediction is
+      within ``step_tol`` (absolute, in ratio) of the full-step one (``None``: still moving at
+      the last step -- raise ``lanczos_iter``).
+
+    A root outside the swept range counts as the range's end it lies beyond (``censored``).
+
+    Source: SLQ's error is dominated by the probe variance (Ubaru, Chen & Saad 2017, Thm 4.1);
+    resampling probes estimates it without new products.
+    """
+    args = (
+        np.asarray(ratios, np.float64),
+        np.asarray(distance, np.float64),
+        eps,
+        negative,
+        flat_fraction,
+    )
+    runs = int(spectrum.ritz_values.shape[0])
+    central, _ = _solve(spectrum, *args)
+    per_probe, censored = [], 0
+    for r in range(runs):
+        v, c = _solve(spectrum.select_runs([r]), *args)
+        per_probe.append(v)
+        censored += int(c)
+    out: dict[str, Any] = {
+        "central": central,
+        "num_probes": runs,
+        "per_probe": per_probe,
+        "per_probe_censored": censored,
+        **{k: v for k, v in _interval(per_probe).items() if k in ("min", "max")},
+        "interval_90": None,
+        "bootstrap_resamples": 0,
+    }
+    if runs > 1:
+        gen = np.random.default_rng(seed)
+        boot = [
+            _solve(spectrum.select_runs(gen.integers(0, runs, runs)), *args)[0]
+            for _ in range(n_boot)
+        ]
+        iv = _interval(boot)
+        out["interval_90"] = [iv["q05"], iv["q95"]]
+        out["bootstrap_resamples"] = int(n_boot)
+    else:
+        out["note"] = "one SLQ probe: no spread can be measured (raise lanczos_num to >= 4)"
+    nodes, weights = spectrum.nodes_weights()
+    out["nonpositive_mass"] = float(weights[nodes <= 0].sum())
+    out["by_negative"] = {
+        neg: _solve(spectrum, args[0], args[1], eps, neg, flat_fraction)[0] for neg in NEGATIVE
+    }
+    out.update(_by_steps(spectrum, args, step_tol))
+    return out
+
+
+def _by_steps(spectrum: SpectrumResult, args: tuple, step_tol: float) -> dict[str, Any]:
+    """The prediction per Lanczos step count and where it stopped moving."""
+    if spectrum.alpha is None:
+        return {"by_steps": None, "stable_at_steps": None}
+    full = int(spectrum.alpha.shape[1])
+    steps = [k for k in (8, 16, 32, 64, 128, 256, 512) if k < full] + [full]
+    preds = [_solve(spectrum.truncated(k), *args)[0] for k in steps]
+    final = preds[-1]
+    stable = None
+    if final is not None:
+        for i, k in enumerate(steps):
+            if all(p is not None and abs(p - final) <= step_tol for p in preds[i:]):
+                stable = k
+                break
+    return {
+        "by_steps": {"steps": steps, "predicted_ratio": preds},
+        "stable_at_steps": stable,
+        "step_tol": step_tol,
+        "stable": bool(stable is not None and stable < full),
     }
 
 
@@ -324,6 +485,7 @@ def predict_limit(
     official_grid: bool = True,
     spectrum: SpectrumResult | None = None,
     progress: bool = False,
+    spread: bool = True,
 ) -> LimitPrediction:
     """Spectrum (unless given) + gw + solver. Model-agnostic: ``op`` is any operator.
 
@@ -336,6 +498,7 @@ def predict_limit(
         flat_fraction: important-eigenvalue fraction f (0: off).
         official_grid: also the official grid-density / integer-R prediction.
         spectrum: reuse an SLQ result instead of computing one.
+        spread: also :func:`prediction_spread` (``result.uncertainty``; no extra products).
 
     Returns:
         :class:`LimitPrediction`: ``predicted_ratio`` (bisection), ``predicted_ratio_grid``,
@@ -362,5 +525,9 @@ def predict_limit(
     if official_grid:
         result.predicted_ratio_official, result.official_grid_nonzero_bins = _official_prediction(
             spectrum, ratios, distance, eps, negative, flat_fraction, r_max
+        )
+    if spread:
+        result.uncertainty = prediction_spread(
+            spectrum, ratios, distance, eps, negative, flat_fraction, seed=seed
         )
     return result

@@ -6,11 +6,15 @@ Pipeline (:func:`run_limit`):
 2. the pruning sweep (:func:`sparsemil.prune.sweep.vision_sweep`): accuracy/loss and the
    continuous distance ``R(rho) = ||w* - w_rho||_2`` over all trainable parameters;
 3. epsilon = the std (ddof 0, ``np.std`` as the official code) of the per-mini-batch training
-   cross-entropy at w*, mini-batches of ``batch_size`` in the fixed, non-shuffled order;
-4. the Hessian of the training cross-entropy at w* over a fixed, seeded subset of the training
-   set (``limit.hessian_samples``, default all), model in eval mode, BatchNorm parameters
-   excluded; SLQ with ``lanczos_num`` runs x ``lanczos_iter`` steps;
-5. the predicted ratio (:func:`sparsemil.limit.predict.predict_limit`) and the report
+   cross-entropy at w*, mini-batches of ``limit.epsilon_batch_size`` (official 128) over one
+   seeded shuffle of the training set, augmented as in training (:func:`training_epsilon`);
+4. the Hessian of the training cross-entropy at w* over the whole training set (official;
+   ``limit.hessian_samples`` takes a seeded subset, printed and stated in ``limit.json``),
+   model in eval mode, BatchNorm parameters excluded; SLQ with ``lanczos_num`` probes (default
+   4, official 1) x ``lanczos_iter`` steps;
+5. the predicted ratio with its spread over probes
+   (:func:`sparsemil.limit.predict.predict_limit`), the premise checks
+   (:func:`sparsemil.limit.premises.premise_checks`) and the report
    (:func:`sparsemil.limit.report.write_limit`).
 
 **One set of parameters.** Every step uses the trainable parameters, each tensor once: the
@@ -34,6 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sparsemil.curvature.hvp import (
@@ -57,6 +62,7 @@ from sparsemil.limit.predict import (
     loss_epsilon,
     predict_limit,
 )
+from sparsemil.limit.premises import premise_checks
 from sparsemil.limit.report import write_limit
 from sparsemil.prune.evaluate import batch_losses
 from sparsemil.prune.export import save_checkpoint, save_sparse
@@ -82,30 +88,106 @@ def run_limit(
     device = cfg.resolved_device()  # a missing CUDA device fails here, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    with _timed(timings, "train_s"):
-        model, data, hist = train_from_config(cfg, progress=progress, device=device, min_batches=2)
+    t0 = time.perf_counter()
+    model, data, hist = train_from_config(cfg, progress=progress, device=device, min_batches=2)
+    train_s = time.perf_counter() - t0
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     _save_trained(cfg, model, data, hist, out, device)
+    return model_limit(
+        model,
+        data,
+        cfg,
+        out,
+        lmbda=cfg.lmbda if cfg.l1 else 0.0,
+        progress=progress,
+        log=log,
+        timings={"train_s": train_s},
+        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
+    )
+
+
+def model_limit(
+    model: nn.Module,
+    data: Any,
+    cfg: PruneConfig,
+    out_dir: str | Path,
+    lmbda: float,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    timings: dict[str, float] | None = None,
+    title: str = "",
+) -> dict[str, Any]:
+    """The predicted and measured pruning limit of an already trained classifier.
+
+    Steps 2-5 of the module docstring for any ``model`` mapping ``(B, *data.in_shape)`` to
+    logits ``(B, K)`` -- including one trained elsewhere, without the L1 penalty: the
+    premise checks then say so in ``limit.json``'s ``warnings`` (never a bare number).
+
+    Args:
+        model: the trained network (moved to ``cfg``'s device, put in eval mode).
+        data: a :class:`~sparsemil.data.vision.VisionData` (training set for epsilon and the
+            Hessian, test set for the sweep).
+        cfg: a :class:`PruneConfig` for the settings (``sparse_epoch``, ``lanczos_iter``,
+            ``lanczos_num``, ``seed``, ``l1_scope``, ``eval_batch_size``, ``limit:``).
+        out_dir: where ``limit.json``, ``sweep.csv``, ``spectrum.json`` and the plots go.
+        lmbda: the L1 strength ``model`` was trained with (0: without L1).
+        timings: earlier timings to report with these (e.g. ``train_s``).
+
+    Returns:
+        The ``limit.json`` object.
+
+    Raises:
+        SparsemilError: no prunable weight, non-finite weights or losses, fewer than two
+            epsilon mini-batches.
+    """
+    say = log or (lambda _msg: None)
+    device = cfg.resolved_device()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = dict(timings or {})
+    model = model.to(device).eval()
     params = parameter_sets(model, cfg.l1_scope)
     for line in params["lines"]:
         say(line)
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    with _timed(timings, "epsilon_s"):
+        eps = training_epsilon(cfg, model, x_tr, y_tr)
     with _timed(timings, "sweep_s"):
-        x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-        eps = loss_epsilon(batch_losses(model, x_tr, y_tr, cfg.batch_size).numpy())
         sweep, actual = _sweep(cfg, model, data, eps, out, progress)
     say(f"sweep: actual {actual}")
+    with _timed(timings, "hessian_setup_s"):
+        op, batches = _hessian(cfg, model, x_tr, y_tr)
+    n_hess = int(sum(int(b[1].shape[0]) for b in batches))
+    say(f"Hessian over {n_hess} of {int(y_tr.shape[0])} training samples ({op.backend} backend)")
     with _timed(timings, "important_s"):
-        op, batches, important = _hessian(cfg, model, x_tr, y_tr)
+        important = _important(cfg, model, op, x_tr, y_tr)
     flat = important["fraction"] if important is not None else 0.0
     with _timed(timings, "spectrum_s"):
         result = _predict(cfg, op, sweep, eps, flat, progress)
+    spread = result.uncertainty or {}
     say(
-        f"spectrum: {result.spectrum.num_products} HVPs ({op.backend}) in "
-        f"{timings['spectrum_s']:.1f}s; predicted ratio {result.predicted_ratio}"
+        f"spectrum: {result.spectrum.num_products} HVPs in {timings['spectrum_s']:.1f}s; "
+        f"predicted ratio {result.predicted_ratio} (90% interval over "
+        f"{cfg.lanczos_num} probes: {spread.get('interval_90')})"
     )
+    premises = None
+    if cfg.limit.premises:
+        with _timed(timings, "diagnostics_s"):
+            premises = premise_checks(
+                op,
+                params["prunable"].refs,
+                spread.get("central"),
+                eps,
+                float(lmbda),
+                penalised=[p for _, p in l1_params(model, cfg.l1_scope)],
+                trace_probes=cfg.limit.trace_probes,
+                seed=cfg.seed,
+                samples=n_hess,
+            )
+        say(f"premises: {premises['verdict']}")
     extra = _limit_extra(cfg, data, op, batches, sweep, important, flat, timings)
     extra["parameters"] = params["summary"]
+    extra["lmbda"] = float(lmbda)
     warning = chance_warning(sweep.dense.get("test_acc"), data.y_test.numpy())
     return write_limit(
         out,
@@ -114,10 +196,32 @@ def run_limit(
         eps,
         actual,
         extra=extra,
-        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
+        title=title or f"{type(model).__name__} on {data.name}",
         density_bins=cfg.limit.density_bins,
         warnings=[warning] if warning else [],
+        premises=premises,
     )
+
+
+def training_epsilon(cfg: PruneConfig, model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """epsilon = std (ddof 0) of the mean training cross-entropy of the mini-batches of
+    ``limit.epsilon_batch_size`` (official 128) over one seeded shuffle of the training set,
+    augmented as in training (``augment``), at w* -- the official loader's rule
+    (``cal_loss`` over the shuffled, augmented ``train_loader``)."""
+    gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    perm = torch.randperm(int(y.shape[0]), generator=gen).to(x.device)
+    xs = _augmented(cfg, x[perm], gen)
+    return loss_epsilon(batch_losses(model, xs, y[perm], cfg.limit.epsilon_batch_size).numpy())
+
+
+def _augmented(cfg: PruneConfig, x: Tensor, gen: torch.Generator) -> Tensor:
+    """``x`` augmented once (seeded) when ``augment`` is ``official``, else ``x``."""
+    mode = getattr(cfg, "augment", "none")
+    if mode in (None, "none"):
+        return x
+    from sparsemil.data.vision import augment_batch
+
+    return augment_batch(x, mode, gen)
 
 
 def parameter_sets(model: nn.Module, l1_scope: str = "all") -> dict[str, Any]:
@@ -218,26 +322,37 @@ def _sweep(
 
 def _hessian(
     cfg: PruneConfig, model: nn.Module, x_tr: Tensor, y_tr: Tensor
-) -> tuple[HessianOperator, list[tuple[Tensor, Tensor]], dict[str, Any] | None]:
-    """The Hessian operator of the training cross-entropy over the seeded ``limit.hessian_samples``
-    subset, its batches, and (``limit.important``) the important-eigenvalue correction, whose
-    rows are taken per training mini-batch of ``batch_size``."""
+) -> tuple[HessianOperator, list[tuple[Tensor, Tensor]]]:
+    """The Hessian operator of the training cross-entropy over the training set (default, as
+    the official code) or the seeded ``limit.hessian_samples`` subset, augmented once
+    (seeded) when ``augment`` is ``official`` (the official code feeds the Hessian from the
+    augmented training loader), and its batches."""
     opts: LimitOptions = cfg.limit
-    batches = fixed_batches(x_tr, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
+    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2))
+    batches = fixed_batches(x_h, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
     op = HessianOperator(model, cross_entropy_loss, batches, method=opts.hvp_method)
+    return op, batches
+
+
+def _important(
+    cfg: PruneConfig, model: nn.Module, op: HessianOperator, x_tr: Tensor, y_tr: Tensor
+) -> dict[str, Any] | None:
+    """(``limit.important``) the important-eigenvalue correction, whose rows are taken per
+    training mini-batch of ``batch_size`` as in the official ``gradient.py``."""
+    opts: LimitOptions = cfg.limit
     if not opts.important:
-        return op, batches, None
+        return None
+    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2))
     imp_op = HessianOperator(
         model,
         cross_entropy_loss,
-        fixed_batches(x_tr, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
+        fixed_batches(x_h, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
         method=op.backend or opts.hvp_method,  # the backend ``op``'s check settled on
         check=False,  # same model and loss as ``op``, already checked
     )
-    important = important_flat_fraction(
+    return important_flat_fraction(
         imp_op, prunable_set(model).refs, opts.important_ratios, opts.important_tol
     )
-    return op, batches, important
 
 
 def _predict(
@@ -280,6 +395,9 @@ def _limit_extra(
         "timings": timings,
         "hessian": {
             "samples": int(sum(int(b[1].shape[0]) for b in batches)),
+            "of_training_samples": int(data.y_train.shape[0]),
+            "subset": opts.hessian_samples is not None
+            and opts.hessian_samples < int(data.y_train.shape[0]),
             "batch_size": opts.hessian_batch_size,
             "hvp_backend": op.backend,
             "num_products": int(op.num_products),
