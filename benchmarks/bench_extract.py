@@ -1,23 +1,35 @@
-"""Patch extraction throughput: reading alone, backbone alone, and reading + backbone.
+"""Patch extraction throughput per encoder: reading, preprocessing and network, and the bottleneck.
 
 Usage::
 
-    python benchmarks/bench_extract.py [--slide PATH] [--workers 0 2 4] [--batch-size 32]
-        [--backbone resnet50_trunc] [--patch-size 256] [--n-read 512] [--n-model 64]
-        [--device auto]
+    python benchmarks/bench_extract.py [--slide PATH] [--encoders resnet50_trunc uni]
+        [--device cpu cuda] [--precision auto] [--workers 0 2] [--batch-size 32]
+        [--patch-size 256] [--n-read 512] [--n-model 64]
 
-Patches are every whole 256-px grid cell of the slide at ``--mag`` (tissue or not, to
-have more distinct positions); a pass over them uses fresh OpenSlide handles, so tiles
-are decoded again (OpenSlide caches tiles per handle) and passes repeat until
-``--n-read`` patches were read. ``reading`` = DataLoader over the coordinates, images
-collated into uint8 batches; ``backbone`` = the encoder on random uint8 batches already
-in memory; ``read+backbone`` = what ``sparsemil wsi extract`` does. The last line says
-which of reading and backbone bounds the pipeline (patches/s ratio).
+Encoders are the full-size architectures with random weights (the speed does not depend on
+the weights). For each encoder and device (``cuda`` is skipped with a note when no GPU is
+visible) the run measures, in patches/s:
+
+- ``reading``: a DataLoader with ``--workers`` processes reading the slide's 256-px grid
+  patches into uint8 batches (fresh OpenSlide handles each pass, so tiles are decoded again;
+  passes repeat until ``--n-read`` patches were read). Measured once per worker count; the
+  best count is used below;
+- ``preprocess``: the encoder's published transform (resize, crop, mean/std) on uint8
+  batches already on the device;
+- ``network``: the network alone on the preprocessed batches (under autocast when the
+  precision is fp16/bf16);
+- ``encoder``: both, as ``sparsemil wsi extract`` calls them;
+- ``read+encode``: what ``sparsemil wsi extract`` does (``--n-model`` patches).
+
+Reading runs in worker processes alongside the encoder, so a pipeline runs at about the
+rate of its slowest stage: the last column names it, and the ratios give each stage's time
+per patch relative to the slowest.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +54,13 @@ def _coords(slide_path: Path, mag: float, patch_size: int, mpp: float | None):
     return geom, coords
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_read(slide, coords, geom, n, batch_size, workers, encoder=None, device=None) -> float:
-    """Patches per second reading ``n`` patches (optionally encoding them)."""
+    """Patches per second reading ``n`` patches (and encoding them when ``encoder`` is given)."""
     from sparsemil.wsi.extract import PatchDataset, make_loader
 
     done, t0 = 0, time.perf_counter()
@@ -59,29 +76,45 @@ def bench_read(slide, coords, geom, n, batch_size, workers, encoder=None, device
                     encoder(imgs.to(device, non_blocking=True)).cpu()
             done += imgs.shape[0]
         ds.close()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize()
+    if device is not None:
+        _sync(device)
     return done / (time.perf_counter() - t0)
 
 
-def bench_model(encoder, n, batch_size, patch_size, device) -> float:
-    """Patches per second of the encoder alone on in-memory uint8 batches."""
+def _rate(fn, x: torch.Tensor, n: int, device: torch.device) -> float:
+    """Patches per second of ``fn`` on batch ``x`` (after one warm-up call)."""
+    with torch.inference_mode():
+        fn(x)  # warm-up (kernel selection, oneDNN setup)
+        _sync(device)
+        done, t0 = 0, time.perf_counter()
+        while done < n:
+            fn(x)
+            done += x.shape[0]
+        _sync(device)
+    return done / (time.perf_counter() - t0)
+
+
+def bench_encoder(bb, n: int, batch_size: int, patch_size: int, device: torch.device):
+    """(preprocess, network, encoder) patches/s on in-memory uint8 batches."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(
         0, 256, (batch_size, 3, patch_size, patch_size), dtype=torch.uint8, generator=g
-    )
-    x = x.to(device)
+    ).to(device)
+    enc = bb.encoder
     with torch.inference_mode():
-        encoder(x[:2])  # warm-up (kernel selection)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        done, t0 = 0, time.perf_counter()
-        while done < n:
-            encoder(x)
-            done += batch_size
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return done / (time.perf_counter() - t0)
+        y = enc.preprocess(x)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(bb.precision)
+
+    def net(z):
+        if dtype is None:
+            return enc.net(z)
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            return enc.net(z)
+
+    pre = _rate(enc.preprocess, x, max(n, 4 * batch_size), device)
+    network = _rate(net, y, n, device)
+    both = _rate(enc, x, n, device)
+    return pre, network, both
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,43 +123,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mag", type=float, default=20.0)
     p.add_argument("--mpp", type=float, default=None)
     p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--backbone", default="resnet50_trunc")
+    p.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "uni"])
+    p.add_argument("--device", nargs="+", default=["cpu", "cuda"])
+    p.add_argument("--precision", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--n-read", type=int, default=512)
     p.add_argument("--n-model", type=int, default=64)
-    p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
 
-    from sparsemil.errors import resolve_device
     from sparsemil.wsi.backbones import build_backbone
 
-    device = torch.device(resolve_device(a.device))
+    devices = []
+    for d in a.device:
+        dev = torch.device(d)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            print(f"device {d}: no CUDA device visible, skipped")
+            continue
+        devices.append(dev)
     geom, coords = _coords(a.slide, a.mag, a.patch_size, a.mpp)
     print(
         f"slide {a.slide.name}: {coords.shape[0]} grid patches of {a.patch_size} px at "
-        f"{a.mag:g}x (level {geom.level}, read {geom.read_size} px); device {device}; "
-        f"torch threads {torch.get_num_threads()}"
+        f"{a.mag:g}x (level {geom.level}, read {geom.read_size} px); batch {a.batch_size}; "
+        f"torch threads {torch.get_num_threads()}; CPU cores {os.cpu_count()}"
     )
-    enc = build_backbone(a.backbone, warn=False).encoder.to(device)
-    model_ps = bench_model(enc, a.n_model, a.batch_size, a.patch_size, device)
-    print(f"backbone {a.backbone:>15s}            : {model_ps:9.1f} patches/s")
-    rows = []
-    for w in a.workers:
-        read_ps = bench_read(a.slide, coords, geom, a.n_read, a.batch_size, w)
-        both_ps = bench_read(
-            a.slide, coords, geom, min(a.n_read, a.n_model), a.batch_size, w, enc, device
-        )
-        rows.append((w, read_ps, both_ps))
-        print(f"reading      workers={w:<2d}             : {read_ps:9.1f} patches/s")
-        print(f"read+backbone workers={w:<2d}            : {both_ps:9.1f} patches/s")
-    best_read = max(r[1] for r in rows)
-    ratio = best_read / model_ps
-    bound = "backbone" if ratio > 1 else "reading"
-    print(
-        f"reading / backbone throughput = {ratio:.2f} "
-        f"(best reading {best_read:.1f} vs backbone {model_ps:.1f} patches/s): {bound}-bound"
+    reads = {w: bench_read(a.slide, coords, geom, a.n_read, a.batch_size, w) for w in a.workers}
+    for w, r in reads.items():
+        print(f"reading  workers={w:<2d}: {r:9.1f} patches/s")
+    best_w = max(reads, key=reads.get)
+    read_ps = reads[best_w]
+    head = (
+        f"{'encoder':<15s} {'device':<6s} {'prec':<5s} {'input':>5s} {'read':>8s} "
+        f"{'preproc':>8s} {'network':>8s} {'encoder':>8s} {'read+enc':>8s}  bottleneck "
+        "(time per patch relative to it: read / preprocess / network)"
     )
+    print(f"patches/s (reading with workers={best_w}):")
+    print(head)
+    for dev in devices:
+        for name in a.encoders:
+            bb = build_backbone(name, warn=False).prepare(dev, a.precision)
+            pre, net, both = bench_encoder(bb, a.n_model, a.batch_size, a.patch_size, dev)
+            full = bench_read(
+                a.slide, coords, geom, a.n_model, a.batch_size, best_w, bb.encoder, dev
+            )
+            stages = {"reading": read_ps, "preprocessing": pre, "network": net}
+            slow = min(stages, key=stages.get)
+            ratios = " / ".join(f"{stages[slow] / v:.3f}" for v in stages.values())
+            side = bb.preprocess.output_side(a.patch_size)
+            print(
+                f"{name:<15s} {dev.type:<6s} {bb.precision:<5s} {side:>5d} {read_ps:8.1f} "
+                f"{pre:8.1f} {net:8.2f} {both:8.2f} {full:8.2f}  {slow} ({ratios})"
+            )
+            del bb
     return 0
 
 

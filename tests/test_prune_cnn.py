@@ -37,6 +37,7 @@ seed: 0
 limit:
   hessian_samples: 32
   hessian_batch_size: 32
+  epsilon_batch_size: 32
   threads: 1
   hvp_method: {hvp}
 """

@@ -114,11 +114,12 @@ def test_l1_penalty_scopes() -> None:
 
 
 def test_lr_schedule_per_epoch_and_warmup() -> None:
-    cfg = PruneConfig(lr=0.1, schedu=True, schedumode="multistep", milestones=[2, 4], gamma=0.5)
+    # scheduler_step: epoch (the official per-iteration default: test_prune_official_recipe.py)
+    cfg = PruneConfig(lr=0.1, schedu=True, milestones=[2, 4], gamma=0.5, scheduler_step="epoch")
     assert [lr_at(cfg, e, 3, 10) for e in range(6)] == pytest.approx(
         [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     )
-    cos = PruneConfig(lr=0.1, schedu=True, schedumode="cos", epoch=4)
+    cos = PruneConfig(lr=0.1, schedu=True, schedumode="cos", epoch=4, scheduler_step="epoch")
     assert lr_at(cos, 2, 0, 10) == pytest.approx(0.05)
     warm = PruneConfig(lr=0.1, warm=2)
     assert lr_at(warm, 0, 0, 10) == pytest.approx(0.0)

@@ -22,11 +22,23 @@ def extract(
     ),
     mag: float = typer.Option(20.0, "--mag", help="Target magnification."),
     patch_size: int = typer.Option(256, "--patch-size", help="Patch side in pixels at --mag."),
-    backbone: str = typer.Option(
-        "resnet50_trunc", "--backbone", help="resnet50_trunc (1024-d), tiny (64-d), torchscript."
+    encoder: str = typer.Option(
+        "resnet50_trunc",
+        "--encoder",
+        "--backbone",
+        help="Patch encoder: resnet50_trunc (1024-d), uni (1024-d), uni2h (1536-d), gigapath "
+        "(1536-d), virchow (2560-d), torchscript, tiny (64-d, tests). --backbone: old name.",
     ),
     weights: Path | None = typer.Option(
-        None, "--weights", help="Backbone weights: .safetensors, torch state_dict or TorchScript."
+        None,
+        "--weights",
+        help="Encoder weights as published: .safetensors, torch state_dict (weights_only) or "
+        "TorchScript.",
+    ),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 (GPU) or bf16.",
     ),
     batch_size: int = typer.Option(64, "--batch-size", help="Patches per backbone batch."),
     workers: int | None = typer.Option(
@@ -48,7 +60,9 @@ def extract(
         0.25, "--min-tissue", help="Keep patches with at least this tissue fraction."
     ),
     input_size: int | None = typer.Option(
-        None, "--input-size", help="Resize patches to this side before the backbone (e.g. 224)."
+        None,
+        "--input-size",
+        help="Resize patches to this side instead of the encoder's published resize and crop.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     progress: bool | None = typer.Option(
@@ -100,6 +114,8 @@ def extract(
     Exit status 1 when any slide failed (each failure is one line on stderr, listed again at
     the end); slides whose h5 exists are skipped, so rerunning resumes a killed batch.
     """
+    from sparsemil.errors import SparsemilError
+    from sparsemil.wsi.backbones import encoder_spec
     from sparsemil.wsi.extract import ExtractConfig, run_extract
     from sparsemil.wsi.slide import parse_shard
     from sparsemil.wsi.tissue import TissueParams
@@ -116,6 +132,10 @@ def extract(
         "glass_saturation": glass_saturation,
         "tissue_threshold": tissue_threshold,
     }
+    try:
+        encoder_spec(encoder)
+    except SparsemilError as err:  # name both spellings of the flag
+        raise SparsemilError(f"{err} (flag: --encoder, formerly --backbone)") from None
     tissue = TissueParams(**{k: v for k, v in given.items() if v is not None})
     flags = flags_of(ctx.command)
 
@@ -132,11 +152,12 @@ def extract(
         min_tissue=min_tissue,
         input_size=input_size,
         device=device,
+        precision=precision,
         progress=progress,
         tissue=tissue,
     )
     results = run_extract(
-        slide, out, cfg, backbone_name=backbone, weights=weights, shard=parse_shard(shard),
+        slide, out, cfg, encoder=encoder, weights=weights, shard=parse_shard(shard),
         log=log,
     )  # fmt: skip
     if any(r.status == "failed" for r in results):

@@ -1,6 +1,7 @@
 """Small vision datasets for the pruning experiments, read from local files only.
 
-``load_vision_dataset(name, data_path=None, subset=None, seed=0) -> VisionData``
+``load_vision_dataset(name, data_path=None, subset=None, seed=0, image_size=None, channels=None)
+-> VisionData``; ``augment_batch(x, mode, generator, *, fill) -> Tensor`` (training augmentation).
 
 Supported names (case-insensitive; ``-``/``_`` interchangeable):
 
@@ -21,8 +22,25 @@ Supported names (case-insensitive; ``-``/``_`` interchangeable):
   (read with ``allow_pickle=False``).
 
 Image datasets (idx, CIFAR) are scaled to [0, 1] and standardised per channel with the
-training-set mean/std (no augmentation). ``npz`` arrays are used as given (uint8 scaled to
-[0, 1]). Images are returned as ``(N, C, H, W)`` float32; flat features as ``(N, D)``.
+training-set mean/std (no augmentation at load time). ``npz`` arrays are used as given (uint8
+scaled to [0, 1]). Images are returned as ``(N, C, H, W)`` float32; flat features as ``(N, D)``.
+:attr:`VisionData.black` holds, per channel, the value a black (0) pixel has after this
+standardisation (``-mean_c / std_c``; 0 for ``npz`` images; ``None`` for ``digits``, which is
+standardised per pixel, and for flat features).
+
+Input layout for CIFAR-style networks (config keys ``image_size`` / ``channels``):
+
+- ``image_size=S`` pads every image (train and test) to ``S x S`` with black pixels
+  (:attr:`VisionData.black`), ``(S - H) // 2`` rows on top and the rest below (likewise left /
+  right), *after* the standardisation, whose statistics therefore stay those of the original
+  images: Fashion-MNIST 28x28 -> 32x32 adds a 2-pixel black border and keeps every original
+  pixel value exact (as ``transforms.Pad(2)`` before ``ToTensor``/``Normalize`` with the 28x28
+  statistics). Images are never resized; ``S`` smaller than the images is refused.
+- ``channels=3`` replicates a grey channel three times (``1x32x32`` -> ``3x32x32``), so the
+  CIFAR-layout networks (alexnet, vgg16, resnet18, resnet50) take Fashion-MNIST unchanged.
+
+Augmentation (:func:`augment_batch`, config key ``augment``) is applied per mini-batch by the
+training loop, never at load time.
 
 ``subset`` keeps a seeded random ``subset`` of the *training* set (the test set is untouched).
 A missing dataset raises :class:`~sparsemil.errors.SparsemilError` with a one-line message that
@@ -74,6 +92,9 @@ class VisionData:
         in_shape: per-sample shape, e.g. ``(1, 8, 8)`` or ``(D,)``.
         num_classes: number of classes.
         name: canonical dataset name.
+        black: per-channel value of a black (0) pixel after standardisation (the padding value
+            of ``image_size`` and of :func:`augment_batch`), or ``None`` when undefined (digits:
+            per-pixel standardisation; flat features).
     """
 
     x_train: torch.Tensor
@@ -83,6 +104,7 @@ class VisionData:
     in_shape: tuple[int, ...]
     num_classes: int
     name: str
+    black: tuple[float, ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -99,6 +121,7 @@ class VisionData:
             self.in_shape,
             self.num_classes,
             self.name,
+            self.black,
         )
 
 
@@ -116,7 +139,12 @@ def canonical_dataset_name(name: str) -> str:
 
 
 def load_vision_dataset(
-    name: str, data_path: str | Path | None = None, subset: int | None = None, seed: int = 0
+    name: str,
+    data_path: str | Path | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    channels: int | None = None,
 ) -> VisionData:
     """Load a dataset by name from local files (never downloads).
 
@@ -127,6 +155,10 @@ def load_vision_dataset(
             code's ``datasets/`` layout).
         subset: keep a seeded random subset of this many training samples.
         seed: seeds the digits split and the subset.
+        image_size: pad the images with black to ``image_size x image_size`` (see the module
+            docstring); ``None`` keeps them.
+        channels: ``3`` replicates a grey channel to three; ``None`` (or the current number)
+            keeps them.
     """
     key = canonical_dataset_name(name)
     if key == "digits":
@@ -139,7 +171,7 @@ def load_vision_dataset(
         data = _load_npz(data_path)
     if subset is not None:
         data = _take_subset(data, subset, seed)
-    return data
+    return _layout(data, image_size, channels)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -161,19 +193,28 @@ def _take_subset(data: VisionData, subset: int, seed: int) -> VisionData:
         data.in_shape,
         data.num_classes,
         data.name,
+        data.black,
     )
 
 
-def _standardise_images(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel standardisation of ``(N, C, H, W)`` images with training statistics."""
+def _standardise_images(
+    x_train: np.ndarray, x_test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Per-channel standardisation of ``(N, C, H, W)`` images with training statistics.
+
+    Returns the two arrays and, per channel, the standardised value of a black (0) pixel
+    (computed in float32 exactly as a pixel of the data is).
+    """
     axes = (0, 2, 3)
     mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
     std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
     std[std == 0] = 1.0
     mean, std = mean.astype(np.float32), std.astype(np.float32)  # keep float32 memory
+    black = ((np.zeros_like(mean) - mean) / std).astype(np.float32).ravel()
     return (
         ((x_train - mean) / std).astype(np.float32, copy=False),
         ((x_test - mean) / std).astype(np.float32, copy=False),
+        tuple(float(b) for b in black),
     )
 
 
@@ -184,6 +225,7 @@ def _make(
     x_test: np.ndarray,
     y_test: np.ndarray,
     num_classes: int | None = None,
+    black: tuple[float, ...] | None = None,
 ) -> VisionData:
     y_train = np.asarray(y_train).astype(np.int64)
     y_test = np.asarray(y_test).astype(np.int64)
@@ -197,6 +239,7 @@ def _make(
         tuple(int(s) for s in x_train.shape[1:]),
         int(num_classes),
         name,
+        black,
     )
 
 
@@ -281,8 +324,8 @@ def _load_idx(key: str, data_path: str | Path | None) -> VisionData:
             raise SparsemilError(f"{folder}: {split} images/labels have inconsistent shapes")
     x_tr = arrays["x_train"][:, None].astype(np.float32) / 255.0
     x_te = arrays["x_test"][:, None].astype(np.float32) / 255.0
-    x_tr, x_te = _standardise_images(x_tr, x_te)
-    return _make(key, x_tr, arrays["y_train"], x_te, arrays["y_test"], 10)
+    x_tr, x_te, black = _standardise_images(x_tr, x_te)
+    return _make(key, x_tr, arrays["y_train"], x_te, arrays["y_test"], 10, black)
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -384,10 +427,10 @@ def _load_cifar(key: str, data_path: str | Path | None) -> VisionData:
         )
     x_tr, y_tr = _cifar_split(folder, train_files, label_key)
     x_te, y_te = _cifar_split(folder, test_files, label_key)
-    x_tr, x_te = _standardise_images(
+    x_tr, x_te, black = _standardise_images(
         x_tr.astype(np.float32) / 255.0, x_te.astype(np.float32) / 255.0
     )
-    return _make(key, x_tr, y_tr, x_te, y_te, n_cls)
+    return _make(key, x_tr, y_tr, x_te, y_te, n_cls, black)
 
 
 # --------------------------------------------------------------------------- npz
@@ -433,4 +476,152 @@ def _load_npz(data_path: str | Path | None) -> VisionData:
         out[split] = (x, y)
     if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
         raise SparsemilError(f"{path}: x_train and x_test have different sample shapes")
-    return _make("npz", out["train"][0], out["train"][1], out["test"][0], out["test"][1])
+    x_tr = out["train"][0]
+    black = (0.0,) * x_tr.shape[1] if x_tr.ndim == 4 else None  # images used as given
+    return _make("npz", x_tr, out["train"][1], out["test"][0], out["test"][1], black=black)
+
+
+# --------------------------------------------------------------------------- input layout
+
+
+def _layout(data: VisionData, image_size: int | None, channels: int | None) -> VisionData:
+    """Apply ``image_size`` (black padding) and ``channels`` (grey replication) to both splits."""
+    shape = data.in_shape
+    what = f"dataset {data.name!r} ({'x'.join(map(str, shape))})"
+    if image_size is None and channels in (None, shape[0] if len(shape) == 3 else None):
+        return data
+    if len(shape) != 3:
+        key = "image_size" if image_size is not None else "channels"
+        raise SparsemilError(f"config key {key!r}: {what} is not (C, H, W) images; remove {key}")
+    c, h, w = shape
+    x_tr, x_te = data.x_train, data.x_test
+    if image_size is not None and (image_size, image_size) != (h, w):
+        if image_size < h or image_size < w:
+            raise SparsemilError(
+                f"config key 'image_size': {image_size} is smaller than the {h}x{w} images of "
+                f"{what}; images are only padded, never resized"
+            )
+        if data.black is None:
+            raise SparsemilError(
+                f"config key 'image_size': {what} is standardised per pixel, so a black "
+                "padding value is undefined; use image_size with mnist, fashion-mnist, cifar or "
+                "npz images"
+            )
+        top, left = (image_size - h) // 2, (image_size - w) // 2
+        x_tr, x_te = (_pad_black(x, data.black, top, left, image_size) for x in (x_tr, x_te))
+    black = data.black
+    if channels is not None and channels != c:
+        if c != 1:
+            raise SparsemilError(
+                f"config key 'channels': {what} has {c} channels; only a grey (1-channel) "
+                f"dataset can be replicated to {channels}"
+            )
+        x_tr, x_te = (x.expand(-1, channels, -1, -1).contiguous() for x in (x_tr, x_te))
+        black = None if black is None else black * channels
+    return VisionData(
+        x_tr,
+        data.y_train,
+        x_te,
+        data.y_test,
+        tuple(int(s) for s in x_tr.shape[1:]),
+        data.num_classes,
+        data.name,
+        black,
+    )
+
+
+def _pad_black(
+    x: torch.Tensor, black: tuple[float, ...], top: int, left: int, size: int
+) -> torch.Tensor:
+    """``x (N, C, H, W)`` placed at ``(top, left)`` on a ``size x size`` black canvas."""
+    n, c, h, w = x.shape
+    fill = torch.tensor(black, dtype=x.dtype).view(1, c, 1, 1)
+    out = fill.expand(n, c, size, size).clone()
+    out[:, :, top : top + h, left : left + w] = x
+    return out
+
+
+# --------------------------------------------------------------------------- augmentation
+
+AUGMENTS = ("none", "official")
+CROP_PADDING = 4  # official: transforms.RandomCrop(32, padding=4)
+
+
+def augment_batch(
+    x: torch.Tensor,
+    mode: str,
+    generator: torch.Generator,
+    *,
+    fill: float | tuple[float, ...] | list[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Training augmentation of a mini-batch (vectorised, seeded by ``generator``).
+
+    ``mode="official"`` is the official CIFAR training transform ``RandomCrop(32, padding=4)``
+    followed by ``RandomHorizontalFlip(p=0.5)``, per image: pad by 4 on every side with
+    ``fill``, take the ``H x W`` window at a top/left offset drawn uniformly from ``0..8``
+    each, and mirror it left-right with probability 1/2. torchvision pads the PIL image with
+    black *before* ``ToTensor``/``Normalize``; on standardised tensors the same padding is the
+    standardised value of a black pixel, so pass ``fill=data.black`` (:attr:`VisionData.black`).
+    The output has the input's shape (the 32x32 requirement is the config's, see
+    :func:`check_augment`, not this function's).
+
+    Random numbers, in this order, from ``generator`` (on its own device, then moved to
+    ``x``'s): ``randint(0, 9, (B,))`` top offsets, ``randint(0, 9, (B,))`` left offsets,
+    ``rand(B) < 0.5`` flips; the same generator state gives the same output on any device.
+
+    Args:
+        x: ``(B, C, H, W)`` float images.
+        mode: ``"none"`` (``x`` itself is returned) or ``"official"``.
+        generator: a ``torch.Generator`` (advanced by the draws above).
+        fill: padding value, a scalar or one per channel; required for ``"official"``.
+
+    Returns:
+        a new ``(B, C, H, W)`` tensor (``x`` unchanged), or ``x`` for ``"none"``.
+    """
+    if mode == "none":
+        return x
+    if mode != "official":
+        raise SparsemilError(f"augment: unknown mode {mode!r}; choose one of {', '.join(AUGMENTS)}")
+    if x.ndim != 4:
+        raise SparsemilError(f"augment: needs (B, C, H, W) images, got shape {tuple(x.shape)}")
+    if fill is None:
+        raise SparsemilError(
+            "augment_batch: 'official' needs fill= the standardised black value (data.black)"
+        )
+    b, c, h, w = x.shape
+    p = CROP_PADDING
+    fill_t = torch.as_tensor(fill, dtype=x.dtype).reshape(-1)
+    if fill_t.numel() not in (1, c):
+        raise SparsemilError(f"augment: fill has {fill_t.numel()} values for {c} channels")
+    canvas = fill_t.to(x.device).expand(c).view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p)
+    canvas = canvas.clone()
+    canvas[:, :, p : p + h, p : p + w] = x
+    dev = generator.device
+    top = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev).to(x.device)
+    left = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev).to(x.device)
+    flip = (torch.rand(b, generator=generator, device=dev) < 0.5).to(x.device)
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = left[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop reads columns backwards
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = canvas.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def check_augment(mode: str, data: VisionData) -> None:
+    """Refuse ``augment: official`` for data that are not 32x32 images (one-line error)."""
+    if mode == "none":
+        return
+    shape = data.in_shape
+    if len(shape) != 3 or shape[1:] != (32, 32):
+        fix = "set image_size: 32" if len(shape) == 3 and max(shape[1:]) <= 32 else "remove it"
+        raise SparsemilError(
+            f"config key 'augment': 'official' (RandomCrop(32, padding=4) + horizontal flip, the "
+            f"official CIFAR transform) is for 32x32 images, but dataset {data.name!r} has "
+            f"shape {'x'.join(map(str, shape))}; {fix} (or augment: none)"
+        )
+    if data.black is None:
+        raise SparsemilError(
+            f"config key 'augment': dataset {data.name!r} has no black padding value; "
+            "use augment: none"
+        )

@@ -413,7 +413,8 @@ def _by_steps(spectrum: SpectrumResult, args: tuple, step_tol: float) -> dict[st
         "by_steps": {"steps": steps, "predicted_ratio": preds},
         "stable_at_steps": stable,
         "step_tol": step_tol,
-        "stable": bool(stable is not None and stable < full),
+        # None: a single step count, nothing to compare
+        "stable": None if len(steps) < 2 else bool(stable is not None and stable < full),
     }
 
 

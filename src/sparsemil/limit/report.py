@@ -111,7 +111,7 @@ def _spread_warnings(spread: dict[str, Any]) -> list[str]:
     out = []
     if spread.get("num_probes") == 1:
         out.append("uncertainty: " + spread.get("note", "one SLQ probe: no spread"))
-    if spread.get("by_steps") and not spread.get("stable"):
+    if spread.get("by_steps") and spread.get("stable") is False:
         steps = spread["by_steps"]
         out.append(
             "uncertainty: the prediction still moves with the Lanczos step count ("

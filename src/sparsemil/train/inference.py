@@ -327,3 +327,42 @@ def predict_checkpoint(
         rows.append(r)
     write_predictions_csv(out_csv, rows)
     return rows
+
+
+def attention_auc(
+    predictor: Predictor, bags: Any, indices: list[int] | None = None
+) -> dict[str, Any]:
+    """How well a checkpoint's attention finds the positive instances (localisation).
+
+    For every bag of ``bags[indices]`` whose instance labels (the h5 ``labels`` dataset,
+    :attr:`~sparsemil.data.bags.Bag.instance_labels`) hold both classes, the ROC AUC of the
+    per-instance attention (``predictor(features, coords, return_att=True)``, as
+    ``wsi heatmap`` draws it) against those labels (> 0 = positive).
+
+    Returns:
+        ``{"mean", "std" (population), "n_bags", "per_bag": {slide_id: auc}}``; mean and
+        std are ``None`` when no bag qualifies.
+
+    Raises:
+        SparsemilError: a model that returns no attention, or features of another dimension.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from sparsemil.data.readers import as_bag
+
+    per_bag: dict[str, float] = {}
+    for i in range(len(bags)) if indices is None else indices:
+        bag = as_bag(bags[i])
+        y = bag.instance_labels
+        if y is None or np.unique(np.asarray(y) > 0).size < 2:
+            continue
+        predictor.check_features(bag.dim, f"bag {bag.where()}")
+        _, att = predictor(bag.features, bag.coords, return_att=True)
+        per_bag[bag.slide_id] = float(roc_auc_score(np.asarray(y) > 0, att))
+    values = np.array(list(per_bag.values()), dtype=np.float64)
+    return {
+        "mean": float(values.mean()) if values.size else None,
+        "std": float(values.std()) if values.size else None,
+        "n_bags": int(values.size),
+        "per_bag": per_bag,
+    }

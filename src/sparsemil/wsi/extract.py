@@ -3,9 +3,11 @@
 Per slide ``<stem>`` (the file name without its last suffix) in ``out_dir``:
 
 ``<stem>.h5``
-    ``features``: (N, C) float32; attributes ``backbone``, ``pretrained``, ``weights``,
-    ``weights_sha256``, ``warning`` (the random-init warning or ""), ``normalization``,
-    ``name``, ``savetodir`` (Trident writes the last two).
+    ``features``: (N, C) float32; attributes ``encoder`` (and the same name as
+    ``backbone``, its former name), ``pretrained``, ``weights``, ``weights_sha256``,
+    ``warning`` (the random-init warning or ""), ``normalization``, ``preprocessing``
+    (JSON: resize, interpolation, centre crop, mean, std), ``precision``, ``input_size``
+    (side of the network input), ``name``, ``savetodir`` (Trident writes the last two).
 
     ``coords``: (N, 2) int64, top-left (x, y) of each patch in level-0 pixels; attributes
     as CLAM's ``create_patches_fp.py`` writes them -- ``patch_size`` (side in pixels *at
@@ -14,7 +16,7 @@ Per slide ``<stem>`` (the file name without its last suffix) in ``out_dir``:
     ``downsampled_level_dim`` and ``level_dim`` (that level's (W, H)), ``name``,
     ``save_path`` -- plus Trident's ``patch_size_level0``, ``level0_magnification``,
     ``target_magnification``, ``overlap`` (0) and ``savetodir``, and ``target_patch_size``
-    (pixels fed to the backbone, before ``--input-size``). When the target magnification
+    (pixels at ``--mag``, before the encoder's resize and crop). When the target magnification
     is a pyramid level (the usual case) ``patch_size == target_patch_size``.
 
     Root attributes: provenance (``sparsemil_version``, ``slide``, ``mpp0`` and
@@ -22,7 +24,7 @@ Per slide ``<stem>`` (the file name without its last suffix) in ``out_dir``:
     ``mpp_file`` (the file's own ``openslide.mpp-x``, NaN when none) and ``resolution_note``
     (what was overridden or ignored), tissue-detection parameters, threshold, ``tissue_mode``
     and ``tissue_note``, ``min_tissue``, ``max_patches``, ``n_patches_tissue`` before the cap,
-    and the backbone attributes).
+    and the encoder attributes).
 
 ``<stem>_tissue.png``
     The tissue-mask image (see :mod:`sparsemil.wsi.tissue`, default 4 um/px) with tissue
@@ -50,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sparsemil.data.h5 import write_h5_file
 from sparsemil.errors import SparsemilError, resolve_device
-from sparsemil.wsi.backbones import Backbone
+from sparsemil.wsi.backbones import PRECISIONS, Backbone
 from sparsemil.wsi.slide import (
     SLIDE_EXTENSIONS,
     PatchGeometry,
@@ -80,8 +82,12 @@ class ExtractConfig:
         mpp: micrometres per level-0 pixel; always overrides the slide's metadata.
         max_patches: keep at most this many patches per slide (evenly spaced), None = all.
         min_tissue: keep patches whose tissue fraction is at least this.
-        input_size: resize patches to this side before the backbone (None = ``patch_size``).
+        input_size: resize patches to this side before the encoder, instead of its
+            published resize and crop (None = the published transform).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        precision: ``"auto"`` (fp16 autocast on CUDA, fp32 elsewhere), ``"fp32"``,
+            ``"fp16"`` (GPU only) or ``"bf16"``; see
+            :func:`sparsemil.wsi.backbones.resolve_precision`.
         progress: show progress bars; None = only when stderr is a terminal.
         tissue: tissue-detection parameters.
     """
@@ -95,6 +101,7 @@ class ExtractConfig:
     min_tissue: float = 0.25
     input_size: int | None = None
     device: str = "auto"
+    precision: str = "auto"
     progress: bool | None = None
     tissue: TissueParams = field(default_factory=TissueParams)
 
@@ -114,6 +121,10 @@ class ExtractConfig:
             raise SparsemilError(f"input_size {self.input_size}: must be at least 8 pixels")
         if self.mpp is not None:
             check_mpp(self.mpp)
+        if self.precision not in PRECISIONS:
+            raise SparsemilError(
+                f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
         self.tissue.validate()
 
     def n_workers(self) -> int:
@@ -282,6 +293,16 @@ def encode_patches(
                 raise read_error(path, RuntimeError(f"patch at ({x}, {y}): {e}"))
             with torch.inference_mode():
                 out = enc(imgs.to(device, non_blocking=True)).float().cpu().numpy()
+            if not np.isfinite(out).all():
+                hint = (
+                    "; set 'precision' to bf16 or fp32"
+                    if backbone.precision == "fp16"
+                    else "; check the weights file"
+                )
+                raise SparsemilError(
+                    f"{path}: encoder {backbone.name} gave non-finite features "
+                    f"(precision {backbone.precision}){hint}"
+                )
             if feats is None:
                 feats = np.empty((len(ds), out.shape[1]), dtype=np.float32)
             feats[idx.numpy()] = out
@@ -360,7 +381,7 @@ def extract_slide(
         "target_patch_size": int(geom.patch_size),
     }
     feature_attrs = {"name": path.stem, "savetodir": str(out_dir), **backbone.attrs()}
-    feature_attrs["input_size"] = int(cfg.input_size or geom.patch_size)
+    feature_attrs["input_size"] = backbone.preprocess.output_side(geom.patch_size)
     root_attrs = {
         "sparsemil_version": sparsemil.__version__,
         "slide": str(path),
@@ -412,7 +433,7 @@ def extract_batch(
     cfg.validate()
     device = torch.device(resolve_device(cfg.device))
     if backbone is not None:
-        backbone.encoder.to(device)
+        backbone.prepare(device, cfg.precision)
     out_dir = Path(out_dir)
     results: list[SlideResult] = []
     seen: dict[str, Path] = {}
@@ -467,12 +488,12 @@ def run_extract(
     slide: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     cfg: ExtractConfig,
-    backbone_name: str = "resnet50_trunc",
+    encoder: str = "resnet50_trunc",
     weights: str | os.PathLike[str] | None = None,
     shard: tuple[int, int] | None = None,
     log=None,
 ) -> list[SlideResult]:
-    """List (and shard) the slides, build the backbone, extract, and log a summary."""
+    """List (and shard) the slides, build the encoder, extract, and log a summary."""
     from sparsemil.wsi.backbones import build_backbone
 
     if log is None:
@@ -497,9 +518,7 @@ def run_extract(
         )
         return []
     pending = [s for s in slides if not output_paths(s, Path(out_dir))[0].exists()]
-    backbone = (
-        build_backbone(backbone_name, weights, input_size=cfg.input_size) if pending else None
-    )
+    backbone = build_backbone(encoder, weights, input_size=cfg.input_size) if pending else None
     results = extract_batch(slides, out_dir, backbone, cfg, log=log)
     log(summarize(results), False)
     failed = [r for r in results if r.status == "failed"]

@@ -20,6 +20,22 @@ Two nested sections are fields like any other:
   official keys ``sparse_epoch``, ``lanczos_iter``, ``lanczos_num``, ``seed`` and ``device``
   apply to it.
 
+Recipe keys added here (official defaults where the official code has one):
+
+- ``scheduler_step`` (``iteration`` | ``epoch``, default ``iteration``): the unit in which the
+  ``schedu`` schedule advances. ``iteration`` reproduces the official training loop exactly: both
+  its ``WarmUpLR`` and its ``MultiStepLR``/``CosineAnnealingLR`` are stepped after *every*
+  mini-batch, so ``milestones`` and the cosine ``T_max = epoch`` count iterations.
+  ``epoch`` evaluates the schedule per epoch (milestones in epochs, the warm-up per iteration).
+  See :func:`sparsemil.experiments.vision.train.lr_at`.
+- ``augment`` (``none`` | ``official``, default ``none``): ``official`` is the official CIFAR
+  training transform, RandomCrop(32, padding=4) + RandomHorizontalFlip(0.5), for 32x32 images
+  (:func:`sparsemil.data.vision.augment_batch`).
+- ``image_size`` (int or null): zero-pad (black) the images to ``image_size x image_size``
+  (e.g. Fashion-MNIST 28x28 -> 32x32); ``channels`` (1, 3 or null): replicate a grey channel to
+  3 (CIFAR-layout input ``3x32x32``). Both are applied by
+  :func:`sparsemil.data.vision.load_vision_dataset`.
+
 An unknown key anywhere raises :class:`~sparsemil.errors.SparsemilError` naming the nearest
 valid key.
 """
@@ -58,7 +74,7 @@ class PruneConfig:
     warm: int = 0
     sparse_epoch: int = 1000
     lanczos_iter: int = 128
-    lanczos_num: int = 1
+    lanczos_num: int = 4  # official 1; >= 4 so the spread over probes is measured
     seed: int = 0
     # --- sparsemil additions
     widths: list[int] | None = None
@@ -68,6 +84,10 @@ class PruneConfig:
     eval_batch_size: int = 8192
     actual_criterion: str = "drop_1pt"
     loss_eps: float | None = None
+    scheduler_step: str = "iteration"
+    augment: str = "none"
+    image_size: int | None = None
+    channels: int | None = None
     # --- official bookkeeping keys
     init: str = "kaiming_normal"
     criterion: str = "cross_entropy"
@@ -98,8 +118,16 @@ class PruneConfig:
         _check(where, self.epoch >= 0, "epoch", "must be >= 0")
         _check(where, self.lmbda >= 0, "lmbda", "must be >= 0")
         _check(where, self.regularizer in ("L1", "L2"), "regularizer", "must be 'L1' or 'L2'")
-        _check(where, self.schedumode in ("multistep", "cos"), "schedumode", "must be multistep or cos")
-        _check(where, all(m >= 0 for m in self.milestones), "milestones", "must be epochs >= 0")
+        _check(
+            where, self.schedumode in ("multistep", "cos"), "schedumode", "must be multistep or cos"
+        )
+        _check(
+            where,
+            self.scheduler_step in ("iteration", "epoch"),
+            "scheduler_step",
+            "must be 'iteration' (official: milestones and T_max count iterations) or 'epoch'",
+        )
+        _check(where, all(m >= 0 for m in self.milestones), "milestones", "must be >= 0")
         _check(where, self.gamma > 0, "gamma", "must be > 0")
         _check(where, self.warm >= 0, "warm", "must be >= 0")
         _check(where, self.sparse_epoch >= 1, "sparse_epoch", "must be >= 1")
@@ -108,8 +136,25 @@ class PruneConfig:
         _check(where, self.subset is None or self.subset >= 1, "subset", "must be >= 1")
         _check(where, self.l1_scope in ("all", "weights"), "l1_scope", "must be 'all' or 'weights'")
         _check(where, self.init in INITS, "init", f"must be one of {', '.join(INITS)}")
-        _check(where, self.criterion == "cross_entropy", "criterion", "only cross_entropy is supported")
+        _check(
+            where, self.criterion == "cross_entropy", "criterion", "only cross_entropy is supported"
+        )
         _check(where, self.loss_eps is None or self.loss_eps > 0, "loss_eps", "must be > 0")
+        _check(
+            where,
+            self.augment in ("none", "official"),
+            "augment",
+            "must be 'none' or 'official' (RandomCrop(32, padding=4) + horizontal flip)",
+        )
+        _check(where, self.image_size is None or self.image_size >= 1, "image_size", "must be >= 1")
+        _check(where, self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
+        _check(
+            where,
+            self.augment != "official" or self.image_size in (None, 32),
+            "augment",
+            f"'official' is the CIFAR recipe for 32x32 images but image_size is "
+            f"{self.image_size}; set image_size: 32 or augment: none",
+        )
         from sparsemil.prune.sweep import CRITERIA
 
         _check(
@@ -118,9 +163,16 @@ class PruneConfig:
             "actual_criterion",
             f"must be one of {', '.join(CRITERIA)}",
         )
-        _check(where, _device_syntax_ok(self.device), "device", "must be auto, cpu, cuda, cuda:N or mps")
+        _check(
+            where,
+            _device_syntax_ok(self.device),
+            "device",
+            "must be auto, cpu, cuda, cuda:N or mps",
+        )
         if self.model == "mlp":
-            _check(where, bool(self.widths), "widths", "the mlp model needs widths, e.g. [256, 128]")
+            _check(
+                where, bool(self.widths), "widths", "the mlp model needs widths, e.g. [256, 128]"
+            )
 
     def resolved_device(self) -> str:
         """``device`` with ``auto`` resolved to ``cuda`` when available, else ``cpu``."""

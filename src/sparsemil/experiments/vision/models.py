@@ -124,9 +124,11 @@ def _flat_size(features, in_shape: tuple[int, ...]) -> int:
     try:
         with torch.no_grad():
             return int(features(torch.zeros(1, *in_shape)).shape[1])
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:  # ValueError: BatchNorm on a 1x1 map
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SparsemilError(
-            f"model: input shape {tuple(in_shape)} is too small for this architecture ({err})"
+            f"model: input shape {tuple(in_shape)} is too small for this architecture ({first}); "
+            "for 28x28 images set config key image_size: 32"
         ) from None
 
 

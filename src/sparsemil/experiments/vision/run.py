@@ -140,8 +140,11 @@ def model_limit(
         SparsemilError: no prunable weight, non-finite weights or losses, fewer than two
             epsilon mini-batches.
     """
+    from sparsemil.data.vision import check_augment
+
     say = log or (lambda _msg: None)
     device = cfg.resolved_device()
+    check_augment(cfg.augment, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings = dict(timings or {})
@@ -151,16 +154,16 @@ def model_limit(
         say(line)
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     with _timed(timings, "epsilon_s"):
-        eps = training_epsilon(cfg, model, x_tr, y_tr)
+        eps = training_epsilon(cfg, model, x_tr, y_tr, data.black)
     with _timed(timings, "sweep_s"):
         sweep, actual = _sweep(cfg, model, data, eps, out, progress)
     say(f"sweep: actual {actual}")
     with _timed(timings, "hessian_setup_s"):
-        op, batches = _hessian(cfg, model, x_tr, y_tr)
+        op, batches = _hessian(cfg, model, x_tr, y_tr, data.black)
     n_hess = int(sum(int(b[1].shape[0]) for b in batches))
     say(f"Hessian over {n_hess} of {int(y_tr.shape[0])} training samples ({op.backend} backend)")
     with _timed(timings, "important_s"):
-        important = _important(cfg, model, op, x_tr, y_tr)
+        important = _important(cfg, model, op, x_tr, y_tr, data.black)
     flat = important["fraction"] if important is not None else 0.0
     with _timed(timings, "spectrum_s"):
         result = _predict(cfg, op, sweep, eps, flat, progress)
@@ -203,25 +206,28 @@ def model_limit(
     )
 
 
-def training_epsilon(cfg: PruneConfig, model: nn.Module, x: Tensor, y: Tensor) -> float:
+def training_epsilon(
+    cfg: PruneConfig, model: nn.Module, x: Tensor, y: Tensor, fill: Any = None
+) -> float:
     """epsilon = std (ddof 0) of the mean training cross-entropy of the mini-batches of
     ``limit.epsilon_batch_size`` (official 128) over one seeded shuffle of the training set,
     augmented as in training (``augment``), at w* -- the official loader's rule
     (``cal_loss`` over the shuffled, augmented ``train_loader``)."""
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     perm = torch.randperm(int(y.shape[0]), generator=gen).to(x.device)
-    xs = _augmented(cfg, x[perm], gen)
+    xs = _augmented(cfg, x[perm], gen, fill)
     return loss_epsilon(batch_losses(model, xs, y[perm], cfg.limit.epsilon_batch_size).numpy())
 
 
-def _augmented(cfg: PruneConfig, x: Tensor, gen: torch.Generator) -> Tensor:
-    """``x`` augmented once (seeded) when ``augment`` is ``official``, else ``x``."""
-    mode = getattr(cfg, "augment", "none")
-    if mode in (None, "none"):
+def _augmented(cfg: PruneConfig, x: Tensor, gen: torch.Generator, fill: Any) -> Tensor:
+    """``x`` augmented once (seeded) when ``augment`` is ``official`` (padding with the
+    standardised black value ``fill``, :attr:`~sparsemil.data.vision.VisionData.black`), else
+    ``x``."""
+    if cfg.augment == "none":
         return x
     from sparsemil.data.vision import augment_batch
 
-    return augment_batch(x, mode, gen)
+    return augment_batch(x, cfg.augment, gen, fill=fill)
 
 
 def parameter_sets(model: nn.Module, l1_scope: str = "all") -> dict[str, Any]:
@@ -321,28 +327,33 @@ def _sweep(
 
 
 def _hessian(
-    cfg: PruneConfig, model: nn.Module, x_tr: Tensor, y_tr: Tensor
+    cfg: PruneConfig, model: nn.Module, x_tr: Tensor, y_tr: Tensor, fill: Any = None
 ) -> tuple[HessianOperator, list[tuple[Tensor, Tensor]]]:
     """The Hessian operator of the training cross-entropy over the training set (default, as
     the official code) or the seeded ``limit.hessian_samples`` subset, augmented once
     (seeded) when ``augment`` is ``official`` (the official code feeds the Hessian from the
     augmented training loader), and its batches."""
     opts: LimitOptions = cfg.limit
-    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2))
+    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), fill)
     batches = fixed_batches(x_h, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
     op = HessianOperator(model, cross_entropy_loss, batches, method=opts.hvp_method)
     return op, batches
 
 
 def _important(
-    cfg: PruneConfig, model: nn.Module, op: HessianOperator, x_tr: Tensor, y_tr: Tensor
+    cfg: PruneConfig,
+    model: nn.Module,
+    op: HessianOperator,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    fill: Any = None,
 ) -> dict[str, Any] | None:
     """(``limit.important``) the important-eigenvalue correction, whose rows are taken per
     training mini-batch of ``batch_size`` as in the official ``gradient.py``."""
     opts: LimitOptions = cfg.limit
     if not opts.important:
         return None
-    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2))
+    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), fill)
     imp_op = HessianOperator(
         model,
         cross_entropy_loss,
@@ -465,7 +476,14 @@ def run_sweep(
     """
     _vision_only(cfg, "prune sweep")
     model, meta = load_checkpoint(checkpoint, device=cfg.resolved_device())
-    data = load_vision_dataset(cfg.dataset, cfg.data_path, subset=cfg.subset, seed=cfg.seed)
+    data = load_vision_dataset(
+        cfg.dataset,
+        cfg.data_path,
+        subset=cfg.subset,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+    )
     if tuple(meta["in_shape"]) != data.in_shape:
         raise SparsemilError(
             f"checkpoint {checkpoint}: input shape {meta['in_shape']} does not "
