@@ -15,7 +15,8 @@ Modules, each importing only those listed before it:
 * :mod:`~sparsemil.data.sources` -- :func:`load_bag_source`, the one loader, and
   :class:`BagSource`, the one bag collection.
 
-(Vision data sets for the pruning experiments live in :mod:`sparsemil.data.vision`.)
+(Vision data sets for the pruning experiments live in :mod:`sparsemil.data.vision`; the
+synthetic slide-scale cohort of ``sparsemil mil synth`` in :mod:`sparsemil.data.synth`.)
 """
 
 from sparsemil.data.bags import Bag, BagRef, check_bag_values, collate_bags

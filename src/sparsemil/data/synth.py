@@ -31,8 +31,9 @@ non-overlapping grid of ``patch_size`` patches, in raster order (as CLAM writes 
 Normal tissue is a patchwork of normal classes (each cell takes the class of its nearest
 of 3-8 random "tissue-type" centres, a quarter of the cells a random normal class; the
 class weights differ per slide). A positive slide gets ``1..max_regions`` tumour regions,
-each grown from a random seed cell by best-first search over 4-neighbouring tissue cells
-(priority: distance to the seed plus up to 2 cells of noise), so each region is connected;
+each grown from a random seed cell (on a piece of tissue with room for it) by best-first
+search over 4-neighbouring tissue cells (priority: distance to the seed plus up to 2 cells
+of noise), so each region is connected;
 ``max(1, round(w * N))`` cells are tumour in all. With several witness rates the slides
 are the same in every cohort and a lower rate's regions are prefixes of a higher rate's.
 
@@ -123,7 +124,8 @@ class SynthConfig:
         patch_size: patch side in level-0 pixels (the coordinate grid's step).
         tumour_class: the witness class (name or index; default coat / 8).
         normal_classes: the classes of normal tissue (default: every other class).
-        max_regions: at most this many tumour regions per positive slide.
+        max_regions: tumour regions per positive slide, drawn from ``1..max_regions`` (one
+            more when a region uses up its piece of tissue; rare, at high witness rates).
         overwrite: replace a cohort already in ``out``.
     """
 
@@ -270,7 +272,10 @@ def _images(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     """``(x_train, y_train, x_test, y_test)`` as flat float32 pixels."""
     from sparsemil.data.vision import load_vision_dataset
 
-    data = load_vision_dataset(cfg.images, cfg.images_path, seed=0)
+    try:
+        data = load_vision_dataset(cfg.images, cfg.images_path, seed=0)
+    except SparsemilError as err:  # the reader's field is this command's images_path
+        raise SparsemilError(str(err).replace("data_path", "'images_path'")) from None
     flat = lambda x: x.numpy().reshape(x.shape[0], -1)  # noqa: E731
     return flat(data.x_train), data.y_train.numpy(), flat(data.x_test), data.y_test.numpy()
 
@@ -401,14 +406,19 @@ def grow_regions(
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
     """Grow one connected region per entry of ``sizes`` (instance indices in growth order:
-    every prefix is connected). A region whose tissue piece runs out continues as a new
-    region seeded elsewhere, so the sizes always add up."""
+    every prefix is connected). Seeds are drawn from tissue pieces (4-connected) of at least
+    twice the region's size when there are such; a region whose piece still runs out
+    continues as one more region seeded elsewhere, so the sizes always add up."""
+    from scipy.ndimage import label
+
     n = rows.shape[0]
     total = int(sum(sizes))
     if total > n:
         raise SparsemilError(f"synth: {total} tumour cells do not fit in {n} instances")
     cell = np.full(grid, -1, np.int64)
     cell[rows, cols] = np.arange(n)
+    piece = label(cell >= 0)[0][rows, cols]
+    piece_size = np.bincount(piece)[piece]
     jitter = rng.random(n) * 2.0
     taken = np.zeros(n, bool)
     pending = [int(s) for s in sizes if s > 0]
@@ -416,7 +426,9 @@ def grow_regions(
     h, w = grid
     while pending:
         want = pending.pop(0)
-        free = np.flatnonzero(~taken)
+        free = np.flatnonzero(~taken & (piece_size >= 2 * want))
+        if not free.size:
+            free = np.flatnonzero(~taken)
         seed = int(free[rng.integers(free.size)])
         r0, c0 = int(rows[seed]), int(cols[seed])
         queued = {seed}
@@ -687,7 +699,8 @@ def _manifest(
     names = CLASS_NAMES[cfg.images]
     pos = [s for s in slides if s["label"] == 1]
     options = dataclasses.asdict(cfg)
-    options.pop("overwrite")
+    for key in ("out", "overwrite"):  # where and how, not what: the manifest moves with the files
+        options.pop(key)
     return {
         "format": FORMAT,
         "version": VERSION,

@@ -94,7 +94,8 @@ class Predictor:
         return_att: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Class probabilities ``(K,)`` of one bag and, with ``return_att``, the per-instance
-        attention ``(N,)`` (averaged over heads/branches when the model returns several).
+        attention ``(N,)`` (averaged over heads/branches when the model returns several; a
+        trailing axis of size 1, as DSMIL's ``(1, N, 1)``, is dropped).
 
         Raises:
             SparsemilError: wrong feature shape, or a model that returns no attention.
@@ -116,6 +117,8 @@ class Predictor:
                     f"model {self.model_name} returned no attention for return_att=True"
                 )
             out, att_t = out[0], torch.as_tensor(out[1]).detach().float().cpu()
+            if att_t.dim() >= 2 and att_t.shape[-1] == 1 and att_t.shape[-2] == n:
+                att_t = att_t[..., 0]  # DSMIL: (1, N, 1) instance scores
             if att_t.shape[-1] != n:
                 raise SparsemilError(
                     f"model {self.model_name} attention has shape {tuple(att_t.shape)}; "
