@@ -120,3 +120,32 @@ def test_bootstrap_is_seeded():
     a = prediction_spread(spec, RATIOS, DISTANCE, EPS, seed=4)
     b = prediction_spread(spec, RATIOS, DISTANCE, EPS, seed=4)
     assert a["interval_90"] == b["interval_90"]
+
+
+def test_trace_bracket_holds_on_an_exact_hessian():
+    """Issue 15 §4: the Jensen and chord bounds bracket the prediction of an exact spectrum,
+    and the lower one is the width of the isotropic spectrum with the same trace."""
+    gen = np.random.default_rng(5)
+    eigs = np.concatenate([gen.gamma(0.3, 2.0, 45), -gen.uniform(0.0, 0.05, 5)])
+    op = DenseOperator(np.diag(eigs))  # Rademacher probes: the quadrature is exact
+    res = predict_limit(op, RATIOS, DISTANCE, EPS, num_runs=3, num_steps=50, seed=0)
+    exact = exact_prediction(eigs)
+    b = res.bounds
+    assert b["lower"] <= exact + 1e-6 and exact <= b["upper"] + 1e-6
+    assert b["lower"] < b["upper"]
+    # the quadrature's own prediction lies inside its bracket, always
+    assert b["lower"] - 1e-9 <= res.predicted_ratio <= b["upper"] + 1e-9
+    # trace-only predictor = isotropic spectrum with the same mean |lambda| (the quadrature's)
+    iso = exact_prediction(np.full(50, b["mean_curvature"]))
+    assert b["trace_only"] == pytest.approx(iso, abs=1e-4)  # R(rho) interpolated on 401 ratios
+    assert b["mean_curvature"] == pytest.approx(np.abs(eigs).mean(), rel=1e-9)
+    assert b["max_curvature"] == pytest.approx(np.abs(eigs).max(), rel=1e-9)
+
+
+def test_isotropic_spectrum_collapses_the_bracket():
+    op = DenseOperator(np.eye(20) * 0.7)
+    res = predict_limit(op, RATIOS, DISTANCE, EPS, num_runs=2, num_steps=20)
+    exact = exact_prediction(np.full(20, 0.7))
+    assert res.bounds["lower"] == pytest.approx(exact, abs=1e-6)
+    assert res.bounds["upper"] == pytest.approx(exact, abs=1e-6)
+    assert res.predicted_ratio == pytest.approx(exact, abs=1e-6)

@@ -37,6 +37,7 @@ from sparsemil.limit.width import (
     official_density,
     official_predicted_ratio,
     predicted_ratio,
+    trace_bounds,
 )
 
 DEFAULT_CRITERION = "drop_1pt"
@@ -126,6 +127,8 @@ class LimitPrediction:
             not computed, or when the official density is empty).
         official_grid_nonzero_bins: non-empty bins of the official density (None when not
             computed).
+        bounds: :func:`trace_bracket`'s dict (the ratios solved with the trace-based lower
+            and upper bounds on gw).
         uncertainty: :func:`prediction_spread`'s dict (spread over probes, ``abs``/``flat``,
             the non-positive Ritz mass, the prediction per Lanczos step count).
     """
@@ -141,6 +144,7 @@ class LimitPrediction:
     predicted_ratio_official: float | None = None
     official_grid_nonzero_bins: int | None = None
     uncertainty: dict[str, Any] | None = None
+    bounds: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -418,6 +422,45 @@ def _by_steps(spectrum: SpectrumResult, args: tuple, step_tol: float) -> dict[st
     }
 
 
+def trace_bracket(
+    spectrum: SpectrumResult,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    negative: str = "abs",
+    flat_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """The bracket of the predicted ratio from the trace bounds on gw
+    (:func:`sparsemil.limit.width.trace_bounds`): ``rho = bound(R(rho))`` solved for the
+    Jensen lower bound (also the trace-only, isotropic-spectrum predictor) and the chord
+    upper bound. ``lower``/``upper`` are ratios (a root outside the swept range counts as the
+    range's end it lies beyond). The trace is the SLQ quadrature's ``Tr|H|`` under ``abs``.
+    """
+    nodes, weights = spectrum.nodes_weights()
+    tb = trace_bounds(nodes, weights, eps, negative, flat_fraction)
+    r = np.asarray(ratios, np.float64)
+    dist = np.asarray(distance, np.float64)
+
+    def solve(fn: GwFunction) -> float | None:
+        pred = predicted_ratio(r, dist, fn, method="bisect")
+        if pred is not None:
+            return pred
+        bound = _predicted_bound(r, dist, fn, pred)
+        return None if bound is None else float(bound["ratio"])
+
+    return {
+        "lower": solve(tb["lower"]),
+        "upper": solve(tb["upper"]),
+        "trace_only": solve(tb["lower"]),
+        "mean_curvature": tb["mean_curvature"],
+        "max_curvature": tb["max_curvature"],
+        "trace": "Tr|H| (SLQ quadrature)" if negative == "abs" else "Tr(H_+) (SLQ quadrature)",
+        "nonpositive_mass": tb["nonpositive_mass"],
+        "rule": "Jensen (lower) and chord 0..lambda_max (upper) on the convex "
+        "c -> 2 eps / (2 eps + R^2 c)",
+    }
+
+
 # --------------------------------------------------------------------------- core
 
 
@@ -527,6 +570,7 @@ def predict_limit(
         result.predicted_ratio_official, result.official_grid_nonzero_bins = _official_prediction(
             spectrum, ratios, distance, eps, negative, flat_fraction, r_max
         )
+    result.bounds = trace_bracket(spectrum, ratios, distance, eps, negative, flat_fraction)
     if spread:
         result.uncertainty = prediction_spread(
             spectrum, ratios, distance, eps, negative, flat_fraction, seed=seed

@@ -72,6 +72,7 @@ def write_limit(
         "abs_error_by_criterion": {c: _abs_error(pred, v) for c, v in actual.items()},
         "kept_fraction_rel_error": {c: _kept_error(pred, v) for c, v in actual.items()},
         "uncertainty": result.uncertainty,
+        "bounds": result.bounds,
         "predicted_ratio_grid": result.predicted_ratio_grid,
         "predicted_bound": result.predicted_bound,
         "predicted_ratio_official": result.predicted_ratio_official,

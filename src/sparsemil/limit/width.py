@@ -25,6 +25,7 @@ reproduce that variant for comparison.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +106,63 @@ def gaussian_width(
     if np.ndim(R) == 0:
         return float(out[0])
     return out.reshape(np.shape(R))
+
+
+def trace_bounds(
+    eigenvalues: np.ndarray,
+    weights: np.ndarray | None,
+    eps: float,
+    negative: str = "abs",
+    flat_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """Bounds on gw(R) from the trace and the largest eigenvalue alone.
+
+    ``f(c) = 2 eps / (2 eps + R^2 c)`` is convex in the curvature ``c >= 0``, so with
+    ``c_i = |lambda_i|`` (``abs``) or ``max(lambda_i, 0)`` (``flat``; the non-positive share
+    ``m0`` then contributes exactly 1), ``c_bar`` the mean curvature and ``c_max`` the largest:
+
+    - lower (Jensen): ``gw(R) >= f(c_bar)``;
+    - upper (the chord of f from 0 to ``c_max``): ``gw(R) <= 1 - (c_bar / c_max) (1 - f(c_max))``.
+
+    Both are applied to the curved part, so with ``m0`` flat directions (and the important-
+    eigenvalue fraction f) ``gw = m + (1 - m) mean_curved f``, ``m = m0 + f - m0 f``. The
+    lower bound is also the width of an *isotropic* spectrum with the same trace -- the
+    trace-only predictor. Under ``abs`` the trace is ``Tr|H|`` (estimated from the same
+    quadrature), not ``Tr(H)``; they agree when the non-positive mass is negligible.
+
+    Returns:
+        ``{"lower": R -> gw_lower(R), "upper": R -> gw_upper(R), "mean_curvature": c_bar,
+        "max_curvature": c_max, "abs_trace_per_dim": mean |lambda|, "nonpositive_mass": m0}``
+        (the two bounds are vectorised callables).
+    """
+    lam, w = _clean(eigenvalues, weights, None)
+    curv = np.abs(lam) if negative == "abs" else np.where(lam > 0, lam, 0.0)
+    flat = curv == 0
+    m0 = float(w[flat].sum())
+    m = m0 + flat_fraction - m0 * flat_fraction
+    curved_w = w[~flat] / max(float(w[~flat].sum()), 1e-300)
+    c_bar = float(curved_w @ curv[~flat]) if (~flat).any() else 0.0
+    c_max = float(curv.max()) if curv.size else 0.0
+
+    def f(c: float, R: np.ndarray) -> np.ndarray:
+        R2 = np.asarray(R, dtype=np.float64) ** 2
+        return 2.0 * eps / (2.0 * eps + R2 * c)
+
+    def lower(R: np.ndarray) -> np.ndarray:
+        return m + (1.0 - m) * f(c_bar, R)
+
+    def upper(R: np.ndarray) -> np.ndarray:
+        chord = 1.0 if c_max == 0 else 1.0 - (c_bar / c_max) * (1.0 - f(c_max, R))
+        return m + (1.0 - m) * chord
+
+    return {
+        "lower": lower,
+        "upper": upper,
+        "mean_curvature": c_bar,
+        "max_curvature": c_max,
+        "abs_trace_per_dim": float(w @ np.abs(lam)),
+        "nonpositive_mass": float(w[lam <= 0].sum()),
+    }
 
 
 def official_density(
