@@ -1,7 +1,7 @@
 """The full ``prune run`` on a CNN: ResNet18 on 32x32 Fashion-MNIST, time split by stage.
 
-    python benchmarks/bench_prune_cnn.py [--n-train 2000] [--epochs 1] [--steps 32]
-        [--probes 4] [--ratios 100] [--threads 2] [--device cpu|cuda] [--hvp auto]
+    python benchmarks/bench_prune_cnn.py [--n-train 2000] [--n-test 500] [--epochs 1]
+        [--steps 16] [--probes 4] [--ratios 20] [--threads 2] [--device cpu|cuda] [--hvp auto]
 
 Runs :func:`sparsemil.experiments.vision.run.run_limit` (train with L1 -> epsilon -> sweep ->
 Hessian set-up -> SLQ -> premise checks) on a seeded subset of Fashion-MNIST (Debian package
@@ -29,10 +29,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-test", type=int, default=500, help="test images for the sweep")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=32, help="Lanczos steps (lanczos_iter)")
+    ap.add_argument("--steps", type=int, default=16, help="Lanczos steps (lanczos_iter)")
     ap.add_argument("--probes", type=int, default=4, help="SLQ probes (lanczos_num)")
-    ap.add_argument("--ratios", type=int, default=100, help="sweep ratios (sparse_epoch)")
+    ap.add_argument("--ratios", type=int, default=20, help="sweep ratios (sparse_epoch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hvp", default="auto", help="limit.hvp_method")
@@ -53,6 +54,7 @@ def main() -> None:
             "image_size": 32,
             "channels": 3,
             "subset": args.n_train,
+            "test_subset": args.n_test,
             "epoch": args.epochs,
             "lr": 0.1,
             "lmbda": 5e-5,

@@ -36,9 +36,11 @@ Three backends compute one product (``method``):
 
 ``benchmarks/bench_slq.py`` measures them on CPU (FC5, digits, one thread: ``linearize``
 1.2-1.5x faster per product than ``func`` or ``autograd``; batching vectors with ``vmap``
-pays off only for small nets, where per-call overhead dominates). ``"auto"`` (the default) computes
-the first product with ``autograd`` and with ``linearize``, then ``func``, and keeps the first
-traced backend that agrees with it (rtol 1e-4), else ``autograd``: models with data-dependent
+pays off only for small nets, where per-call overhead dominates). ``"auto"`` (the default) times
+the first product with ``autograd``, ``linearize`` (traced, then cached) and ``func``, and keeps
+the first traced backend that agrees with ``autograd`` (rtol 1e-4) *and* whose saving over the
+``expected_products`` pays for tracing every batch, else ``autograd`` (on a large CNN tracing
+can cost more than the whole spectrum; ``backend_choice`` records the timings): models with data-dependent
 control flow or ``.item()`` calls cannot be traced, and a traced masked softmax can give NaN
 tangents for some vectors. A non-finite product is an error, never a spectrum.
 
@@ -49,6 +51,7 @@ and all-reduces the per-shard weighted sums, so every rank gets the full-data pr
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -236,6 +239,9 @@ class HessianOperator(LinearOperatorBase):
             overhead-bound and gain a lot).
         check: run :meth:`check_determinism` now (three products): two products of one
             vector must agree and ``u.Hv = v.Hu``, else a one-line error naming the cause.
+        expected_products: how many products the caller will ask for (SLQ: probes x steps);
+            ``auto`` keeps a traced backend only when its saving over this many products
+            pays for tracing every batch (:attr:`backend_choice` records the timings).
 
     Attributes:
         dim: D, the number of parameters in ``theta``.
@@ -256,6 +262,7 @@ class HessianOperator(LinearOperatorBase):
         chunk_size: int = 16,
         vmap_max_dim: int = 100_000,
         check: bool = True,
+        expected_products: int = 512,
     ) -> None:
         if method not in METHODS:
             raise SparsemilError(f"HessianOperator method={method!r}: use one of {METHODS}")
@@ -278,6 +285,8 @@ class HessianOperator(LinearOperatorBase):
         self.chunk_size = max(1, int(chunk_size))
         self.vmap_max_dim = int(vmap_max_dim)
         self.num_products = 0
+        self.expected_products = max(int(expected_products), 1)
+        self.backend_choice: dict[str, Any] | None = None
         self._resolved: str | None = None if method == "auto" else method
         self._wrapper = _LossModule(model, loss_fn)
         self._linear_cache: dict[int, Callable] = {}
@@ -396,25 +405,8 @@ class HessianOperator(LinearOperatorBase):
             "func": self._hvp_func,
             "autograd": self._hvp_autograd,
         }
-        if self._resolved is None:  # "auto": keep the first traced backend that agrees
-            reference = impl["autograd"](index, V)
-            for name in ("linearize", "func"):
-                try:
-                    out = impl[name](index, V)
-                except Exception:  # noqa: BLE001 - tracing failures come in many types
-                    self._linear_cache.clear()
-                    continue
-                # a cached linearisation must also give the same product again (one that
-                # mutates captured state, e.g. an in-place masked softmax, drifts)
-                if _agrees(out, reference) and (
-                    name != "linearize" or _agrees(impl[name](index, V), reference)
-                ):
-                    self._resolved = name
-                    return out
-                # e.g. a masked softmax traced into NaN tangents for some vectors
-                self._linear_cache.clear()
-            self._resolved = "autograd"
-            return reference
+        if self._resolved is None:  # "auto": time and compare the backends on this batch
+            return self._choose_backend(impl, index, V)
         try:
             out = impl[self._resolved](index, V)
         except SparsemilError:
@@ -438,6 +430,62 @@ class HessianOperator(LinearOperatorBase):
                 "this model (try method='autograd', config key limit.hvp_method)"
             )
         return out
+
+    def _choose_backend(self, impl: dict[str, Callable], index: int, V: Tensor) -> Tensor:
+        """``auto``: the cheapest backend that agrees with ``autograd`` over the expected work.
+
+        On the first batch: the ``autograd`` product (the reference) is timed, then
+        ``linearize`` twice (the first call traces; the second must repeat the reference, as
+        a cached linearisation that mutates captured state drifts) and ``func``. A traced
+        backend is kept when it agrees (rtol 1e-4) and its saving per product over
+        ``expected_products`` products pays for tracing every other batch; else
+        ``autograd``. The timings and the reason go to :attr:`backend_choice`.
+        """
+        k = max(int(V.shape[0]), 1)
+        t0 = time.perf_counter()
+        reference = impl["autograd"](index, V)
+        t_ref = (time.perf_counter() - t0) / k
+        choice: dict[str, Any] = {"autograd_s_per_vector": t_ref}
+        others = max(len(self.batches) - 1, 0)
+        for name in ("linearize", "func"):
+            try:
+                t0 = time.perf_counter()
+                out = impl[name](index, V)
+                t_first = (time.perf_counter() - t0) / k
+                again, t_next = out, t_first
+                if name == "linearize":
+                    t0 = time.perf_counter()
+                    again = impl[name](index, V)
+                    t_next = (time.perf_counter() - t0) / k
+            except Exception:  # noqa: BLE001 - tracing failures come in many types
+                self._linear_cache.clear()
+                choice[name] = "failed to trace"
+                continue
+            if not (_agrees(out, reference) and _agrees(again, reference)):
+                # e.g. a masked softmax traced into NaN tangents for some vectors
+                self._linear_cache.clear()
+                choice[name] = "disagrees with autograd"
+                continue
+            trace_cost = max(t_first - t_next, 0.0) * k * others
+            saving = (t_ref - t_next) * self.expected_products
+            choice[f"{name}_s_per_vector"] = t_next
+            choice[f"{name}_trace_s"] = max(t_first - t_next, 0.0) * k
+            if saving > trace_cost:
+                choice["chosen"], choice["reason"] = (
+                    name,
+                    (
+                        f"saves {saving:.3g}s over {self.expected_products} products, "
+                        f"tracing {others} more batches costs {trace_cost:.3g}s"
+                    ),
+                )
+                self._resolved, self.backend_choice = name, choice
+                return again
+            self._linear_cache.clear()
+            choice[name] = "slower over the expected products (tracing included)"
+        choice["chosen"] = "autograd"
+        choice["reason"] = "no traced backend agrees with autograd and pays off"
+        self._resolved, self.backend_choice = "autograd", choice
+        return reference
 
     @property
     def backend(self) -> str | None:

@@ -49,6 +49,7 @@ says where to put the files.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import gzip
 import importlib
@@ -145,6 +146,7 @@ def load_vision_dataset(
     seed: int = 0,
     image_size: int | None = None,
     channels: int | None = None,
+    test_subset: int | None = None,
 ) -> VisionData:
     """Load a dataset by name from local files (never downloads).
 
@@ -159,6 +161,8 @@ def load_vision_dataset(
             docstring); ``None`` keeps them.
         channels: ``3`` replicates a grey channel to three; ``None`` (or the current number)
             keeps them.
+        test_subset: keep a seeded random subset of this many test samples (a CPU reduction
+            for large networks, whose sweep evaluates the test set at every ratio).
     """
     key = canonical_dataset_name(name)
     if key == "digits":
@@ -171,7 +175,23 @@ def load_vision_dataset(
         data = _load_npz(data_path)
     if subset is not None:
         data = _take_subset(data, subset, seed)
+    if test_subset is not None:
+        data = _take_test_subset(data, test_subset, seed)
     return _layout(data, image_size, channels)
+
+
+def _take_test_subset(data: VisionData, n_keep: int, seed: int) -> VisionData:
+    """A seeded random subset of ``n_keep`` test samples (order kept)."""
+    n = len(data.y_test)
+    if not isinstance(n_keep, int) or isinstance(n_keep, bool) or n_keep < 1:
+        raise SparsemilError(f"test_subset: must be a positive integer, got {n_keep!r}")
+    if n_keep >= n:
+        return data
+    rng = np.random.default_rng(seed + 1)
+    idx = torch.from_numpy(np.sort(rng.permutation(n)[:n_keep]))
+    return dataclasses.replace(
+        data, x_test=data.x_test[idx].contiguous(), y_test=data.y_test[idx].contiguous()
+    )
 
 
 # --------------------------------------------------------------------------- helpers

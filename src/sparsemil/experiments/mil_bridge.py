@@ -368,7 +368,13 @@ def _mil_prediction(
     hess_bags = _hessian_bags(bags.train, opts.hessian_samples, seed)
     important = None
     with deterministic_grouping(model):
-        op = HessianOperator(model, bag_loss_fn, hess_bags, method=opts.hvp_method)
+        op = HessianOperator(
+            model,
+            bag_loss_fn,
+            hess_bags,
+            method=opts.hvp_method,
+            expected_products=lanczos_num * lanczos_iter + opts.trace_probes + 1,
+        )
         if opts.important:
             important = important_flat_fraction(
                 op,
@@ -412,6 +418,8 @@ def _mil_info(
             "loss": "mean over training bags of the per-bag loss (one bag per batch, no padding)",
             "grouping": "sequential (deterministic)",
             "hvp_backend": op.backend,
+            "backend_choice": op.backend_choice,
+            "determinism": op.determinism,
             "num_products": int(op.num_products),
         },
         "epsilon_rule": "std (ddof 0) of the per-bag training losses at w*",

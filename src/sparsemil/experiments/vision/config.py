@@ -79,6 +79,7 @@ class PruneConfig:
     # --- sparsemil additions
     widths: list[int] | None = None
     subset: int | None = None
+    test_subset: int | None = None
     l1_scope: str = "all"
     device: str = "auto"
     eval_batch_size: int = 8192
@@ -134,6 +135,9 @@ class PruneConfig:
         _check(where, self.lanczos_iter >= 1, "lanczos_iter", "must be >= 1")
         _check(where, self.lanczos_num >= 1, "lanczos_num", "must be >= 1")
         _check(where, self.subset is None or self.subset >= 1, "subset", "must be >= 1")
+        _check(
+            where, self.test_subset is None or self.test_subset >= 1, "test_subset", "must be >= 1"
+        )
         _check(where, self.l1_scope in ("all", "weights"), "l1_scope", "must be 'all' or 'weights'")
         _check(where, self.init in INITS, "init", f"must be one of {', '.join(INITS)}")
         _check(

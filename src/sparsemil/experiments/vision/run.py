@@ -336,7 +336,13 @@ def _hessian(
     opts: LimitOptions = cfg.limit
     x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), fill)
     batches = fixed_batches(x_h, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
-    op = HessianOperator(model, cross_entropy_loss, batches, method=opts.hvp_method)
+    op = HessianOperator(
+        model,
+        cross_entropy_loss,
+        batches,
+        method=opts.hvp_method,
+        expected_products=cfg.lanczos_num * cfg.lanczos_iter + opts.trace_probes + 1,
+    )
     return op, batches
 
 
@@ -413,6 +419,7 @@ def _limit_extra(
             "hvp_backend": op.backend,
             "num_products": int(op.num_products),
             "determinism": op.determinism,
+            "backend_choice": op.backend_choice,
             "excluded": "BatchNorm parameters and frozen parameters",
             "loss": "mean cross-entropy over samples (L1 term has zero curvature)",
         },
@@ -483,6 +490,7 @@ def run_sweep(
         seed=cfg.seed,
         image_size=cfg.image_size,
         channels=cfg.channels,
+        test_subset=cfg.test_subset,
     )
     if tuple(meta["in_shape"]) != data.in_shape:
         raise SparsemilError(

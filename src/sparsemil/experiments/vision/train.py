@@ -283,6 +283,7 @@ def train_from_config(
         seed=cfg.seed,
         image_size=cfg.image_size,
         channels=cfg.channels,
+        test_subset=cfg.test_subset,
     )
     n = int(data.y_train.shape[0])
     eps_batch = cfg.limit.epsilon_batch_size

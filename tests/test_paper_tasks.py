@@ -1,0 +1,67 @@
+"""benchmarks/paper_tasks.py: every row's config is a valid PruneConfig, the official values
+are kept where no reduction is stated, and the markdown lists what each row reduced."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsemil.experiments.vision.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def paper():
+    spec = importlib.util.spec_from_file_location(
+        "paper_tasks", REPO / "benchmarks" / "paper_tasks.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("budget", ["cpu", "full"])
+def test_every_row_is_a_valid_config(paper, budget):
+    for row in paper.OFFICIAL:
+        cfg = config_from_dict(paper.row_config(row, budget, "cpu"), where=row)
+        assert cfg.dataset == "fashion-mnist" and cfg.lanczos_num == 4
+        if row in paper.CNNS:
+            assert (cfg.image_size, cfg.channels, cfg.augment) == (32, 3, "official")
+            assert cfg.limit.important and cfg.scheduler_step == "iteration"
+        if budget == "full":  # the official values, untouched
+            assert cfg.epoch == 200 and cfg.sparse_epoch == 1000
+            assert cfg.limit.hessian_samples is None and cfg.subset is None
+
+
+def test_official_values_of_the_configs(paper):
+    # QiaozheZhang/Global-One-shot-Pruning configs/*_l1.yml
+    expect = {"fc5": (0.01, 5e-5), "fc12": (0.01, 5e-5), "alexnet": (0.01, 3e-5),
+              "vgg16": (0.01, 1e-4), "resnet18": (0.1, 5e-5), "resnet50": (0.1, 2e-5)}  # fmt: skip
+    for row, (lr, lmbda) in expect.items():
+        cfg = paper.row_config(row, "full", "cpu")
+        assert (cfg["lr"], cfg["lmbda"]) == (lr, lmbda)
+    assert paper.row_config("alexnet", "full", "cpu")["lanczos_iter"] == 96
+
+
+def test_markdown_states_reductions_and_missing_rows(paper, tmp_path):
+    doc = {"actual_ratio": {"official": 0.9, "drop_1pt": 0.92}, "predicted_ratio": 0.88,
+           "D": 1000, "epoch": 200, "dense": {"test_acc": 0.9},
+           "uncertainty": {"interval_90": [0.86, 0.9]},
+           "bounds": {"lower": 0.5, "upper": 0.95},
+           "abs_error_by_criterion": {"official": 0.02, "drop_1pt": 0.04},
+           "kept_fraction_rel_error": {"official": 0.2, "drop_1pt": 0.5},
+           "premises": {"kkt": {"residual": 0.1, "bound": 0.2},
+                        "order": {"first_order_share": 0.1}, "anisotropy": {"ratio": 1.2}}}  # fmt: skip
+    (tmp_path / "fc5").mkdir()
+    (tmp_path / "fc5" / "limit.json").write_text(json.dumps(doc))
+    out = tmp_path / "paper.md"
+    paper.write_markdown(tmp_path, paper.collect(tmp_path, ["fc5", "vgg16"], "cpu"), "cpu", out)
+    text = out.read_text()
+    assert "| fc5 | Fashion-MNIST (CIFAR-10 in the paper) | 1,000 | 200 | 0.900 " in text
+    assert "0.880 [0.860, 0.900]" in text and "0.020 / 0.040" in text
+    assert "hessian_samples=5000" in text  # the CPU reduction is stated
+    assert "| vgg16 | (not run yet) |" in text
