@@ -295,6 +295,18 @@ def important_flat_fraction(
 STEP_TOL = 0.01
 
 
+def _root_or_end(
+    ratios: np.ndarray, distance: np.ndarray, gw: GwFunction
+) -> tuple[float | None, bool]:
+    """``(ratio, censored)``: the root of rho = gw(R(rho)); when it lies outside the swept
+    range, the end of the range it lies beyond and ``censored = True``."""
+    pred = predicted_ratio(ratios, distance, gw, method="bisect")
+    if pred is not None:
+        return pred, False
+    bound = _predicted_bound(ratios, distance, gw, pred)
+    return (None, False) if bound is None else (float(bound["ratio"]), True)
+
+
 def _solve(
     spectrum: SpectrumResult,
     ratios: np.ndarray,
@@ -303,14 +315,8 @@ def _solve(
     negative: str,
     flat_fraction: float,
 ) -> tuple[float | None, bool]:
-    """``(ratio, censored)``: the root of rho = gw(R(rho)) for ``spectrum``; when the root
-    lies outside the swept range, the end of the range it lies beyond and ``censored``."""
-    gw = _gw_function(spectrum, eps, negative, flat_fraction)
-    pred = predicted_ratio(ratios, distance, gw, method="bisect")
-    if pred is not None:
-        return pred, False
-    bound = _predicted_bound(ratios, distance, gw, pred)
-    return (None, False) if bound is None else (float(bound["ratio"]), True)
+    """:func:`_root_or_end` for the width of ``spectrum``."""
+    return _root_or_end(ratios, distance, _gw_function(spectrum, eps, negative, flat_fraction))
 
 
 def _interval(values: list[float | None]) -> dict[str, Any]:
@@ -440,18 +446,11 @@ def trace_bracket(
     tb = trace_bounds(nodes, weights, eps, negative, flat_fraction)
     r = np.asarray(ratios, np.float64)
     dist = np.asarray(distance, np.float64)
-
-    def solve(fn: GwFunction) -> float | None:
-        pred = predicted_ratio(r, dist, fn, method="bisect")
-        if pred is not None:
-            return pred
-        bound = _predicted_bound(r, dist, fn, pred)
-        return None if bound is None else float(bound["ratio"])
-
+    lower = _root_or_end(r, dist, tb["lower"])[0]
     return {
-        "lower": solve(tb["lower"]),
-        "upper": solve(tb["upper"]),
-        "trace_only": solve(tb["lower"]),
+        "lower": lower,
+        "upper": _root_or_end(r, dist, tb["upper"])[0],
+        "trace_only": lower,
         "mean_curvature": tb["mean_curvature"],
         "max_curvature": tb["max_curvature"],
         "trace": "Tr|H| (SLQ quadrature)" if negative == "abs" else "Tr(H_+) (SLQ quadrature)",

@@ -47,11 +47,10 @@ from sparsemil.curvature.hvp import (
     fixed_batches,
     hessian_parameters,
 )
-from sparsemil.data.vision import load_vision_dataset
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
 from sparsemil.experiments.vision.models import load_checkpoint
-from sparsemil.experiments.vision.train import model_metadata, train_from_config
+from sparsemil.experiments.vision.train import config_dataset, model_metadata, train_from_config
 from sparsemil.io import atomic_write_json
 from sparsemil.limit.plots import plot_sweep
 from sparsemil.limit.predict import (
@@ -483,15 +482,7 @@ def run_sweep(
     """
     _vision_only(cfg, "prune sweep")
     model, meta = load_checkpoint(checkpoint, device=cfg.resolved_device())
-    data = load_vision_dataset(
-        cfg.dataset,
-        cfg.data_path,
-        subset=cfg.subset,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        test_subset=cfg.test_subset,
-    )
+    data = config_dataset(cfg)
     if tuple(meta["in_shape"]) != data.in_shape:
         raise SparsemilError(
             f"checkpoint {checkpoint}: input shape {meta['in_shape']} does not "

@@ -259,6 +259,22 @@ def model_metadata(cfg: PruneConfig, data: VisionData) -> dict[str, Any]:
     }
 
 
+def config_dataset(cfg: PruneConfig) -> VisionData:
+    """The dataset ``cfg`` names, with its subsets and layout (``subset``, ``test_subset``,
+    ``image_size``, ``channels``; seeded by ``seed``)."""
+    from sparsemil.data.vision import load_vision_dataset
+
+    return load_vision_dataset(
+        cfg.dataset,
+        cfg.data_path,
+        subset=cfg.subset,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        test_subset=cfg.test_subset,
+    )
+
+
 def train_from_config(
     cfg: PruneConfig,
     progress: bool = True,
@@ -274,17 +290,7 @@ def train_from_config(
             ``limit.epsilon_batch_size`` (``prune run`` needs 2 for epsilon), or ``augment: official`` on
             images that are not 32x32, checked before training.
     """
-    from sparsemil.data.vision import load_vision_dataset
-
-    data = load_vision_dataset(
-        cfg.dataset,
-        cfg.data_path,
-        subset=cfg.subset,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        test_subset=cfg.test_subset,
-    )
+    data = config_dataset(cfg)
     n = int(data.y_train.shape[0])
     eps_batch = cfg.limit.epsilon_batch_size
     if math.ceil(n / eps_batch) < min_batches:
