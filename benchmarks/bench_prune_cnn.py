@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hvp", default="auto", help="limit.hvp_method")
     ap.add_argument("--hessian-batch", type=int, default=256)
+    ap.add_argument("--hessian-samples", type=int, default=512, help="limit.hessian_samples")
     ap.add_argument("--out", default=None, help="keep the run's files here")
     args = ap.parse_args()
 
@@ -64,7 +65,11 @@ def main() -> None:
             "lanczos_num": args.probes,
             "device": args.device,
             "eval_batch_size": 512,
-            "limit": {"hvp_method": args.hvp, "hessian_batch_size": args.hessian_batch},
+            "limit": {
+                "hvp_method": args.hvp,
+                "hessian_batch_size": args.hessian_batch,
+                "hessian_samples": args.hessian_samples,
+            },
         },
         where="bench_prune_cnn",
     )

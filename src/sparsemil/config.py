@@ -185,7 +185,9 @@ def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
             raw = yaml.safe_load(text)
     except Exception as err:  # noqa: BLE001 - YAML/JSON parse errors of every kind
         first = " ".join(str(err).split()) or type(err).__name__
-        raise SparsemilError(f"config {path}: invalid YAML/JSON ({first}); fix the syntax") from None
+        raise SparsemilError(
+            f"config {path}: invalid YAML/JSON ({first}); fix the syntax"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):

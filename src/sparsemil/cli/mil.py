@@ -322,9 +322,7 @@ def predict(
     from sparsemil.train.inference import load_predictor, predict_checkpoint
 
     predictor = load_predictor(checkpoint, device)
-    rows = predict_checkpoint(
-        predictor, data, out, format=format, num_test=num_test, seed=seed
-    )
+    rows = predict_checkpoint(predictor, data, out, format=format, num_test=num_test, seed=seed)
     typer.echo(f"{len(rows)} predictions: {out}")
 
 
@@ -347,7 +345,8 @@ def benchmark(
         Path("runs/mil-benchmark"), "--out", "-o", help="Run folder (resumable)."
     ),
     table: Path | None = typer.Option(
-        None, "--table",
+        None,
+        "--table",
         help="Markdown table to (re)write (default OUT/mil_benchmarks.md; pass "
         "docs/results/mil_benchmarks.md to regenerate the shipped one).",
     ),

@@ -646,9 +646,7 @@ def case_groups(bags: Any) -> np.ndarray | None:
     return np.array([c if c is not None else f"slide:{s}" for c, s in zip(cases, ids, strict=True)])
 
 
-def check_cases_not_split(
-    folds: Sequence[Fold], groups: np.ndarray | None, where: str
-) -> None:
+def check_cases_not_split(folds: Sequence[Fold], groups: np.ndarray | None, where: str) -> None:
     """Refuse folds that put one case (patient) in two of train/val/test.
 
     Raises:

@@ -40,6 +40,7 @@ from sparsemil.limit.predict import (
     LimitOptions,
     LimitPrediction,
     chance_warning,
+    diagnostic_trace_probes,
     important_flat_fraction,
     predict_limit,
 )
@@ -293,7 +294,7 @@ def mil_limit(
                 (result.uncertainty or {}).get("central"),
                 eps,
                 float(lmbda or 0.0),
-                trace_probes=opts.trace_probes,
+                trace_probes=diagnostic_trace_probes(opts, lanczos_num * lanczos_iter),
                 seed=seed,
                 samples=len(hess_bags),
             )
@@ -373,7 +374,9 @@ def _mil_prediction(
             bag_loss_fn,
             hess_bags,
             method=opts.hvp_method,
-            expected_products=lanczos_num * lanczos_iter + opts.trace_probes + 1,
+            expected_products=lanczos_num * lanczos_iter
+            + diagnostic_trace_probes(opts, lanczos_num * lanczos_iter)
+            + 1,
         )
         if opts.important:
             important = important_flat_fraction(

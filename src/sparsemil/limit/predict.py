@@ -63,7 +63,9 @@ class LimitOptions:
             epsilon (official: 128, over the shuffled training loader).
         premises: check the theory's premises (:mod:`sparsemil.limit.premises`): KKT
             residual, first- vs second-order loss change, anisotropy of the pruning direction.
-        trace_probes: Hutch++ products for the trace in the anisotropy check.
+        trace_probes: Hutch++ products for the trace in the anisotropy check (None: 5 % of
+            the SLQ products, between 3 and 24, so the diagnostics stay a small share of the
+            spectrum's cost; :func:`diagnostic_trace_probes`).
     """
 
     hessian_samples: int | None = None
@@ -78,7 +80,7 @@ class LimitOptions:
     threads: int | None = None
     epsilon_batch_size: int = 128
     premises: bool = True
-    trace_probes: int = 24
+    trace_probes: int | None = None
 
     def validate(self, where: str = "config [limit]") -> None:
         """Raise :class:`SparsemilError` naming the ``limit.<key>`` that is out of range."""
@@ -104,8 +106,16 @@ class LimitOptions:
             raise bad("threads", "must be >= 1 or null")
         if self.epsilon_batch_size < 1:
             raise bad("epsilon_batch_size", "must be >= 1")
-        if self.trace_probes < 3:
-            raise bad("trace_probes", "must be >= 3 (Hutch++)")
+        if self.trace_probes is not None and self.trace_probes < 3:
+            raise bad("trace_probes", "must be >= 3 (Hutch++) or null")
+
+
+def diagnostic_trace_probes(opts: LimitOptions, slq_products: int) -> int:
+    """Hutch++ products for the premise checks: ``limit.trace_probes``, or 5 % of the SLQ
+    products clipped to [3, 24] (24 at the official 128 steps x 4 probes)."""
+    if opts.trace_probes is not None:
+        return int(opts.trace_probes)
+    return int(min(24, max(3, round(0.05 * slq_products))))
 
 
 @dataclass

@@ -47,6 +47,9 @@ class ModelSpec:
             (``reseed``, ``get_rng_state``, ``set_rng_state``).
         stochastic_eval: evaluation passes differ (random grouping, random chunks).
         default_num_test: test passes worth running (more than one when stochastic).
+        returns_attention: ``forward(X, ..., return_att=True)`` returns ``(output,
+            attention)`` with one score per instance (DTFD-MIL's ``forward`` takes no
+            ``return_att``: it has no attention map).
         extra_options: options besides the constructor's (handled by ``builder``).
     """
 
@@ -62,6 +65,7 @@ class ModelSpec:
     seeded: bool = False
     stochastic_eval: bool = False
     default_num_test: int = 1
+    returns_attention: bool = True
     batch_note: str = ""
     extra_options: tuple[str, ...] = field(default=())
 
@@ -190,6 +194,7 @@ _SPECS = (
         batch_note=_PARTIAL,
         stochastic_eval=True,
         default_num_test=5,
+        returns_attention=False,
     ),
 )
 
@@ -222,6 +227,20 @@ def registered_spec(model: Any) -> ModelSpec:
             "(sparsemil.mil.registry.MODELS); build it with build_mil_model"
         )
     return spec
+
+
+def require_attention(model: Any) -> None:
+    """Raise a one-line :class:`SparsemilError` when ``model`` (a registered model) returns no
+    per-instance attention (:attr:`ModelSpec.returns_attention`); models the registry does
+    not know pass (their ``forward`` decides)."""
+    spec = spec_of(model)
+    if spec is not None and not spec.returns_attention:
+        others = ", ".join(s.name for s in MODELS.values() if s.returns_attention)
+        raise SparsemilError(
+            f"model {spec.name} ({spec.display_name}) has no attention: its forward returns "
+            f"no per-instance attention (no return_att), so there is no attention heatmap or "
+            f"localisation for it; use a model with attention ({others})"
+        )
 
 
 def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:

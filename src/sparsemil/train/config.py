@@ -62,8 +62,11 @@ class MILTrainConfig:
     """
 
     RENAMED: ClassVar[dict[str, tuple[str, str]]] = {
-        "l1": ("lmbda", "the L1 strength, named as in the official pruning configs, where "
-               "'l1' is the on/off switch"),
+        "l1": (
+            "lmbda",
+            "the L1 strength, named as in the official pruning configs, where "
+            "'l1' is the on/off switch",
+        ),
     }
 
     # data

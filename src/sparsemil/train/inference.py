@@ -22,7 +22,7 @@ from sparsemil.data.sources import BagSource
 from sparsemil.errors import SparsemilError, resolve_device
 from sparsemil.mil.checkpoint import load_mil_checkpoint
 from sparsemil.mil.factory import bag_probabilities
-from sparsemil.mil.registry import registered_spec
+from sparsemil.mil.registry import registered_spec, require_attention
 from sparsemil.train.data import Standardizer
 
 
@@ -98,17 +98,22 @@ class Predictor:
         trailing axis of size 1, as DSMIL's ``(1, N, 1)``, is dropped).
 
         Raises:
-            SparsemilError: wrong feature shape, or a model that returns no attention.
+            SparsemilError: wrong feature shape, or ``return_att`` for a model that has no
+                attention (DTFD-MIL) or returns none.
         """
         x = self.prepare(features)
         n = int(x.shape[1])
+        if return_att:
+            require_attention(self.model)
         kwargs: dict[str, Any] = {}
         if coords is not None and self.takes_coords:
             c = torch.as_tensor(np.asarray(coords), dtype=torch.float32).unsqueeze(0)
             kwargs["coords"] = c.to(self.device)
         with torch.inference_mode():
-            out = self.model(x, return_att=return_att, **kwargs) if return_att else self.model(
-                x, **kwargs
+            out = (
+                self.model(x, return_att=return_att, **kwargs)
+                if return_att
+                else self.model(x, **kwargs)
             )
         att = None
         if return_att:
@@ -116,17 +121,25 @@ class Predictor:
                 raise SparsemilError(
                     f"model {self.model_name} returned no attention for return_att=True"
                 )
-            out, att_t = out[0], torch.as_tensor(out[1]).detach().float().cpu()
-            if att_t.dim() >= 2 and att_t.shape[-1] == 1 and att_t.shape[-2] == n:
-                att_t = att_t[..., 0]  # DSMIL: (1, N, 1) instance scores
-            if att_t.shape[-1] != n:
-                raise SparsemilError(
-                    f"model {self.model_name} attention has shape {tuple(att_t.shape)}; "
-                    f"expected (1, {n})"
-                )
-            att = att_t.reshape(-1, n).mean(dim=0).double().numpy()
+            out, att = out[0], instance_attention(out[1], n, f"model {self.model_name}")
         probs = bag_probabilities(torch.as_tensor(out).detach().float().cpu())
         return probs.reshape(-1).double().numpy(), att
+
+
+def instance_attention(att: Any, n: int, what: str) -> np.ndarray:
+    """One score per instance ``(N,)`` float64 from a model's attention output: a trailing
+    axis of size 1 (DSMIL's ``(1, N, 1)`` instance scores) is dropped and extra leading
+    axes (heads, branches) are averaged.
+
+    Raises:
+        SparsemilError: naming ``what``, when the last axis is not the bag's ``n``.
+    """
+    a = torch.as_tensor(att).detach().float().cpu()
+    if a.dim() >= 2 and a.shape[-1] == 1 and a.shape[-2] == n:
+        a = a[..., 0]  # DSMIL: (1, N, 1) instance scores
+    if a.dim() == 0 or a.shape[-1] != n:
+        raise SparsemilError(f"{what} attention has shape {tuple(a.shape)}; expected (1, {n})")
+    return a.reshape(-1, n).mean(dim=0).double().numpy()
 
 
 def load_predictor(path: str | os.PathLike[str], device: str | None = "cpu") -> Predictor:
@@ -353,6 +366,7 @@ def attention_auc(
 
     from sparsemil.data.readers import as_bag
 
+    require_attention(predictor.model)
     per_bag: dict[str, float] = {}
     for i in range(len(bags)) if indices is None else indices:
         bag = as_bag(bags[i])

@@ -466,9 +466,7 @@ def build_fold(
     return FoldSetup(module, dm, ckpt_cb, callbacks, std, kwargs, meta)
 
 
-def fit_setup(
-    cfg: MILTrainConfig, setup: FoldSetup, run_dir: Path, resume: bool
-) -> L.Trainer:
+def fit_setup(cfg: MILTrainConfig, setup: FoldSetup, run_dir: Path, resume: bool) -> L.Trainer:
     """Step 2 of :func:`fit_fold`: Lightning's fit (resuming from ``run_dir/last.ckpt``)."""
     from lightning.pytorch.loggers import CSVLogger
 

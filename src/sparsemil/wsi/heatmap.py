@@ -13,7 +13,9 @@ The model runs once on the whole bag ``X (1, N, C)``:
   returning ``(Y_pred, att (1, N))`` -- ABMIL's ``att`` are its attention logits before the
   softmax, a monotone transform of the attention weights.
 
-Extra leading axes of ``att`` (e.g. heads) are averaged. The scores are then normalised
+Extra leading axes of ``att`` (e.g. heads) are averaged and a trailing axis of size 1
+(DSMIL's ``(1, N, 1)`` instance scores) is dropped. DTFD-MIL returns no attention (its
+``forward`` takes no ``return_att``) and is refused with a one-line error. The scores are then normalised
 to [0, 1]: ``"rank"`` (default, as CLAM's heatmaps: percentile rank, robust to the very
 skewed attention of MIL models; ties share their mean rank) or ``"minmax"``.
 
@@ -54,8 +56,8 @@ import torch
 
 from sparsemil.errors import SparsemilError
 from sparsemil.mil.factory import bag_probabilities
-from sparsemil.mil.registry import spec_of
-from sparsemil.train.inference import Predictor
+from sparsemil.mil.registry import require_attention, spec_of
+from sparsemil.train.inference import Predictor, instance_attention
 
 
 @dataclass
@@ -105,12 +107,18 @@ def instance_scores(
         coords: (N, 2) level-0 patch positions (passed to models that take ``coords``).
 
     Returns:
-        ``(scores (N,) float64, output (1, ...) tensor on CPU)``.
+        ``(scores (N,) float64, output (1, ...) tensor on CPU)``; a trailing attention axis
+        of size 1 (DSMIL's ``(1, N, 1)`` instance scores) is dropped, extra leading axes are
+        averaged.
+
+    Raises:
+        SparsemilError: bad features, or a model without attention (DTFD-MIL).
     """
     X = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     if X.dim() != 2 or X.shape[0] == 0:
         raise SparsemilError(f"features must be (N, C) with N >= 1, got {tuple(X.shape)}")
     n = X.shape[0]
+    require_attention(model)
     model = model.to(device).eval()
     X = X.unsqueeze(0).to(device)
     with torch.inference_mode():
@@ -123,14 +131,8 @@ def instance_scores(
         raise SparsemilError(
             f"{type(model).__name__}(X, return_att=True) did not return (output, attention)"
         )
-    logits, att = out[0], out[1]
-    att = torch.as_tensor(att).detach().float().cpu()
-    if att.shape[-1] != n:
-        raise SparsemilError(
-            f"{type(model).__name__} attention has shape {tuple(att.shape)}; expected (1, {n})"
-        )
-    att = att.reshape(-1, n).mean(dim=0)
-    return att.double().numpy(), torch.as_tensor(logits).detach().float().cpu()
+    scores = instance_attention(out[1], n, type(model).__name__)
+    return scores, torch.as_tensor(out[0]).detach().float().cpu()
 
 
 def normalize_scores(scores: np.ndarray, method: str = "rank") -> np.ndarray:
@@ -439,7 +441,8 @@ def heatmap_from_checkpoint(
             does not match the slide.
 
     Raises:
-        SparsemilError: unknown ``cmap``, a missing/unreadable file, an h5 without coords,
+        SparsemilError: unknown ``cmap``, a missing/unreadable file, a model without
+            attention (DTFD-MIL), an h5 without coords,
             a patch size that is neither recorded, given nor inferable, features of another
             dimension than the checkpoint's, or an h5 that does not match the slide.
     """
@@ -456,6 +459,7 @@ def heatmap_from_checkpoint(
     if patch_size is not None and int(patch_size) < 1:
         raise SparsemilError(f"patch_size {patch_size}: must be a positive level-0 size")
     predictor = load_predictor(checkpoint, device)
+    require_attention(predictor.model)
     bag = read_h5_file(h5, need_coords=True)
     predictor.check_features(bag.features.shape[1], f"h5 {h5}")
     s = open_slide(slide)

@@ -57,6 +57,7 @@ from sparsemil.limit.predict import (
     LimitOptions,
     LimitPrediction,
     chance_warning,
+    diagnostic_trace_probes,
     important_flat_fraction,
     loss_epsilon,
     predict_limit,
@@ -182,7 +183,7 @@ def model_limit(
                 eps,
                 float(lmbda),
                 penalised=[p for _, p in l1_params(model, cfg.l1_scope)],
-                trace_probes=cfg.limit.trace_probes,
+                trace_probes=diagnostic_trace_probes(cfg.limit, cfg.lanczos_num * cfg.lanczos_iter),
                 seed=cfg.seed,
                 samples=n_hess,
             )
@@ -340,7 +341,9 @@ def _hessian(
         cross_entropy_loss,
         batches,
         method=opts.hvp_method,
-        expected_products=cfg.lanczos_num * cfg.lanczos_iter + opts.trace_probes + 1,
+        expected_products=cfg.lanczos_num * cfg.lanczos_iter
+        + diagnostic_trace_probes(opts, cfg.lanczos_num * cfg.lanczos_iter)
+        + 1,
     )
     return op, batches
 
