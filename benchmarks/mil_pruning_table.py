@@ -97,6 +97,21 @@ def pred_and_error(r: dict) -> tuple[str, float | None, str]:
     return f"{'≥' if b['side'] == '>=' else '≤'} {b['ratio']:.3f}", err, f"≥ {err:.3f}"
 
 
+def premise_text(premises: dict | None) -> str:
+    """``KKT residual / bound, first-order share, anisotropy`` of one row ('–' when the row
+    predates the premise checks)."""
+    if not premises:
+        return "–"
+    kkt = premises.get("kkt") or {}
+    order = premises.get("order") or {}
+    aniso = premises.get("anisotropy") or {}
+    ratio = kkt["residual"] / kkt["bound"] if kkt.get("bound") else None
+    return (
+        f"{'–' if ratio is None else f'{ratio:.1f}x'}, "
+        f"{fmt(order.get('first_order_share'))}, {fmt(aniso.get('ratio'))}"
+    )
+
+
 def write_table(path: Path, rows: list[dict], planned: int) -> None:
     lines = [
         "# Predicted vs actual pruning ratio of MIL models",
@@ -115,9 +130,10 @@ def write_table(path: Path, rows: list[dict], planned: int) -> None:
         f"per batch, no padding), SLQ 1 x {SETTINGS['lanczos_iter']}; epsilon = std of the per-bag "
         "training losses at w* (fixed rule, never fitted).",
         "",
-        "| dataset | model | L1 | seed | D | dense test acc | epsilon | predicted | actual (drop_1pt) "
-        "| actual (train_loss_eps) | abs error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | L1 | seed | D | dense test acc | epsilon | predicted [90% over probes] "
+        "| actual (drop_1pt) | actual (official) | actual (train_loss_eps) | abs error "
+        "| premises (KKT residual / lambda sqrt(D), first-order share, anisotropy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     errs = []
     for r in rows:
@@ -125,10 +141,13 @@ def write_table(path: Path, rows: list[dict], planned: int) -> None:
         pred_txt, err, err_txt = pred_and_error(r)
         if err is not None:
             errs.append(err)
+        iv = (r.get("uncertainty") or {}).get("interval_90") or [None, None]
         lines.append(
             f"| {NAMES[r['_dataset']]} | {r['_model']} | {r['_l1']:g} | {r['_seed']} | {r['D']:,} "
             f"| {r['dense']['test_acc']:.3f} | {r['epsilon']:.3g} | {pred_txt} "
-            f"| {fmt(act.get('drop_1pt'))} | {fmt(act.get('train_loss_eps'))} | {err_txt} |"
+            f"[{fmt(iv[0])}, {fmt(iv[1])}] | {fmt(act.get('drop_1pt'))} "
+            f"| {fmt(act.get('official'))} | {fmt(act.get('train_loss_eps'))} | {err_txt} "
+            f"| {premise_text(r.get('premises'))} |"
         )
     lines += ["", "## Summary", ""]
     if errs:

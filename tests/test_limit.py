@@ -94,6 +94,9 @@ def test_prune_run_end_to_end(tmp_path):
     assert spread["min"] <= lo <= doc["predicted_ratio"] + 1e-9 and hi <= spread["max"]
     assert spread["by_steps"]["steps"][-1] == 48
     assert doc["premises"]["kkt"]["bound"] == pytest.approx(0.0005 * np.sqrt(doc["D"]))
+    # the official default: the Hessian over the whole training set, stated in limit.json
+    assert doc["hessian"]["samples"] == len(data.y_train) == doc["n_train"]
+    assert doc["hessian"]["subset"] is False
 
 
 def test_prune_run_bad_option(tmp_path, capsys):
@@ -155,7 +158,8 @@ def test_important_rows_against_exact_per_batch_hessians():
 
 
 def test_reproduction_table_tiny(tmp_path):
-    """CI-sized run of benchmarks/pruning_table.py (2 rows): the markdown is complete."""
+    """CI-sized run of benchmarks/pruning_table.py (2 rows): the markdown is complete and
+    the summary scores theory on the uncensored rows."""
     import importlib.util
     from pathlib import Path
 
@@ -165,12 +169,29 @@ def test_reproduction_table_tiny(tmp_path):
     spec.loader.exec_module(mod)
     assert mod.main(["--tiny", "--out", str(tmp_path), "--workers", "1"]) == 0
     text = (tmp_path / "pruning_limit.md").read_text()
-    assert "(complete)" in text
+    assert "(complete)" in text and "### Censored rows" in text
     assert sum(line.startswith("| digits-tiny | 0.") for line in text.splitlines()) == 2
     summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = [json.loads(p.read_text()) for p in tmp_path.glob("*/limit.json")]
-    errors = [r["abs_error"] for r in rows]
-    assert summary["mean_abs_error"] == pytest.approx(float(np.mean(errors)))
+    sc = summary["scores"]["drop_1pt"]
+    assert sc["n_scored"] + sc["n_censored"] == summary["rows_done"] == 2
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/limit.json"))]
+    top = (50 - 1) / 50  # the tiny profile's sparse_epoch
+    scored = [
+        r["abs_error"]
+        for r in rows
+        if r["predicted_ratio"] is not None
+        and r["actual_ratio"]["drop_1pt"] is not None
+        and r["actual_ratio"]["drop_1pt"] < top - 1e-9
+        and r["bounds"]["trace_only"] < top - 1e-9
+    ]
+    # two seeds: each row's lambda-only baseline is the other row's actual ratio
+    assert len(scored) == sc["n_scored"]
+    if scored:
+        assert sc["abs"]["theory"]["mean"] == pytest.approx(float(np.mean(scored)))
+    # --markdown-only rewrites the same summary without running a row
+    assert mod.main(["--tiny", "--out", str(tmp_path), "--markdown-only"]) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again["scores"] == summary["scores"]
 
 
 def test_censored_abs_error_by_hand():
