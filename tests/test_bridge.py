@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,20 +107,50 @@ def test_prune_mil_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o" / "limit.json").exists()
 
 
-def test_demo_tiny_end_to_end(tmp_path, capsys):
+def test_demo_tiny_end_to_end(tmp_path, capsys, shared_dir):
     out = tmp_path / "demo"
-    rc = main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"])
+    slide = shared_dir / "data" / "wsi" / "CMU-1-Small-Region.svs"
+    rc = main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress",
+               "--slide", str(slide)])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "MIL comparison" in text and "Pruning limit" in text
+    assert "MIL comparison" in text and "Pruning limit" in text and "Slide scale" in text
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6  # self-contained: every plot embedded
+    assert html.count('src="data:image/') == 8  # self-contained: every figure embedded
     summary = json.loads((out / "summary.json").read_text())
     assert [r["model"] for r in summary["mil_cv"]] == ["mmil", "abmil", "dsmil"]
     for key in ("mil_limit", "vision_limit"):
         assert set(summary[key]["actual_ratio"]) == {"drop_1pt", "official", "train_loss_eps"}
+    # every figure is shown at its physical size (text at its point size), within the page
+    widths = [int(w) for w in re.findall(r'<figure style="width:(\d+)px">', html)]
+    assert len(widths) == 8 and all(300 <= w <= 1000 for w in widths), widths
+    # the real slide: wsi extract's tissue mask and patch grid (38 of 88 patches of 256 px)
+    real = summary["real_slide"]
+    assert (real["dimensions"], real["n_grid"], real["n_patches"]) == ([2220, 2967], 88, 38)
+    assert 0.2 < real["tissue_fraction"] < 0.5 and (out / "slide" / "tissue_patches.jpg").is_file()
+    assert "<b>38 of 88</b>" in html
+    # the slide-scale cohort: MMIL against ABMIL, bag AUC and attention localisation
+    syn = summary["slide_scale"]
+    assert syn["cohort"]["witness_rate"] == 0.05 and syn["recipe"]["batch_size"] == 1
+    assert [m["model"] for m in syn["models"]] == ["mmil", "abmil"]
+    for m in syn["models"]:
+        assert m["loc_bags"] == 3 and m["loc_auc"] > 0.5, m
+        assert (
+            f"<td>{m['display_name']}</td><td>{m['accuracy']:.3f}</td><td>{m['auc']:.3f}</td>"
+            in html
+        )
+        assert f"{m['loc_auc']:.3f} ± " in html and f"{m['loc_auc']:.3f}" in text
+    assert (out / "synth" / "attention.png").is_file() and syn["heatmap_slide"] in html
     # A second run into the same (non-empty) folder is refused, not overwritten.
     assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 2
+
+
+def test_demo_missing_slide_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--preset", "tiny", "--out", str(out), "--slide", str(tmp_path / "x.svs")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "x.svs: no such file" in err and err.count("\n") == 0
+    assert not out.exists()
 
 
 def test_prune_run_accepts_a_mil_config(tmp_path):

@@ -151,3 +151,54 @@ def test_heatmap_applies_the_checkpoint_standardiser(cmu, tmp_path):
     with torch.inference_mode():
         raw = bag_probabilities(model(torch.from_numpy(feats)[None]))[0, 1].item()
     assert abs(raw - res.probabilities[1]) > 1e-3  # the raw forward is a different number
+
+
+def test_instance_scores_takes_dsmil_instance_scores():
+    """DSMIL returns (1, N, 1) instance scores; ``instance_scores`` drops the trailing axis
+    as ``Predictor`` does."""
+    from sparsemil.mil.factory import build_mil_model
+
+    feats, coords = _bag(seed=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_mil_model("dsmil", C).eval()
+    with torch.inference_mode():
+        _, att = model(torch.from_numpy(feats)[None], return_att=True)
+    assert tuple(att.shape) == (1, 20, 1)
+    scores, logits = instance_scores(model, feats, coords)
+    assert scores.shape == (20,) and logits.shape == (1,)
+    np.testing.assert_allclose(scores, att[0, :, 0].double().numpy(), rtol=1e-6)
+
+
+def test_dtfdmil_has_no_attention_one_line_error(cmu, tmp_path, capsys):
+    """DTFD-MIL's forward takes no ``return_att``: every attention consumer says so in one
+    line (no TypeError); plain prediction still works."""
+    from sparsemil.data.h5 import write_h5_file
+    from sparsemil.mil.checkpoint import save_mil_checkpoint
+    from sparsemil.mil.factory import build_mil_model
+    from sparsemil.train.inference import attention_auc, load_predictor
+
+    feats, coords = _bag(seed=5)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_mil_model("dtfdmil", C)
+        model(torch.zeros(1, 2, C), mask=torch.ones(1, 2, dtype=torch.bool))  # lazy layers
+    msg = r"model dtfdmil \(DTFD-MIL\) has no attention: .*use a model with attention \(mmil, "
+    with pytest.raises(SparsemilError, match=msg):
+        instance_scores(model.eval(), feats, coords)
+    ckpt = save_mil_checkpoint(tmp_path / "d.safetensors", model, "dtfdmil", {}, in_dim=C)
+    predictor = load_predictor(ckpt)
+    probs, att = predictor(feats, coords)
+    assert att is None and probs.shape == (2,)
+    with pytest.raises(SparsemilError, match=msg):
+        predictor(feats, coords, return_att=True)
+    with pytest.raises(SparsemilError, match=msg):
+        attention_auc(predictor, [], [])
+    h5 = tmp_path / "cmu.h5"
+    write_h5_file(h5, feats, coords, coords_attrs={"patch_size": 256, "patch_level": 0})
+    out = tmp_path / "hm.png"
+    rc = main(["wsi", "heatmap", "--slide", str(cmu), "--h5", str(h5), "--checkpoint",
+               str(ckpt), "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "dtfdmil (DTFD-MIL) has no attention" in err and not out.exists()

@@ -58,6 +58,7 @@ def mil(
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
         lmbda=_trained_lmbda(meta),
+        epsilon_batch_size=int((meta.get("train_config") or {}).get("batch_size") or 1),
     )  # fmt: skip
     echo_limit(doc, out)
 

@@ -15,14 +15,17 @@ The same theory as for vision models (:mod:`sparsemil.limit.predict`), with MIL 
   different sizes need no padding. The grouping is forced to ``sequential`` (deterministic)
   and the model is in eval mode (no sub-bag masking), so two products with the same vector
   are identical even for a model trained with random grouping.
-- **epsilon:** the std (ddof 0) of the per-bag training losses at w* -- the vision rule with a
-  bag as the mini-batch. Never fitted to the measured ratio.
+- **epsilon:** the std (ddof 0) of the mean training loss of mini-batches of the training
+  batch size (``batch_size`` bags of the MIL config), over a seeded shuffle of the training
+  bags at w* -- the vision rule at the batch the model was trained with (:func:`bag_epsilon`;
+  batch 1 is the per-bag std). Never fitted to the measured ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from sparsemil.limit.predict import (
     chance_warning,
     diagnostic_trace_probes,
     important_flat_fraction,
+    loss_epsilon,
     predict_limit,
 )
 from sparsemil.limit.premises import premise_checks
@@ -95,6 +99,31 @@ def _outputs(model: nn.Module, bags: Sequence[MILBatch]) -> tuple[torch.Tensor, 
             losses.append(bag_loss(out, b["Y"]))
             probs.append(bag_probabilities(out))
     return torch.cat(losses), torch.cat(probs)
+
+
+def bag_epsilon(model: nn.Module, bags: MILBags, batch_size: int = 1, seed: int = 0) -> float:
+    """epsilon of a MIL model: the std (ddof 0) of the mean training loss of mini-batches of
+    ``batch_size`` bags (the training batch size), over one seeded shuffle of the training
+    bags -- the vision rule at the batch the model was trained with. ``batch_size`` 1 is the
+    std of the per-bag losses.
+
+    Raises:
+        SparsemilError: fewer than two mini-batches, or non-finite losses.
+    """
+    was = model.training
+    model.eval()
+    with deterministic_grouping(model):
+        losses, _ = _outputs(model, bags.train)
+    model.train(was)
+    order = np.random.default_rng(seed).permutation(len(losses))
+    vals = losses.double().numpy()[order]
+    b = max(int(batch_size), 1)
+    if math.ceil(vals.size / b) < 2:
+        raise SparsemilError(
+            f"epsilon: {vals.size} training bags give one mini-batch of {b}; need at least 2 "
+            "(lower the training batch_size)"
+        )
+    return loss_epsilon(np.array([vals[i : i + b].mean() for i in range(0, vals.size, b)]))
 
 
 def make_evaluator(bags: MILBags):
@@ -244,6 +273,7 @@ def mil_limit(
     extra: dict[str, Any] | None = None,
     title: str = "",
     lmbda: float | None = None,
+    epsilon_batch_size: int = 1,
 ) -> dict[str, Any]:
     """Sweep + spectrum + prediction for a trained MIL ``model``; writes ``limit.json``,
     ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object.
@@ -259,6 +289,8 @@ def mil_limit(
             (bags differ in size and are never padded). ``threads`` is applied by the caller.
         n_ratios, lanczos_iter, lanczos_num, seed: sweep grid and SLQ settings.
         device: torch device of the sweep and the Hessian.
+        epsilon_batch_size: bags per mini-batch for epsilon (the training batch size; 1:
+            the std of the per-bag losses), see :func:`bag_epsilon`.
         lmbda: the L1 strength the model was trained with, for the premise checks
             (``limit.premises``; None: taken as 0 -- the checks then warn that the model is
             outside the theory's premises).
@@ -273,7 +305,7 @@ def mil_limit(
     t0 = time.perf_counter()
     sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
     timings = {"sweep_s": time.perf_counter() - t0}
-    eps = float(sweep.dense["train_loss_std"])
+    eps = bag_epsilon(model, bags, epsilon_batch_size, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sweep.to_csv(out / "sweep.csv")
@@ -425,7 +457,8 @@ def _mil_info(
             "determinism": op.determinism,
             "num_products": int(op.num_products),
         },
-        "epsilon_rule": "std (ddof 0) of the per-bag training losses at w*",
+        "epsilon_rule": "std (ddof 0) of the mean training loss of mini-batches of "
+        "epsilon_batch_size bags (the training batch size) over a seeded shuffle, at w*",
         "pruned": "global magnitude threshold over the prunable set",
         "parameters": {"prunable": prunable_set(op.model).summary()},
         "n_weights": int(sweep.n_weights),
@@ -486,6 +519,7 @@ def run_mil_limit(
         title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
         f"(lmbda {mil_cfg.lmbda:g}, seed {mil_cfg.seed})",
         lmbda=mil_cfg.lmbda,
+        epsilon_batch_size=mil_cfg.batch_size,
         extra={
             "model": mil_cfg.model,
             "lmbda": mil_cfg.lmbda,

@@ -39,9 +39,9 @@ def plot_style() -> Any:
 
 
 def display_width(png: str | Path) -> int | None:
-    """CSS pixels that show ``png`` at its physical size (``width * 96 / dpi``, from the
-    PNG's recorded resolution), so its text reads at the point size it was drawn with;
-    ``None`` when the file records no resolution."""
+    """CSS pixels that show ``png`` (or a JPEG) at its physical size (``width * 96 / dpi``,
+    from the file's recorded resolution), so its text reads at the point size it was drawn
+    with; ``None`` when the file records no resolution."""
     from PIL import Image
 
     with Image.open(png) as im:

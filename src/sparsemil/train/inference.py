@@ -22,7 +22,7 @@ from sparsemil.data.sources import BagSource
 from sparsemil.errors import SparsemilError, resolve_device
 from sparsemil.mil.checkpoint import load_mil_checkpoint
 from sparsemil.mil.factory import bag_probabilities
-from sparsemil.mil.registry import registered_spec, require_attention
+from sparsemil.mil.registry import model_inputs, registered_spec, require_attention
 from sparsemil.train.data import Standardizer
 
 
@@ -105,10 +105,13 @@ class Predictor:
         n = int(x.shape[1])
         if return_att:
             require_attention(self.model)
-        kwargs: dict[str, Any] = {}
-        if coords is not None and self.takes_coords:
+        # the inputs the trainer and ``mil predict`` give (model_inputs): an all-True mask
+        # to every model that takes one (DTFD-MIL needs it), coords to those that take them
+        batch: dict[str, Any] = {"mask": torch.ones((1, n), dtype=torch.bool, device=x.device)}
+        if coords is not None:
             c = torch.as_tensor(np.asarray(coords), dtype=torch.float32).unsqueeze(0)
-            kwargs["coords"] = c.to(self.device)
+            batch["coords"] = c.to(self.device)
+        kwargs = model_inputs(self.model, batch)
         with torch.inference_mode():
             out = (
                 self.model(x, return_att=return_att, **kwargs)
