@@ -198,6 +198,13 @@ def _agrees(a: Tensor, b: Tensor, rtol: float = 1e-4) -> bool:
     return float((a - b).abs().max()) <= rtol * max(scale, 1e-30) if b.numel() else True
 
 
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _memory_in_use(device: torch.device) -> int:
     """Bytes in use now: the CUDA allocator's on a GPU, the process's resident set on CPU
     (0 where neither can be read)."""
@@ -473,26 +480,26 @@ class HessianOperator(LinearOperatorBase):
         and the reason go to :attr:`backend_choice`.
         """
         k = max(int(V.shape[0]), 1)
-        t0 = time.perf_counter()
+        t0 = _clock(self.device)
         reference = impl["autograd"](index, V)
-        t_ref = (time.perf_counter() - t0) / k
+        t_ref = (_clock(self.device) - t0) / k
         choice: dict[str, Any] = {"autograd_s_per_vector": t_ref}
         others = max(len(self.batches) - 1, 0)
         for name in ("linearize", "func"):
             try:
                 mem0 = _memory_in_use(self.device)
-                t0 = time.perf_counter()
+                t0 = _clock(self.device)
                 out = impl[name](index, V)
-                t_first = (time.perf_counter() - t0) / k
+                t_first = (_clock(self.device) - t0) / k
                 cached = max(_memory_in_use(self.device) - mem0, 0)
                 again, t_next = out, t_first
                 if name == "linearize":
-                    t0 = time.perf_counter()
+                    t0 = _clock(self.device)
                     again = impl[name](index, V)
-                    t_next = (time.perf_counter() - t0) / k
-            except Exception:  # noqa: BLE001 - tracing failures come in many types
+                    t_next = (_clock(self.device) - t0) / k
+            except Exception as err:  # noqa: BLE001 - tracing failures come in many types
                 self._linear_cache.clear()
-                choice[name] = "failed to trace"
+                choice[name] = f"failed to trace ({type(err).__name__})"
                 continue
             if not (_agrees(out, reference) and _agrees(again, reference)):
                 # e.g. a masked softmax traced into NaN tangents for some vectors
@@ -510,7 +517,8 @@ class HessianOperator(LinearOperatorBase):
                     )
                     continue
             trace_cost = max(t_first - t_next, 0.0) * k * others
-            saving = (t_ref - t_next) * self.expected_products
+            # every product visits every batch: the saving per batch times the batches
+            saving = (t_ref - t_next) * self.expected_products * len(self.batches)
             choice[f"{name}_s_per_vector"] = t_next
             choice[f"{name}_trace_s"] = max(t_first - t_next, 0.0) * k
             if saving > trace_cost:
@@ -526,7 +534,7 @@ class HessianOperator(LinearOperatorBase):
             self._linear_cache.clear()
             choice[name] = "slower over the expected products (tracing included)"
         choice["chosen"] = "autograd"
-        choice["reason"] = "no traced backend agrees with autograd and pays off"
+        choice["reason"] = "no traced backend was usable (see the entry of each)"
         self._resolved, self.backend_choice = "autograd", choice
         return reference
 
@@ -556,6 +564,9 @@ class HessianOperator(LinearOperatorBase):
             traced = self._resolved
             self._resolved = "autograd"
             self._linear_cache.clear()
+            if self.backend_choice is not None:
+                self.backend_choice["chosen"] = "autograd"
+                self.backend_choice["reason"] = f"{traced} failed the determinism check"
             result = {**self._measure_determinism(rtol, seed), "fallback_from": traced}
         self.determinism = result
         backend = f"{self._resolved} backend"
@@ -712,6 +723,7 @@ class DistributedHessianOperator(HessianOperator):
         shard: bool = True,
         group: Any = None,
         check: bool = True,
+        expected_products: int = 512,
     ) -> None:
         import torch.distributed as dist
 
@@ -736,6 +748,7 @@ class DistributedHessianOperator(HessianOperator):
                 method,
                 chunk_size,
                 check=False,
+                expected_products=expected_products,
             )
             # global shares; a rank without batches contributes zero
             self.weights = [full[i] for i in local] if local else [0.0]
@@ -745,7 +758,17 @@ class DistributedHessianOperator(HessianOperator):
                 if weights is None
                 else [float(w) for w in weights]
             )
-            super().__init__(model, loss_fn, batches, params, None, method, chunk_size, check=False)
+            super().__init__(
+                model,
+                loss_fn,
+                batches,
+                params,
+                None,
+                method,
+                chunk_size,
+                check=False,
+                expected_products=expected_products,
+            )
             tot = torch.tensor([sum(raw)], dtype=torch.float64)
             dist.all_reduce(tot, group=group)
             self.weights = [w / float(tot.item()) for w in raw]

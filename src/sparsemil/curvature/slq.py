@@ -398,9 +398,12 @@ def hutchinson_trace(
     if num_probes < 1 or (method == "hutch++" and num_probes < 3):
         raise SparsemilError("hutchinson_trace needs num_probes >= 1 (>= 3 for hutch++)")
 
-    def apply(V: Tensor) -> Tensor:
+    def apply(V: Tensor) -> Tensor:  # products come back on V's device (a GPU op: CPU probes)
         return torch.cat(
-            [op.matmat(V[:, i : i + block]).to(torch.float64) for i in range(0, V.shape[1], block)],
+            [
+                op.matmat(V[:, i : i + block]).to(device=V.device, dtype=torch.float64)
+                for i in range(0, V.shape[1], block)
+            ],
             dim=1,
         )
 

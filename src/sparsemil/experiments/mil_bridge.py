@@ -50,6 +50,7 @@ from sparsemil.limit.predict import (
 )
 from sparsemil.limit.premises import premise_checks
 from sparsemil.limit.report import write_limit
+from sparsemil.prune.l1 import l1_params
 from sparsemil.prune.magnitude import prunable_set
 from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
@@ -116,7 +117,7 @@ def bag_epsilon(model: nn.Module, bags: MILBags, batch_size: int = 1, seed: int 
         losses, _ = _outputs(model, bags.train)
     model.train(was)
     order = np.random.default_rng(seed).permutation(len(losses))
-    vals = losses.double().numpy()[order]
+    vals = losses.double().cpu().numpy()[order]
     b = max(int(batch_size), 1)
     if math.ceil(vals.size / b) < 2:
         raise SparsemilError(
@@ -139,7 +140,7 @@ def make_evaluator(bags: MILBags):
             tr_loss, _ = _outputs(model, bags.train)
             ev_loss, probs = _outputs(model, bags.eval)
         model.train(was)
-        p = probs.double().numpy()
+        p = probs.double().cpu().numpy()
         if not np.all(np.isfinite(p)):
             auc = float("nan")
         elif bags.n_classes == 2:
@@ -284,7 +285,9 @@ def mil_limit(
         out_dir: output folder.
         options: the ``limit:`` section; every key is honoured: ``hessian_samples`` (seeded
             subset of training bags), ``hvp_method``, ``negative``, ``important`` /
-            ``important_ratios`` / ``important_tol``, ``density_bins``, ``official_grid``.
+            ``important_ratios`` / ``important_tol``, ``density_bins``, ``official_grid``,
+            ``premises``, ``trace_probes``; not ``epsilon_batch_size``: a MIL model's epsilon
+            uses its training batch size (``epsilon_batch_size`` below).
             ``hessian_batch_size`` must stay at its default: one bag is one Hessian batch
             (bags differ in size and are never padded). ``threads`` is applied by the caller.
         n_ratios, lanczos_iter, lanczos_num, seed: sweep grid and SLQ settings.
@@ -323,9 +326,10 @@ def mil_limit(
             premises = premise_checks(
                 op,
                 params,
-                (result.uncertainty or {}).get("central"),
+                result.predicted_ratio,  # None (root outside the sweep): no direction checks
                 eps,
                 float(lmbda or 0.0),
+                penalised=[p for _, p in l1_params(model)],  # the MIL trainer's penalty
                 trace_probes=diagnostic_trace_probes(opts, lanczos_num * lanczos_iter),
                 seed=seed,
                 samples=len(hess_bags),

@@ -301,7 +301,7 @@ def important_flat_fraction(
 
 # --------------------------------------------------------------------------- spread
 
-#: relative change below which the prediction counts as stable in the Lanczos step count
+#: absolute change (in ratio) below which the prediction counts as stable in the step count
 STEP_TOL = 0.01
 
 
@@ -364,8 +364,9 @@ def prediction_spread(
       ``nonpositive_mass`` (weight of Ritz values <= 0; the two agree when it is ~0);
     - ``by_steps``: the pooled prediction from the first k Lanczos steps, k = 8, 16, 32, ...
       and the full count; ``stable_at_steps``: the smallest k from which every prediction is
-      within ``step_tol`` (absolute, in ratio) of the full-step one (``None``: still moving at
-      the last step -- raise ``lanczos_iter``).
+      within ``step_tol`` (absolute, in ratio) of the full-step one; ``stable`` is False when
+      that is only the last count (still moving: raise ``lanczos_iter``), None with a single
+      count (nothing to compare).
 
     A root outside the swept range counts as the range's end it lies beyond (``censored``).
 

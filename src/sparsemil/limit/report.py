@@ -33,7 +33,7 @@ def write_limit(
     (:func:`sparsemil.limit.premises.premise_checks`, stored under ``"premises"``) and a
     prediction still moving with the Lanczos step count.
 
-    ``"official_criterion"`` and ``"drop_1pt"`` appear side by side in ``"actual_ratio"``, in
+    ``"official"`` and ``"drop_1pt"`` appear side by side in ``"actual_ratio"``, in
     ``"abs_error"`` (one per criterion) and in the sweep plot; ``"uncertainty"`` holds the
     spread over probes (:func:`sparsemil.limit.predict.prediction_spread`)."""
     out = Path(out_dir)

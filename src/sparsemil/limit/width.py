@@ -132,7 +132,9 @@ def trace_bounds(
 
     Returns:
         ``{"lower": R -> gw_lower(R), "upper": R -> gw_upper(R), "mean_curvature": c_bar,
-        "max_curvature": c_max, "abs_trace_per_dim": mean |lambda|, "nonpositive_mass": m0}``
+        "max_curvature": c_max, "abs_trace_per_dim": mean |lambda|, "nonpositive_mass": the
+        weight of lambda <= 0}`` (``m0`` is the weight of zero *curvature*: lambda <= 0 under
+        ``flat``, exactly 0 under ``abs``)
         (the two bounds are vectorised callables).
     """
     lam, w = _clean(eigenvalues, weights, None)

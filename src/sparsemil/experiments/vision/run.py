@@ -98,7 +98,7 @@ def run_limit(
         data,
         cfg,
         out,
-        lmbda=cfg.lmbda if cfg.l1 else 0.0,
+        lmbda=cfg.lmbda if cfg.l1 and cfg.regularizer == "L1" else 0.0,
         progress=progress,
         log=log,
         timings={"train_s": train_s},
@@ -179,7 +179,7 @@ def model_limit(
             premises = premise_checks(
                 op,
                 params["prunable"].refs,
-                spread.get("central"),
+                result.predicted_ratio,  # None (root outside the sweep): no direction checks
                 eps,
                 float(lmbda),
                 penalised=[p for _, p in l1_params(model, cfg.l1_scope)],
@@ -366,7 +366,7 @@ def _important(
         model,
         cross_entropy_loss,
         fixed_batches(x_h, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
-        method=op.backend or opts.hvp_method,  # the backend ``op``'s check settled on
+        method="autograd",  # each batch is visited once: no cache (op's may fill memory)
         check=False,  # same model and loss as ``op``, already checked
     )
     return important_flat_fraction(
