@@ -404,27 +404,58 @@ def _fmt(v: float | None, nd: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
-def _premise_cells(doc: dict) -> list[str]:
-    """KKT residual / (lambda sqrt D), first-order share, anisotropy, verdict."""
+def premise_verdict(doc: dict) -> dict | None:
+    """The premise checks of a row, re-judged from its stored numbers with the current
+    thresholds of :mod:`sparsemil.limit.premises` (so rows computed before a threshold
+    changed are judged like new ones): ``{"kkt_ratio", "first_order_share", "anisotropy",
+    "failed": [check names], "passed"}``; None when the row has no premise checks."""
+    from sparsemil.limit import premises as P
+
     pr = doc.get("premises")
     if not pr:
-        return ["n/a"] * 4
+        return None
     kkt, order, ani = pr.get("kkt") or {}, pr.get("order") or {}, pr.get("anisotropy") or {}
-    kkt_rel = (
+    kkt_ratio = (
         kkt["residual"] / kkt["bound"]
         if kkt.get("bound") and kkt.get("residual") is not None
         else None
     )
-    failed = [
-        k
-        for k in ("kkt", "order", "anisotropy", "determinism")
-        if isinstance(pr.get(k), dict) and pr[k].get("passed") is False
-    ]
+    share, q = order.get("first_order_share"), ani.get("ratio")
+    failed = []
+    if kkt_ratio is None or kkt_ratio > P.KKT_MAX_SHARE:
+        failed.append("kkt")
+    if share is not None and share > P.FIRST_ORDER_MAX_SHARE:
+        failed.append("order")
+    if q is not None and not (1.0 / P.ANISOTROPY_MAX <= q <= P.ANISOTROPY_MAX):
+        failed.append("anisotropy")
+    det = pr.get("determinism")
+    if isinstance(det, dict) and det.get("passed") is False:
+        failed.append("determinism")
+    return {
+        "kkt_ratio": kkt_ratio,
+        "first_order_share": share,
+        "anisotropy": q,
+        "failed": failed,
+        "passed": not failed,
+    }
+
+
+def _kkt_share() -> float:
+    from sparsemil.limit.premises import KKT_MAX_SHARE
+
+    return float(KKT_MAX_SHARE)
+
+
+def _premise_cells(doc: dict) -> list[str]:
+    """KKT residual / (lambda sqrt D), first-order share, anisotropy, verdict."""
+    v = premise_verdict(doc)
+    if v is None:
+        return ["n/a"] * 4
     return [
-        _fmt(kkt_rel, 2),
-        _fmt(order.get("first_order_share"), 2),
-        _fmt(ani.get("ratio"), 2),
-        "pass" if pr.get("passed") else "fail: " + ", ".join(failed or ["?"]),
+        _fmt(v["kkt_ratio"], 2),
+        _fmt(v["first_order_share"], 2),
+        _fmt(v["anisotropy"], 2),
+        "pass" if v["passed"] else "fail: " + ", ".join(v["failed"]),
     ]
 
 
@@ -465,7 +496,11 @@ def _summary_lines(scores: dict[str, dict]) -> list[str]:
     return out
 
 
-def _breakdown(records: list[dict], key: str, values, criteria) -> list[str]:
+def _breakdown(
+    records: list[dict], key: str, values, criteria, theory_best: list[str] | None = None
+) -> list[str]:
+    """Mean abs error per ``key`` value and criterion; appends ``"value (criterion)"`` to
+    ``theory_best`` where the theory has the lowest mean of the three predictors."""
     head = "configuration" if key == "config" else "L1 strength"
     lines = [
         f"| {head} | criterion | scored / censored | theory | λ-only | trace-only | lowest mean |",
@@ -478,16 +513,14 @@ def _breakdown(records: list[dict], key: str, values, criteria) -> list[str]:
         for c in criteria:
             sc = score(sub, c)
             means = {p: sc["abs"][p]["mean"] for p in PREDICTORS}
-            best = (
-                PREDICTOR_NAMES[min((p for p in PREDICTORS), key=lambda p: means[p])]
-                if sc["n_scored"]
-                else "n/a"
-            )
-            label = v if key == "config" else f"{v:g}"
+            best = min(PREDICTORS, key=lambda p: means[p]) if sc["n_scored"] else None
+            label = v if key == "config" else f"L1 {v:g}"
+            if best == "theory" and theory_best is not None:
+                theory_best.append(f"{label} ({c})")
             lines.append(
                 f"| {label} | {c} | {sc['n_scored']} / {sc['n_censored']} "
                 f"| {_fmt(means['theory'])} | {_fmt(means['lambda_only'])} "
-                f"| {_fmt(means['trace_only'])} | {best} |"
+                f"| {_fmt(means['trace_only'])} | {PREDICTOR_NAMES.get(best, 'n/a')} |"
             )
     return lines
 
@@ -548,9 +581,14 @@ def write_markdown(
         cens.append(f"| {c} | {sc['n_censored']} / {sc['n_rows']} | {why} |")
 
     # premises and probe spread over all finished rows
-    prem = [d.get("premises") or {} for d in docs]
-    n_pass = sum(1 for p in prem if p.get("passed"))
-    n_kkt = sum(1 for p in prem if (p.get("kkt") or {}).get("passed") is False)
+    prem = [premise_verdict(d) or {"passed": False, "failed": ["not checked"]} for d in docs]
+    n_pass = sum(1 for p in prem if p["passed"])
+    n_kkt = sum(1 for p in prem if "kkt" in p["failed"])
+    n_failed = {
+        k: sum(1 for p in prem if k in p["failed"])
+        for k in ("kkt", "order", "anisotropy", "determinism", "not checked")
+        if any(k in p["failed"] for p in prem)
+    } or {"none": 0}
     widths = [
         d["uncertainty"]["interval_90"][1] - d["uncertainty"]["interval_90"][0]
         for d in docs
@@ -559,7 +597,7 @@ def write_markdown(
     ]
     by_premise = []
     for label, want in (("premises pass", True), ("premises fail", False)):
-        sub = [r for r, p in zip(records, prem, strict=True) if bool(p.get("passed")) == want]
+        sub = [r for r, p in zip(records, prem, strict=True) if p["passed"] == want]
         sc = score(sub, "drop_1pt")
         by_premise.append(
             f"{label}: {sc['n_scored']} scored rows, theory {_fmt(sc['abs']['theory']['mean'])}"
@@ -584,9 +622,27 @@ def write_markdown(
             f"| {' | '.join(_premise_cells(d))} | {_row_seconds(d):.0f} |"
         )
 
-    status = "complete" if done == len(rows) else f"PARTIAL: {done} of {len(rows)} rows finished"
-    configs = list(profile)
+    # where the theory has the lowest mean error; the trace bracket's use
+    theory_best: list[str] = []
+    by_cfg = _breakdown(records, "config", list(profile), ("drop_1pt", "official"), theory_best)
     strengths = sorted({r[2] for r in rows})
+    by_l1 = _breakdown(records, "lmbda", strengths, ("drop_1pt", "official"), theory_best)
+    n_cells = sum(1 for ln in by_cfg[2:] + by_l1[2:] if not ln.endswith("| n/a |"))
+    upper_at_end = sum(
+        1
+        for d, r in zip(docs, records, strict=True)
+        if (d.get("bounds") or {}).get("upper") is not None
+        and d["bounds"]["upper"] >= r["rho_max"] - _AT_END_TOL
+    )
+    inside = sum(
+        1
+        for d in docs
+        if None not in ((d.get("bounds") or {}).get("lower"), (d.get("bounds") or {}).get("upper"))
+        and d["actual_ratio"].get("drop_1pt") is not None
+        and d["bounds"]["lower"] <= d["actual_ratio"]["drop_1pt"] <= d["bounds"]["upper"]
+    )
+
+    status = "complete" if done == len(rows) else f"PARTIAL: {done} of {len(rows)} rows finished"
     head = [
         "# Predicted vs actual pruning ratio",
         "",
@@ -598,18 +654,37 @@ def write_markdown(
         "",
         f"- rows: {done} / {len(rows)}",
         *_summary_lines(scores),
-        f"- premises: {n_pass} of {done} rows pass all premise checks; the KKT check fails in "
-        f"{n_kkt} (w* not a stationary point of CE + lambda ||w||_1 within lambda sqrt(D)). "
-        f"`drop_1pt` mean abs errors (theory / λ-only / trace-only) by verdict: "
-        + "; ".join(by_premise)
-        + ".",
+        f"- premises: {n_pass} of {done} rows pass all premise checks; failing: "
+        + ", ".join(f"{k} in {v}" for k, v in n_failed.items())
+        + f" (KKT: residual of CE + lambda ||w||_1 above {_kkt_share():g} x lambda sqrt(D), "
+        "w* not a stationary point; the thresholds of `sparsemil.limit.premises` applied to "
+        "the stored numbers). "
+        + (
+            "`drop_1pt` mean abs errors (theory / λ-only / trace-only) by verdict: "
+            + "; ".join(by_premise)
+            + "."
+            if 0 < n_pass < done
+            else "So no subset of rows inside the premises can be scored apart."
+            if n_pass == 0
+            else ""
+        ),
         f"- spread over SLQ probes: median width of the 90% interval "
         f"{_fmt(float(np.median(widths)) if widths else None)} (max "
         f"{_fmt(float(np.max(widths)) if widths else None)}) over {len(widths)} rows.",
+        f"- the theory has the lowest mean abs error of the three predictors in "
+        f"{len(theory_best)} of the {n_cells} configuration / L1-strength cells below"
+        + (": " + ", ".join(theory_best) if theory_best else "")
+        + ".",
+        f"- trace bracket: the actual `drop_1pt` ratio lies inside [lower, upper] in {inside} "
+        f"of {done} rows; its upper end (chord bound) is at the largest swept ratio in "
+        f"{upper_at_end} of {done} rows, where the bracket says no more than its lower end.",
         "",
         "Means over the scored (uncensored) rows; all three predictors on the same rows; "
         '95% Student-t intervals. "beats"/"loses": the interval of theory - baseline '
-        "lies below/above 0.",
+        "lies below/above 0. The λ-only baseline's error is the seed-to-seed spread of the "
+        "measured limit at a fixed configuration and L1 strength: a predictor that does not "
+        "beat it predicts a row's limit less well than the limits measured on the other "
+        "seeds do.",
         "",
         *table,
         "",
@@ -619,11 +694,11 @@ def write_markdown(
         "",
         "### By configuration (mean abs error over the scored rows)",
         "",
-        *_breakdown(records, "config", configs, ("drop_1pt", "official")),
+        *by_cfg,
         "",
         "### By L1 strength (mean abs error over the scored rows)",
         "",
-        *_breakdown(records, "lmbda", strengths, ("drop_1pt", "official")),
+        *by_l1,
         "",
         *(extra or []),
         "## Rows",
@@ -633,7 +708,8 @@ def write_markdown(
         "bracket [lower, upper] on the prediction (lower = the trace-only baseline); the "
         "λ-only baseline for `drop_1pt` / `official`; the actual ratio by `drop_1pt` and by "
         "`official`; abs errors theory / λ-only / trace-only per criterion (`cens.`: not "
-        "scored, with the reason); premises: KKT residual / (lambda sqrt D) (<= 1 passes), "
+        "scored, with the reason); premises: KKT residual / (lambda sqrt D) (passes at "
+        f"<= {_kkt_share():g}), "
         "first-order share of the loss change at the prediction, anisotropy (Rayleigh "
         "quotient of the pruning direction / mean eigenvalue), verdict; seconds per row.",
         "",
@@ -652,6 +728,7 @@ def write_markdown(
         "scores": scores,
         "premises_passed": n_pass,
         "kkt_failed": n_kkt,
+        "premise_failures": n_failed,
         "probe_interval_width_median": float(np.median(widths)) if widths else None,
     }
     from sparsemil.io import atomic_write_json, atomic_write_text

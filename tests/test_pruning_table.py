@@ -132,3 +132,27 @@ def test_score_counts_censored_rows_apart_and_pairs_predictors(pt):
     # every row censored: nothing scored, the means undefined rather than 0
     none = pt.score(recs[3:], "drop_1pt")
     assert none["n_scored"] == 0 and none["abs"]["theory"]["mean"] is None
+
+
+def test_premise_verdict_uses_current_thresholds(pt):
+    from sparsemil.limit import premises as P
+
+    def doc(residual, share, q):
+        return {
+            "premises": {
+                "kkt": {"residual": residual, "bound": 2.0, "passed": True},  # stale flag
+                "order": {"first_order_share": share},
+                "anisotropy": {"ratio": q},
+                "determinism": {"passed": True},
+            }
+        }
+
+    # residual 0.8 x lambda sqrt(D): passed under the old rule (<= 1), not under 0.5
+    v = pt.premise_verdict(doc(1.6, 0.2, 1.0))
+    assert v["kkt_ratio"] == pytest.approx(0.8)
+    assert v["failed"] == (["kkt"] if P.KKT_MAX_SHARE < 0.8 else [])
+    v = pt.premise_verdict(doc(0.5, 0.2, 1.0))
+    assert v["passed"] and v["failed"] == []
+    v = pt.premise_verdict(doc(0.5, 0.9, 10.0))
+    assert v["failed"] == ["order", "anisotropy"] and not v["passed"]
+    assert pt.premise_verdict({"premises": None}) is None
