@@ -736,20 +736,21 @@ class DistributedHessianOperator(HessianOperator):
         rank = dist.get_rank(group)
         world = dist.get_world_size(group)
         batches = list(batches)
+        local = list(range(rank, len(batches), world))
+        own = ([batches[i] for i in local] or batches[:1]) if shard else batches
+        super().__init__(
+            model,
+            loss_fn,
+            own,
+            params,
+            None,
+            method,
+            chunk_size,
+            check=False,
+            expected_products=expected_products,
+        )
         if shard:
             full = HessianOperator._normalise_weights(self, weights, batches)
-            local = list(range(rank, len(batches), world))
-            super().__init__(
-                model,
-                loss_fn,
-                [batches[i] for i in local] or batches[:1],
-                params,
-                None,
-                method,
-                chunk_size,
-                check=False,
-                expected_products=expected_products,
-            )
             # global shares; a rank without batches contributes zero
             self.weights = [full[i] for i in local] if local else [0.0]
         else:
@@ -757,17 +758,6 @@ class DistributedHessianOperator(HessianOperator):
                 [float(batch_size_of(b)) for b in batches]
                 if weights is None
                 else [float(w) for w in weights]
-            )
-            super().__init__(
-                model,
-                loss_fn,
-                batches,
-                params,
-                None,
-                method,
-                chunk_size,
-                check=False,
-                expected_products=expected_products,
             )
             tot = torch.tensor([sum(raw)], dtype=torch.float64)
             dist.all_reduce(tot, group=group)
