@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from sparsemil.cli.main import main
 from sparsemil.errors import SparsemilError
@@ -168,3 +170,59 @@ def test_run_needs_two_mini_batches_before_training(tmp_path, capsys) -> None:
         capsys, "config key 'limit.epsilon_batch_size' 128", "1 mini-batch", "raise subset"
     )
     assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_sweep_and_run_share_one_epsilon_rule(tmp_path, capsys) -> None:
+    """One config serves both commands: `prune sweep` uses the epsilon of `prune run`
+    (limit.epsilon_batch_size over the seeded shuffle) and refuses the same bad value."""
+    cfg = _cfg(tmp_path, extra="limit:\n  epsilon_batch_size: 200\n  threads: 1\n")
+    run = tmp_path / "run"
+    assert main(["prune", "run", "--config", cfg, "--out", str(run), "--quiet"]) == 0
+    limit = json.loads((run / "limit.json").read_text())
+    ckpt = str(run / "model.safetensors")
+    assert main(["prune", "sweep", "--config", cfg, "--checkpoint", ckpt,
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0  # fmt: skip
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sweep["loss_eps"] == pytest.approx(limit["epsilon"], rel=1e-9)
+    capsys.readouterr()
+    bad = _cfg(tmp_path, extra="limit:\n  epsilon_batch_size: 5000\n")
+    for argv in (["run"], ["sweep", "--checkpoint", ckpt]):
+        out = tmp_path / f"bad-{argv[0]}"
+        assert main(["prune", *argv, "--config", bad, "--out", str(out), "--quiet"]) == 2
+        _one_line_error(capsys, "'limit.epsilon_batch_size' 5000", "1 mini-batch")
+        assert not out.exists()  # refused before any folder or file
+
+
+def test_refusals_leave_no_output(tmp_path, capsys) -> None:
+    """A random forward (dropout on in eval) is refused before the sweep writes anything, and
+    a config refused before training leaves no folder."""
+    from sparsemil.data.vision import load_vision_dataset
+    from sparsemil.experiments.vision.config import PruneConfig
+    from sparsemil.experiments.vision.run import model_limit
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.b(F.dropout(torch.relu(self.a(x.flatten(1))), 0.5, training=True))
+
+    data = load_vision_dataset("digits", seed=0)
+    out = tmp_path / "noisy"
+    with pytest.raises(SparsemilError, match="dropout"):
+        model_limit(Noisy(), data, PruneConfig(sparse_epoch=10, lanczos_iter=8), out, lmbda=0.0)
+    assert not out.exists()
+    aug = _cfg(tmp_path, extra="augment: official\n")  # 8x8 digits: not 32x32
+    assert main(["prune", "run", "--config", aug, "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    _one_line_error(capsys, "augment")
+    assert not (tmp_path / "a").exists()
+
+
+def test_too_few_lanczos_steps_are_said(tmp_path) -> None:
+    cfg = _cfg(tmp_path, epoch=1, extra="lanczos_num: 2\n")  # BASE: lanczos_iter 8
+    out = tmp_path / "r"
+    assert main(["prune", "run", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "limit.json").read_text())
+    assert doc["uncertainty"]["stable"] is None
+    assert any("cannot be judged" in w for w in doc["warnings"])

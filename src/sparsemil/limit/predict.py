@@ -364,9 +364,10 @@ def prediction_spread(
       ``nonpositive_mass`` (weight of Ritz values <= 0; the two agree when it is ~0);
     - ``by_steps``: the pooled prediction from the first k Lanczos steps, k = 8, 16, 32, ...
       and the full count; ``stable_at_steps``: the smallest k from which every prediction is
-      within ``step_tol`` (absolute, in ratio) of the full-step one; ``stable`` is False when
-      that is only the last count (still moving: raise ``lanczos_iter``), None with a single
-      count (nothing to compare).
+      within ``step_tol`` (absolute, in ratio) of the full-step one (None when only the last
+      count agrees with itself); ``stable`` is False when still moving (raise
+      ``lanczos_iter``), None with a single count (fewer than 16 steps: nothing to compare,
+      and a warning says so).
 
     A root outside the swept range counts as the range's end it lies beyond (``censored``).
 
@@ -430,12 +431,14 @@ def _by_steps(spectrum: SpectrumResult, args: tuple, step_tol: float) -> dict[st
             if all(p is not None and abs(p - final) <= step_tol for p in preds[i:]):
                 stable = k
                 break
+    if stable == full and len(steps) > 1:
+        stable = None  # only the last count agrees with itself: still moving
     return {
         "by_steps": {"steps": steps, "predicted_ratio": preds},
         "stable_at_steps": stable,
         "step_tol": step_tol,
         # None: a single step count, nothing to compare
-        "stable": None if len(steps) < 2 else bool(stable is not None and stable < full),
+        "stable": None if len(steps) < 2 else stable is not None,
     }
 
 

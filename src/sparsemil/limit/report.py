@@ -112,6 +112,12 @@ def _spread_warnings(spread: dict[str, Any]) -> list[str]:
     out = []
     if spread.get("num_probes") == 1:
         out.append("uncertainty: " + spread.get("note", "one SLQ probe: no spread"))
+    if spread.get("by_steps") and spread.get("stable") is None:
+        steps = spread["by_steps"]["steps"]
+        out.append(
+            f"uncertainty: {steps[-1]} Lanczos steps give one step count, so whether the "
+            "prediction has stopped moving cannot be judged; use lanczos_iter >= 16"
+        )
     if spread.get("by_steps") and spread.get("stable") is False:
         steps = spread["by_steps"]
         out.append(

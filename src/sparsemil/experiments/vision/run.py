@@ -50,7 +50,12 @@ from sparsemil.curvature.hvp import (
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
 from sparsemil.experiments.vision.models import load_checkpoint
-from sparsemil.experiments.vision.train import config_dataset, model_metadata, train_from_config
+from sparsemil.experiments.vision.train import (
+    check_epsilon_batches,
+    config_dataset,
+    model_metadata,
+    train_from_config,
+)
 from sparsemil.io import atomic_write_json
 from sparsemil.limit.plots import plot_sweep
 from sparsemil.limit.predict import (
@@ -87,9 +92,11 @@ def run_limit(
     say = log or (lambda _msg: None)
     device = cfg.resolved_device()  # a missing CUDA device fails here, before any work
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    # checks (epsilon mini-batches, augmentation) run before training; nothing is written
+    # until the model is trained
     model, data, hist = train_from_config(cfg, progress=progress, device=device, min_batches=2)
+    out.mkdir(parents=True, exist_ok=True)
     train_s = time.perf_counter() - t0
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     _save_trained(cfg, model, data, hist, out, device)
@@ -146,7 +153,6 @@ def model_limit(
     device = cfg.resolved_device()
     check_augment(cfg.augment, data)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings = dict(timings or {})
     model = model.to(device).eval()
     params = parameter_sets(model, cfg.l1_scope)
@@ -155,11 +161,13 @@ def model_limit(
     x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
     with _timed(timings, "epsilon_s"):
         eps = training_epsilon(cfg, model, x_tr, y_tr, data.black)
+    # the operator (and its determinism check: a random forward is refused) before any file
+    with _timed(timings, "hessian_setup_s"):
+        op, batches = _hessian(cfg, model, x_tr, y_tr, data.black)
+    out.mkdir(parents=True, exist_ok=True)
     with _timed(timings, "sweep_s"):
         sweep, actual = _sweep(cfg, model, data, eps, out, progress)
     say(f"sweep: actual {actual}")
-    with _timed(timings, "hessian_setup_s"):
-        op, batches = _hessian(cfg, model, x_tr, y_tr, data.black)
     n_hess = int(sum(int(b[1].shape[0]) for b in batches))
     say(f"Hessian over {n_hess} of {int(y_tr.shape[0])} training samples ({op.backend} backend)")
     with _timed(timings, "important_s"):
@@ -213,10 +221,17 @@ def training_epsilon(
     ``limit.epsilon_batch_size`` (official 128) over one seeded shuffle of the training set,
     augmented as in training (``augment``), at w* -- the official loader's rule
     (``cal_loss`` over the shuffled, augmented ``train_loader``)."""
+    n = int(y.shape[0])
+    check_epsilon_batches(cfg, n)
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    perm = torch.randperm(int(y.shape[0]), generator=gen).to(x.device)
+    perm = torch.randperm(n, generator=gen).to(x.device)
     xs = _augmented(cfg, x[perm], gen, fill)
     return loss_epsilon(batch_losses(model, xs, y[perm], cfg.limit.epsilon_batch_size).numpy())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a parameterless model)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def _augmented(cfg: PruneConfig, x: Tensor, gen: torch.Generator, fill: Any) -> Tensor:
@@ -491,11 +506,22 @@ def run_sweep(
             f"checkpoint {checkpoint}: input shape {meta['in_shape']} does not "
             f"match dataset {data.name} {list(data.in_shape)}"
         )
+    eps = (
+        cfg.loss_eps
+        if cfg.loss_eps is not None
+        else training_epsilon(
+            cfg, model, data.x_train.to(model_device(model)), data.y_train.to(model_device(model)),
+            data.black,
+        )
+    )  # fmt: skip
     res = config_sweep(cfg, model, data, progress)
-    summary = res.summary(eps=cfg.loss_eps)
+    summary = res.summary(eps=eps)
     summary["criterion"] = cfg.actual_criterion
-    summary["loss_eps"] = (
-        cfg.loss_eps if cfg.loss_eps is not None else res.dense.get("train_loss_std")
+    summary["loss_eps"] = eps
+    summary["epsilon_rule"] = (
+        "config key loss_eps"
+        if cfg.loss_eps is not None
+        else f"std of per-mini-batch training losses at batch {cfg.limit.epsilon_batch_size}"
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,19 @@ def model_metadata(cfg: PruneConfig, data: VisionData) -> dict[str, Any]:
     }
 
 
+def check_epsilon_batches(cfg: PruneConfig, n: int, min_batches: int = 2) -> None:
+    """Raise :class:`SparsemilError` (naming ``limit.epsilon_batch_size``) when ``n`` training
+    samples give fewer than ``min_batches`` epsilon mini-batches."""
+    eps_batch = cfg.limit.epsilon_batch_size
+    if math.ceil(n / eps_batch) < min_batches:
+        raise SparsemilError(
+            f"config key 'limit.epsilon_batch_size' {eps_batch}: the {n} training samples give "
+            f"{math.ceil(n / eps_batch)} mini-batch(es); epsilon (the std of the "
+            f"per-mini-batch training losses) needs at least {min_batches}: lower "
+            "limit.epsilon_batch_size or raise subset"
+        )
+
+
 def config_dataset(cfg: PruneConfig) -> VisionData:
     """The dataset ``cfg`` names, with its subsets and layout (``subset``, ``test_subset``,
     ``image_size``, ``channels``; seeded by ``seed``)."""
@@ -291,15 +304,7 @@ def train_from_config(
             images that are not 32x32, checked before training.
     """
     data = config_dataset(cfg)
-    n = int(data.y_train.shape[0])
-    eps_batch = cfg.limit.epsilon_batch_size
-    if math.ceil(n / eps_batch) < min_batches:
-        raise SparsemilError(
-            f"config key 'limit.epsilon_batch_size' {eps_batch}: the {n} training samples give "
-            f"{math.ceil(n / eps_batch)} mini-batch(es); epsilon (the std of the "
-            f"per-mini-batch training losses) needs at least {min_batches}: lower "
-            "limit.epsilon_batch_size or raise subset"
-        )
+    check_epsilon_batches(cfg, int(data.y_train.shape[0]), min_batches)
     check_augment(cfg.augment, data)
     model = build_model(
         cfg.model, data.in_shape, data.num_classes, widths=cfg.widths, init=cfg.init, seed=cfg.seed
