@@ -18,6 +18,7 @@ from sparsemil.limit.predict import important_flat_fraction, loss_epsilon, thres
 from sparsemil.limit.width import gaussian_width, predicted_ratio
 from sparsemil.prune.magnitude import prunable_parameters
 from sparsemil.prune.sweep import SweepResult, actual_ratio
+from torch_helpers import summed_hessian_rows
 
 CONFIG = """\
 model: mlp
@@ -135,21 +136,7 @@ def test_important_rows_against_exact_per_batch_hessians():
     _, idx = threshold_indices(op, prunable, 20)
     # exact per-batch Hessians (float64, autograd); official normalisation: the rows' L1
     # norms summed over the batches, divided by the number of samples (gradient.py)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-    md = nn.Sequential(nn.Linear(64, 5), nn.ReLU(), nn.Linear(5, 10)).double()
-    rows = np.zeros(len(idx))
-    for bx, by in batches:
-
-        def loss(th, bx=bx, by=by):
-            parts = [c.reshape(s) for c, s in zip(torch.split(th, sizes), shapes, strict=True)]
-            ps = dict(zip(names, parts, strict=True))
-            return F.cross_entropy(torch.func.functional_call(md, ps, (bx.double(),)), by)
-
-        Hb = torch.autograd.functional.hessian(loss, theta, vectorize=True).numpy()
-        rows += np.abs(Hb[idx]).sum(axis=1)
+    rows = summed_hessian_rows(model, batches, idx)
     rows /= 120
     np.testing.assert_allclose(out["row_l1_norms"], rows, rtol=1e-5, atol=1e-12)
     assert out["num_batches"] == 3 and out["num_samples"] == 120

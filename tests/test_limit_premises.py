@@ -24,6 +24,7 @@ from sparsemil.curvature.hvp import HessianOperator
 from sparsemil.limit.predict import important_flat_fraction, threshold_indices
 from sparsemil.limit.premises import kkt_residual, premise_checks, pruning_direction
 from sparsemil.prune.magnitude import prunable_parameters
+from torch_helpers import summed_hessian_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -162,20 +163,7 @@ def test_important_rows_of_a_cnn_official_normalisation():
     prunable = prunable_parameters(model)
     out = important_flat_fraction(op, prunable, num_ratios=25, tol=1e-7)
     _, idx = threshold_indices(op, prunable, 25)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    rows = np.zeros(len(idx))
-    for bx, by in batches:
-
-        def loss(th, bx=bx, by=by):
-            parts = [c.reshape(s) for c, s in zip(torch.split(th, sizes), shapes, strict=True)]
-            ps = dict(zip(names, parts, strict=True))
-            return F.cross_entropy(torch.func.functional_call(model, ps, (bx,)), by)
-
-        Hb = torch.autograd.functional.hessian(loss, theta).numpy()
-        rows += np.abs(Hb[idx]).sum(axis=1)
+    rows = summed_hessian_rows(model, batches, idx)
     rows /= 90  # official: summed over batches, divided by the number of samples
     np.testing.assert_allclose(out["row_l1_norms"], rows, rtol=1e-6, atol=1e-14)
     assert out["num_samples"] == 90

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 
 import numpy as np
@@ -17,18 +16,7 @@ from sparsemil.wsi.backbones import (
     build_backbone,
     is_torchscript,
 )
-
-
-@contextlib.contextmanager
-def _no_onednn():
-    """oneDNN's first-call kernel setup costs seconds for 53 conv shapes: not needed here."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
+from torch_helpers import no_onednn
 
 # torchvision's resnet50 has 25,557,032 parameters, of which layer4 holds 14,964,736
 # and fc 2,049,000: the truncated network keeps the other 8,543,296.
@@ -42,7 +30,7 @@ def test_resnet50_trunc_architecture():
     assert "layer3.5.bn3.running_var" in keys and "layer3.0.downsample.1.weight" in keys
     assert "layer2.0.conv2.weight" in keys and not any(k.startswith("layer4") for k in keys)
     # stride 16 at layer3: a 64x64 input gives a 4x4 map of 1024 channels, pooled
-    with torch.inference_mode(), _no_onednn():
+    with torch.inference_mode(), no_onednn():
         y = net.eval()(torch.zeros(2, 3, 64, 64))
     assert y.shape == (2, 1024)
 
@@ -91,7 +79,7 @@ def test_torchvision_state_dict_loads_and_normalises(tmp_path, capsys):
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.inference_mode(), _no_onednn():
+    with torch.inference_mode(), no_onednn():
         want = ref.eval()((x.float() / 255 - mean) / std)
         got = bb.encoder(x)
     assert torch.isfinite(want).all() and want.abs().max() > 0
@@ -101,7 +89,7 @@ def test_torchvision_state_dict_loads_and_normalises(tmp_path, capsys):
 
     st = tmp_path / "resnet50.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
-    with torch.inference_mode(), _no_onednn():
+    with torch.inference_mode(), no_onednn():
         got2 = build_backbone("resnet50_trunc", st).encoder(x)
     torch.testing.assert_close(got2, want)
 

@@ -7,7 +7,6 @@ depth, and loaded from a weights file through the same path ``--weights`` takes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from sparsemil.wsi.backbones import (
     build_backbone,
     resolve_precision,
 )
+from torch_helpers import no_onednn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,17 +46,6 @@ _TIMM_DEFAULTS = {
     "vit_giant_patch14_dinov2": {"patch_size": 14, "mlp_ratio": 2.66667 * 2},
 }
 _DINOV2_GIANT = "vit_giant_patch14_dinov2"  # LayerScale and packed SwiGLU by default
-
-
-@contextlib.contextmanager
-def _no_onednn():
-    """oneDNN's first-call kernel setup costs seconds for 53 conv shapes: not needed here."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def _case_meta(case: str, shared_dir: Path) -> dict:
@@ -114,7 +103,7 @@ def test_reference_case(case, shared_dir, tmp_path, capsys):
     sizes = spec.get("input_sizes", [224])
     for s in sizes:
         x, want = t[f"input_{s}"], t[f"expected_{s}"]
-        with torch.inference_mode(), _no_onednn():
+        with torch.inference_mode(), no_onednn():
             got = net(x)  # inputs are already normalised: the network alone
         assert tuple(got.shape) == tuple(spec["expected_shape"]) == tuple(want.shape)
         err = (got - want).abs().max().item()
