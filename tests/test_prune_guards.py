@@ -226,3 +226,16 @@ def test_too_few_lanczos_steps_are_said(tmp_path) -> None:
     doc = json.loads((out / "limit.json").read_text())
     assert doc["uncertainty"]["stable"] is None
     assert any("cannot be judged" in w for w in doc["warnings"])
+
+
+def test_run_with_the_important_eigenvalue_correction(tmp_path) -> None:
+    """`limit.important` through `prune run`: rows over the Hessian's samples, official
+    normalisation (divided by the number of samples)."""
+    extra = "limit:\n  important: true\n  important_ratios: 5\n  threads: 1\n"
+    cfg = _cfg(tmp_path, epoch=1, extra=extra)
+    out = tmp_path / "r"
+    assert main(["prune", "run", "--config", cfg, "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "limit.json").read_text())
+    imp = doc["important"]
+    assert imp["num_samples"] == doc["hessian"]["samples"] == doc["n_train"]
+    assert len(imp["row_l1_norms"]) == 5 and doc["flat_fraction"] == imp["fraction"]

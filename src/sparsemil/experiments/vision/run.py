@@ -163,7 +163,9 @@ def model_limit(
         eps = training_epsilon(cfg, model, x_tr, y_tr, data.black)
     # the operator (and its determinism check: a random forward is refused) before any file
     with _timed(timings, "hessian_setup_s"):
-        op, batches = _hessian(cfg, model, x_tr, y_tr, data.black)
+        # the training set as the Hessian sees it (augmented once when augment: official)
+        x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), data.black)
+        op, batches = _hessian(cfg, model, x_h, y_tr)
     out.mkdir(parents=True, exist_ok=True)
     with _timed(timings, "sweep_s"):
         sweep, actual = _sweep(cfg, model, data, eps, out, progress)
@@ -171,7 +173,7 @@ def model_limit(
     n_hess = int(sum(int(b[1].shape[0]) for b in batches))
     say(f"Hessian over {n_hess} of {int(y_tr.shape[0])} training samples ({op.backend} backend)")
     with _timed(timings, "important_s"):
-        important = _important(cfg, model, op, x_tr, y_tr, data.black)
+        important = _important(cfg, model, x_h, y_tr)
     flat = important["fraction"] if important is not None else 0.0
     with _timed(timings, "spectrum_s"):
         result = _predict(cfg, op, sweep, eps, flat, progress)
@@ -342,14 +344,13 @@ def _sweep(
 
 
 def _hessian(
-    cfg: PruneConfig, model: nn.Module, x_tr: Tensor, y_tr: Tensor, fill: Any = None
+    cfg: PruneConfig, model: nn.Module, x_h: Tensor, y_tr: Tensor
 ) -> tuple[HessianOperator, list[tuple[Tensor, Tensor]]]:
-    """The Hessian operator of the training cross-entropy over the training set (default, as
-    the official code) or the seeded ``limit.hessian_samples`` subset, augmented once
-    (seeded) when ``augment`` is ``official`` (the official code feeds the Hessian from the
-    augmented training loader), and its batches."""
+    """The Hessian operator of the training cross-entropy over ``x_h`` (the training set,
+    augmented once with a seeded draw when ``augment`` is ``official``: the official code
+    feeds the Hessian from the augmented training loader) -- all of it (official) or the
+    seeded ``limit.hessian_samples`` subset -- and its batches."""
     opts: LimitOptions = cfg.limit
-    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), fill)
     batches = fixed_batches(x_h, y_tr, opts.hessian_batch_size, opts.hessian_samples, cfg.seed)
     op = HessianOperator(
         model,
@@ -364,25 +365,20 @@ def _hessian(
 
 
 def _important(
-    cfg: PruneConfig,
-    model: nn.Module,
-    op: HessianOperator,
-    x_tr: Tensor,
-    y_tr: Tensor,
-    fill: Any = None,
+    cfg: PruneConfig, model: nn.Module, x_h: Tensor, y_tr: Tensor
 ) -> dict[str, Any] | None:
-    """(``limit.important``) the important-eigenvalue correction, whose rows are taken per
-    training mini-batch of ``batch_size`` as in the official ``gradient.py``."""
+    """(``limit.important``) the important-eigenvalue correction over the Hessian's samples
+    ``x_h``, rows taken per training mini-batch of ``batch_size`` as in the official
+    ``gradient.py``."""
     opts: LimitOptions = cfg.limit
     if not opts.important:
         return None
-    x_h = _augmented(cfg, x_tr, torch.Generator().manual_seed(int(cfg.seed) + 2), fill)
     imp_op = HessianOperator(
         model,
         cross_entropy_loss,
         fixed_batches(x_h, y_tr, cfg.batch_size, opts.hessian_samples, cfg.seed),
         method="autograd",  # each batch is visited once: no cache (op's may fill memory)
-        check=False,  # same model and loss as ``op``, already checked
+        check=False,  # same model and loss as the Hessian operator, already checked
     )
     return important_flat_fraction(
         imp_op, prunable_set(model).refs, opts.important_ratios, opts.important_tol
