@@ -163,10 +163,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if result is not None:
         out["accuracy"] = result["metrics"]["accuracy"]
         out["auc"] = result["metrics"]["auc"]
+        out["predictions"] = [[p["slide_id"], int(p["label"]), float(p["prob_1"])]
+                              for p in result["predictions"]]  # fmt: skip
         predictor = load_predictor(run_dir / "model.safetensors", "cuda" if cuda else "cpu")
         try:
             loc = attention_auc(predictor, data.bags, split.test.tolist())
             out["loc_auc"], out["loc_bags"] = loc["mean"], loc["n_bags"]
+            out["loc_per_bag"] = loc["per_bag"]
         except (SparsemilError, TypeError) as err:  # DTFD-MIL's forward takes no return_att
             out["loc_note"] = f"no attention ({type(err).__name__}: {err})"
     return out
@@ -289,7 +292,42 @@ def write_table(args: argparse.Namespace, dirs: dict[float, Path], results: list
                 f"{f'{max(peak):.2f}' if peak else '–'} | {'; '.join(notes)} |"
             )
         lines.append("")
+        lines += size_breakdown(args, dirs[rate], [r for r in results if r["rate"] == rate])
     atomic_write_text(args.table, "\n".join(lines))
+
+
+def size_breakdown(args: argparse.Namespace, cohort_dir: Path, results: list[dict]) -> list[str]:
+    """Bag AUC and localisation AUC of every row on the smaller and the larger half of the
+    test slides (split at the median instance count), pooled over seeds."""
+    from sklearn.metrics import roc_auc_score
+
+    slides = json.loads((cohort_dir / "cohort.json").read_text())["slides"]
+    size = {s["slide_id"]: s["n_instances"] for s in slides if s["part"] == "test"}
+    cut = float(np.median(list(size.values())))
+    halves = {"small": lambda n: n <= cut, "large": lambda n: n > cut}
+    counts = {h: sum(f(n) for n in size.values()) for h, f in halves.items()}
+    lines = [
+        f"By bag size (test slides split at the median, {cut:.0f} instances: {counts['small']} "
+        f"small, {counts['large']} large; bag AUC of the predictions pooled over seeds, "
+        "localisation AUC averaged over the positive slides of each half and the seeds):",
+        "",
+        "| model | bag AUC, small | bag AUC, large | localisation, small | localisation, large |",
+        "|---|---|---|---|---|",
+    ]
+    for key in args.models:
+        rs = [r for r in results if r["row"] == key and r.get("predictions")]
+        if not rs:
+            continue
+        cells = []
+        for f in halves.values():
+            y = [lab for r in rs for sid, lab, _ in r["predictions"] if f(size[sid])]
+            p = [pr for r in rs for sid, _, pr in r["predictions"] if f(size[sid])]
+            cells.append(f"{roc_auc_score(y, p):.3f}" if len(set(y)) == 2 else "–")
+        for f in halves.values():
+            v = [a for r in rs for sid, a in (r.get("loc_per_bag") or {}).items() if f(size[sid])]
+            cells.append(f"{np.mean(v):.3f} ({len(v)})" if v else "–")
+        lines.append(f"| {ROWS[key][1]} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="0.002,0.01,0.05", help="Witness rates.")
     p.add_argument("--seeds", default="0,1,2", help="Training seeds.")
     p.add_argument("--models", default=",".join(ROWS), help=f"Rows: {', '.join(ROWS)}.")
-    p.add_argument("--size", choices=("small", "cpu", "large"))
+    p.add_argument("--size", choices=("small", "medium", "cpu", "large"))
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-test", type=int)
     p.add_argument("--max-epochs", type=int)

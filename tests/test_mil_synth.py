@@ -153,7 +153,7 @@ def test_train_test_predict_heatmap_and_attention_localisation(cohort: Path, tmp
     [
         (["--witness-rate", "0.7"], r"'witness_rate' 0\.7 must be in \(0, 0\.5\] \(flag: --witness-rate\)"),
         (["--witness-rate", "1x"], r"witness_rate '1x' is not a number.*\(flag: --witness-rate\)"),
-        (["--size", "huge"], r"'size' 'huge' is not a preset; valid: cpu, large, small \(flag: --size\)"),
+        (["--size", "huge"], r"'size' 'huge' is not a preset; valid: cpu, large, medium, small \(flag: --size\)"),
         (["--images", "fashion"], r"'images' 'fashion' is not supported; did you mean 'fashion-mnist'\?"),
         (["--tumour-class", "coats"], r"'tumour_class' 'coats' is not a class; did you mean 'coat'\?"),
         (["--normal-classes", "coat,bag"], r"'normal_classes' includes the tumour class 'coat'"),

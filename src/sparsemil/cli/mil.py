@@ -401,8 +401,8 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Seeds pools, encoder, bag sizes, labels, slides."),
     size: str = typer.Option(
         "cpu", "--size",
-        help="Bag sizes: small (median 300, max 1000) | cpu (median 5k, tail to 50k) | "
-        "large (median 20k, tail to 150k).",
+        help="Bag sizes: small (median 300, max 1000) | medium (median 1.5k, tail to 15k) | "
+        "cpu (median 5k, tail to 50k) | large (median 20k, tail to 150k).",
     ),
     witness_rate: str = typer.Option(
         "0.05", "--witness-rate",

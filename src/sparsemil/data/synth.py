@@ -23,8 +23,8 @@ tumour against normal images of the test pool) and written to ``cohort.json``.
 
 Slides
 ------
-Bag sizes are log-normal (preset ``size``: ``small`` median 300, at most 1000; ``cpu``
-median 5000, tail to 50000; ``large`` median 20000, tail to 150000), drawn independently
+Bag sizes are log-normal (preset ``size``: ``small`` median 300, at most 1000; ``medium``
+median 1500, tail to 15000 (the CPU-reduced benchmark); ``cpu`` median 5000, tail to 50000; ``large`` median 20000, tail to 150000), drawn independently
 of the label. The tissue is the top-N cells of a field made of 1-3 random ellipses plus
 smooth noise at two scales, so it is one to three blobs with ragged edges; coordinates are level-0 pixels of a
 non-overlapping grid of ``patch_size`` patches, in raster order (as CLAM writes them).
@@ -84,6 +84,7 @@ class BagSizes:
 
 SIZES: dict[str, BagSizes] = {
     "small": BagSizes(300, 0.5, 60, 1000),
+    "medium": BagSizes(1500, 0.82, 150, 15000),
     "cpu": BagSizes(5000, 0.82, 500, 50000),
     "large": BagSizes(20000, 0.72, 2000, 150000),
 }

@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Options every torchmil baseline takes besides its constructor's: a CLAM-style instance
 #: encoder ``Linear(C, feat_ext_dim) -> ReLU -> Dropout(feat_ext_dropout)`` as its
-#: ``feat_ext`` (default: none, the features go straight to the model).
+#: ``feat_ext`` (default: none, the features go straight to the model). A list of widths
+#: stacks such layers: ``feat_ext_dim: [256, 128]`` is Ilse et al.'s (2018) embedding
+#: network ``fc-256 + ReLU -> fc-128 + ReLU`` in front of the attention pooling.
 ENCODER_OPTIONS: tuple[str, ...] = ("feat_ext_dim", "feat_ext_dropout")
 
 
@@ -118,23 +120,37 @@ def _torchmil_builder(attr: str) -> Callable[..., Any]:
     return build
 
 
-def instance_encoder(in_dim: int, dim: int | None, dropout: float = 0.0) -> torch.nn.Module:
-    """CLAM-style per-instance encoder ``(B, N, in_dim) -> (B, N, dim)``; identity if ``dim`` is None."""
+def instance_encoder(
+    in_dim: int, dim: int | list[int] | tuple[int, ...] | None, dropout: float = 0.0
+) -> torch.nn.Module:
+    """Per-instance encoder ``(B, N, in_dim) -> (B, N, width)``; identity if ``dim`` is None.
+
+    ``dim`` an integer: one ``Linear(in_dim, dim) -> ReLU -> Dropout(dropout)`` (CLAM-style);
+    a list of integers: one such layer per width, in order (``[256, 128]``: Ilse et al.'s
+    embedding network for the classic MIL benchmarks); ``width`` is the last one.
+    """
     import torch
 
     if dim is None:
         if dropout:
             raise SparsemilError("model_kwargs.feat_ext_dropout: needs feat_ext_dim")
         return torch.nn.Identity()
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise SparsemilError(f"model_kwargs.feat_ext_dim must be an integer >= 1 (got {dim!r})")
+    widths = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise SparsemilError(
+            "model_kwargs.feat_ext_dim must be an integer >= 1 or a non-empty list of them "
+            f"(got {dim!r})"
+        )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise SparsemilError(
             f"model_kwargs.feat_ext_dropout must be a number in [0, 1) (got {dropout!r})"
         )
-    return torch.nn.Sequential(
-        torch.nn.Linear(in_dim, dim), torch.nn.ReLU(), torch.nn.Dropout(float(dropout))
-    )
+    layers: list[torch.nn.Module] = []
+    prev = in_dim
+    for w in widths:
+        layers += [torch.nn.Linear(prev, w), torch.nn.ReLU(), torch.nn.Dropout(float(dropout))]
+        prev = w
+    return torch.nn.Sequential(*layers)
 
 
 def _baseline(name: str, attr: str, display: str, **caps: Any) -> ModelSpec:
