@@ -1,13 +1,18 @@
 """Regenerate docs/results/mil_pruning_limit.md: predicted vs actual pruning ratio of MIL models.
 
 For every (dataset, model, L1 strength, seed): train on fold 0 of a stratified 5-fold split
-with the benchmark recipe plus the L1 penalty, then ``sparsemil.experiments.mil_bridge`` (global
-magnitude pruning of all Linear weights, sweep on the fold's test bags, Hessian over the
-training bags, epsilon = std of the per-bag training losses). Finished rows are reused
-(``OUT/<dataset>/<model>/l1_<l1>/seed_<s>/limit.json``), so the script resumes.
+with the benchmark recipe plus the L1 penalty, finish with deterministic full-batch proximal
+gradient until w* is a stationary point of CE + lmbda ||theta||_1 (or ``finish_max_iter``
+steps), then ``sparsemil.experiments.mil_bridge`` (global magnitude pruning of the prunable
+weights, sweep on the fold's test bags and training loss on its training bags, Hessian over
+the training bags, epsilon = std of the mean training loss of mini-batches of the training
+batch size, several SLQ probes, premise checks with the per-layer anisotropy). Finished rows
+are reused (``OUT/<dataset>/<model>/l1_<l1>/seed_<s>/row.json`` with the same settings), so
+the script resumes; a row folder written with other settings is an error (use a new --out).
 
     python benchmarks/mil_pruning_table.py [--datasets musk1,elephant,ucsb_breast_cancer]
-        [--models mmil,abmil] [--l1 1e-4,1e-3] [--seeds 0] [--out runs/mil-pruning]
+        [--models mmil,abmil] [--l1 1e-4,1e-3] [--seeds 0,1] [--out runs/mil-pruning-v2]
+        [--only-rows N] [--table docs/results/mil_pruning_limit.md]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,163 +30,377 @@ import torch
 from sparsemil.experiments.mil_benchmark import NAMES, bench_config
 from sparsemil.experiments.mil_bridge import run_mil_limit
 from sparsemil.experiments.vision.config import PruneConfig
-from sparsemil.io import atomic_write_text
-from sparsemil.limit.predict import censored_abs_error
+from sparsemil.io import atomic_write_json, atomic_write_text
+from sparsemil.limit.predict import LimitOptions
+from sparsemil.limit.premises import KKT_MAX_SHARE
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"folds": 5, "max_epochs": 50, "n_ratios": 100, "lanczos_iter": 64}
+#: one protocol for every row (no per-row choices)
+SETTINGS = {
+    "folds": 5,
+    "max_epochs": 50,
+    "n_ratios": 100,
+    "lanczos_iter": 32,
+    "lanczos_num": 4,
+    "hessian_samples": 24,
+    "finish": "proximal",
+    "finish_tol": 0.1,
+    "finish_max_iter": 60,
+    "layer_random": 2,
+    "hvp_method": "autograd",  # MMIL cannot be traced, ABMIL's traced products drift
+}
+CRITERIA = ("drop_1pt", "official", "train_loss_eps")
+CRITERION_TEXT = {
+    "drop_1pt": "test accuracy, drop_1pt",
+    "official": "test accuracy, official",
+    "train_loss_eps": "training loss rises < epsilon",
+}
+_AT_END_TOL = 1e-9
 
 
 def row_dir(out: Path, d: str, m: str, l1: float, s: int) -> Path:
     return out / d / m / f"l1_{l1:g}" / f"seed_{s}"
 
 
-def run_row(out: Path, d: str, m: str, l1: float, s: int) -> dict:
-    run = row_dir(out, d, m, l1, s)
-    done = run / "limit.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    base = bench_config(d, m, s, SETTINGS["folds"], SETTINGS["max_epochs"])
+def row_config(d: str, m: str, l1: float, s: int, settings: dict) -> PruneConfig:
+    base = bench_config(d, m, s, settings["folds"], settings["max_epochs"])
     kwargs = dict(base.model_kwargs)
     if m == "mmil":
-        kwargs["grouping"] = "sequential"  # the sweep and Hessian use sequential grouping
+        kwargs["grouping"] = "sequential"  # the finish, sweep and Hessian use sequential grouping
     cfg = dataclasses.replace(
         base, lmbda=l1, fold=0, model_kwargs=kwargs, early_stopping=False, progress=False
     )
-    run_cfg = PruneConfig(
-        mil=cfg, sparse_epoch=SETTINGS["n_ratios"], lanczos_iter=SETTINGS["lanczos_iter"],
-        seed=cfg.seed, device="cpu",
+    limit = LimitOptions(
+        hessian_samples=settings["hessian_samples"],
+        finish=settings["finish"],
+        finish_tol=settings["finish_tol"],
+        finish_max_iter=settings["finish_max_iter"],
+        layer_random=settings["layer_random"],
+        hvp_method=settings["hvp_method"],
+    )
+    return PruneConfig(
+        mil=cfg, sparse_epoch=settings["n_ratios"], lanczos_iter=settings["lanczos_iter"],
+        lanczos_num=settings["lanczos_num"], seed=cfg.seed, device="cpu", limit=limit,
     )  # fmt: skip
-    return run_mil_limit(run_cfg, run, progress=False)
 
 
-def fmt(v) -> str:
-    return "undefined" if v is None else f"{v:.3f}"
+def run_row(out: Path, d: str, m: str, l1: float, s: int, settings: dict) -> dict:
+    """The ``limit.json`` of one row (computed, or reused when ``row.json`` has the same
+    settings); ``_wall_s`` is the row's wall time."""
+    run = row_dir(out, d, m, l1, s)
+    marker = run / "row.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("settings") == settings and (run / "limit.json").is_file():
+            return {**json.loads((run / "limit.json").read_text()), "_wall_s": done["wall_s"]}
+    if run.exists() and any(run.iterdir()):
+        raise SystemExit(
+            f"{run}: holds a row written with other settings (or unfinished); pass a new --out "
+            "or delete the folder"
+        )
+    t0 = time.time()
+    doc = run_mil_limit(row_config(d, m, l1, s, settings), run, progress=False)
+    wall = time.time() - t0
+    atomic_write_json(marker, {"settings": settings, "wall_s": wall})
+    return {**doc, "_wall_s": wall}
 
 
-def bound_of(run: Path, r: dict) -> dict | None:
-    """``predicted_bound`` of a row (recomputed from its spectrum for rows written before
-    limit.json recorded it): which side of the swept range the root of rho = gw(R) lies."""
-    if r.get("predicted_ratio") is not None:
-        return None
-    if "predicted_bound" in r:
-        return r["predicted_bound"]
-    from sparsemil.limit.width import gaussian_width
-    from sparsemil.prune.sweep import SweepResult
-
-    spec = json.loads((run / "spectrum.json").read_text())
-    sweep = SweepResult.from_csv(run / "sweep.csv")
-    nodes = np.array(spec["ritz_values"], dtype=np.float64).reshape(-1)
-    weights = np.array(spec["ritz_weights"], dtype=np.float64).reshape(-1)
-    keep = np.isfinite(nodes)  # runs that stopped early are padded (NaN values, 0 weights)
-    nodes, weights = nodes[keep], weights[keep] / weights[keep].sum()
-    rho = np.asarray(sweep.ratios, dtype=np.float64)
-    dist = np.asarray(sweep.distance, dtype=np.float64)
-    gw_ends = gaussian_width(np.array([dist[0], dist[-1]]), nodes, weights, r["epsilon"])
-    if gw_ends[-1] > rho[-1]:
-        return {"side": ">=", "ratio": float(rho[-1])}
-    if gw_ends[0] < rho[0]:
-        return {"side": "<=", "ratio": float(rho[0])}
-    return None
+# ----------------------------------------------------------------------------- scoring
 
 
-def pred_and_error(r: dict) -> tuple[str, float | None, str]:
-    """Prediction text, error used in the mean (a lower bound when censored), error text."""
-    act = r["actual_ratio"].get("drop_1pt")
+def fmt(v, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def theory(r: dict) -> tuple[float | None, str]:
+    """The paper's prediction of a row and its text (a bound when the root lies beyond the
+    sweep)."""
     if r["predicted_ratio"] is not None:
-        err = r.get("abs_error")
-        return fmt(r["predicted_ratio"]), err, fmt(err)
-    b = r.get("_bound")
-    err = censored_abs_error(None, b, act)
-    if err is None:
-        return "undefined", None, "undefined"
-    return f"{'≥' if b['side'] == '>=' else '≤'} {b['ratio']:.3f}", err, f"≥ {err:.3f}"
+        return r["predicted_ratio"], fmt(r["predicted_ratio"])
+    b = r.get("predicted_bound")
+    if b:
+        return None, f"{'≥' if b['side'] == '>=' else '≤'} {b['ratio']:.3f}"
+    return None, "undefined"
 
 
-def premise_text(premises: dict | None) -> str:
-    """``KKT residual / bound, first-order share, anisotropy`` of one row ('–' when the row
-    predates the premise checks)."""
-    if not premises:
+def extension(r: dict) -> tuple[float | None, str]:
+    ext = r.get("extension_anisotropy") or {}
+    if ext.get("predicted_ratio") is not None:
+        return ext["predicted_ratio"], fmt(ext["predicted_ratio"])
+    b = ext.get("predicted_bound")
+    if b:
+        return None, f"{'≥' if b['side'] == '>=' else '≤'} {b['ratio']:.3f}"
+    return None, "–"
+
+
+def censor_reasons(r: dict, criterion: str, pred: float | None) -> list[str]:
+    """Why a row cannot be scored on ``criterion``: the actual ratio undefined or at the
+    largest swept ratio (only known to be >= rho_max), the prediction undefined, beyond the
+    sweep or at rho_max. Censored rows are counted, never scored as error 0."""
+    top = (SETTINGS["n_ratios"] - 1) / SETTINGS["n_ratios"] - _AT_END_TOL
+    out = []
+    a = r["actual_ratio"].get(criterion)
+    if a is None:
+        out.append("actual undefined")
+    elif a >= top:
+        out.append("actual at rho_max")
+    if pred is None:
+        out.append("prediction beyond the sweep / undefined")
+    elif pred >= top:
+        out.append("prediction at rho_max")
+    return out
+
+
+def mean_ci(values: list[float]) -> str:
+    """``mean [95% Student-t interval]`` (the interval needs two values)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
         return "–"
-    kkt = premises.get("kkt") or {}
-    order = premises.get("order") or {}
-    aniso = premises.get("anisotropy") or {}
-    ratio = kkt["residual"] / kkt["bound"] if kkt.get("bound") else None
+    if x.size < 2:
+        return f"{x.mean():.3f}"
+    half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return f"{x.mean():.3f} [{max(0.0, x.mean() - half):.3f}, {x.mean() + half:.3f}]"
+
+
+def score(rows: list[dict], criterion: str, predictor) -> dict:
+    """Errors of ``predictor`` (``theory`` or ``extension``) on the uncensored rows."""
+    errs, kept, reasons = [], [], {}
+    for r in rows:
+        pred = predictor(r)[0]
+        why = censor_reasons(r, criterion, pred)
+        if why:
+            for w in why:
+                reasons[w] = reasons.get(w, 0) + 1
+            continue
+        a = r["actual_ratio"][criterion]
+        errs.append(abs(pred - a))
+        kept.append(abs(pred - a) / (1.0 - a))
+    return {"errors": errs, "kept": kept, "n_censored": len(rows) - len(errs), "reasons": reasons}
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+def kkt_text(r: dict) -> str:
+    """``before -> after (steps, converged)`` of the KKT residual over lmbda sqrt(D)."""
+    f = r.get("finish")
+    if not f:
+        kkt = ((r.get("premises") or {}).get("kkt")) or {}
+        return fmt(kkt.get("ratio"), 2) + " (no finish)"
+    mark = "✓" if f["converged"] else "✗"
     return (
-        f"{'–' if ratio is None else f'{ratio:.1f}x'}, "
-        f"{fmt(order.get('first_order_share'))}, {fmt(aniso.get('ratio'))}"
+        f"{fmt(f['kkt_before']['ratio'], 2)} → {fmt(f['kkt_after']['ratio'], 2)} "
+        f"({f['iterations']} steps {mark})"
     )
 
 
-def write_table(path: Path, rows: list[dict], planned: int) -> None:
+def spread_text(r: dict) -> str:
+    u = r.get("uncertainty") or {}
+    iv = u.get("interval_90") or [None, None]
+    return f"[{fmt(iv[0])}, {fmt(iv[1])}]"
+
+
+def premise_text(r: dict) -> str:
+    p = r.get("premises") or {}
+    order = p.get("order") or {}
+    aniso = p.get("anisotropy") or {}
+    q = aniso.get("ratio")
+    return f"{fmt(order.get('first_order_share'), 2)}, {'–' if q is None else f'{q:.3g}'}"
+
+
+def layer_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "| dataset | model | L1 | seed | layer group | removed non-zero weights / group size "
+        "| magnitude RQ / (Tr H / D) | random RQ / (Tr H / D) | magnitude / random "
+        "| magnitude / random among non-zero |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        layers = ((r.get("premises") or {}).get("layers")) or {}
+        for g, e in (layers.get("groups") or {}).items():
+            lines.append(
+                f"| {NAMES[r['_dataset']]} | {r['_model']} | {r['_l1']:g} | {r['_seed']} | `{g}` "
+                f"| {fmt(e['pruned_fraction'])} | {_g(e.get('magnitude_over_mean'))} "
+                f"| {_g(e.get('random_over_mean'))} | {_g(e.get('magnitude_over_random'))} "
+                f"| {_g(e.get('magnitude_over_random_nonzero'))} |"
+            )
+    return lines
+
+
+def _g(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
+
+
+def layer_summary(rows: list[dict]) -> list[str]:
+    """The per-layer hypothesis, from the numbers: per model and layer group, how often the
+    magnitude direction is sharper than random ones in the same layer (geometric means)."""
+    by: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        groups = (((r.get("premises") or {}).get("layers")) or {}).get("groups") or {}
+        for g, e in groups.items():
+            for key in ("magnitude_over_random", "magnitude_over_random_nonzero"):
+                v = e.get(key)
+                if v is not None and math.isfinite(v) and v > 0:
+                    by.setdefault((r["_model"], g), {}).setdefault(key, []).append(v)
+    out = []
+    for (m, g), vals in sorted(by.items()):
+        parts = []
+        for key, label in (
+            ("magnitude_over_random", "random support"),
+            ("magnitude_over_random_nonzero", "random support among non-zero weights"),
+        ):
+            x = np.asarray(vals.get(key, []))
+            if x.size:
+                parts.append(
+                    f"against a {label} {np.exp(np.log(x).mean()):.3g} (range "
+                    f"{x.min():.3g}-{x.max():.3g}; > 1 in {(x > 1).sum()} of {x.size} rows)"
+                )
+        out.append(
+            f"- {m}, `{g}`: magnitude / random Rayleigh quotient (geometric mean) "
+            + "; ".join(parts)
+            + "."
+        )
+    return out
+
+
+def write_table(path: Path, rows: list[dict], planned: int, settings: dict, seeds: str) -> None:
+    s = settings
     lines = [
         "# Predicted vs actual pruning ratio of MIL models",
         "",
-        f"Generated by `python benchmarks/mil_pruning_table.py` ({len(rows)} of {planned} rows "
-        "finished). Every number was measured by that script on a CPU.",
+        f"Generated by `python benchmarks/mil_pruning_table.py --seeds {seeds}` ({len(rows)} of "
+        f"{planned} rows finished). Every number was measured by that script on a CPU with one "
+        "torch thread.",
         "",
-        "**Protocol.** Fold 0 of a stratified 5-fold split (seed = row seed); the benchmark recipe "
-        f"of `docs/results/mil_benchmarks.md` (AdamW lr 1e-3, batch 8, {SETTINGS['max_epochs']} "
-        "epochs, no early stopping, features z-scored with training statistics) plus "
-        "`l1 * sum|theta|` over every weight and bias. MMIL: embed_dim 128, 2 sub-bags, sequential "
-        "grouping. Pruning: one global magnitude threshold over all `nn.Linear` weights, ratios "
-        f"i/{SETTINGS['n_ratios']}, evaluated on the fold's test bags. Actual ratio: `drop_1pt` "
-        "(largest ratio before test accuracy first falls more than 1 point below dense). "
-        "Prediction: root of rho = gw(R(rho)); Hessian of the mean per-bag training loss (one bag "
-        f"per batch, no padding), SLQ 1 x {SETTINGS['lanczos_iter']}; epsilon = std of the per-bag "
-        "training losses at w* (fixed rule, never fitted).",
+        "**Protocol** (the same for every row). Fold 0 of a stratified 5-fold split (seed = row "
+        "seed); the benchmark recipe of `docs/results/mil_benchmarks.md` (AdamW lr 1e-3, batch "
+        f"8, {s['max_epochs']} epochs, no early stopping, features z-scored with training "
+        "statistics) plus `l1 * sum|theta|` over every weight and bias. MMIL: embed_dim 128, 2 "
+        "sub-bags, sequential grouping. **Finish:** then deterministic full-batch proximal "
+        "gradient on CE + l1 ||theta||_1 over all training bags (eval mode, sequential "
+        "grouping; soft-threshold step on the penalised parameters, Barzilai-Borwein step with "
+        "monotone backtracking) until the KKT residual is at most "
+        f"{s['finish_tol']:g} x lambda sqrt(D), or {s['finish_max_iter']} steps; everything "
+        "below is measured at the finished w*. Pruning: one global magnitude threshold over "
+        f"the prunable weights, ratios i/{s['n_ratios']}. Prediction: root of rho = "
+        "gw(R(rho)); Hessian of the mean per-bag training loss (one bag per batch, no "
+        f"padding) over a seeded subset of {s['hessian_samples']} training bags (all when "
+        f"fewer), SLQ {s['lanczos_num']} probes x {s['lanczos_iter']} steps; epsilon = std of "
+        "the mean training loss of mini-batches of 8 bags (the training batch) at w* (fixed "
+        "rule, never fitted).",
         "",
-        "| dataset | model | L1 | seed | D | dense test acc | epsilon | predicted [90% over probes] "
-        "| actual (drop_1pt) | actual (official) | actual (train_loss_eps) | abs error "
-        "| premises (KKT residual / lambda sqrt(D), first-order share, anisotropy) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "**Actual limits.** Two test-accuracy criteria on the fold's test bags (`drop_1pt`: "
+        "largest ratio before the accuracy first falls more than 1 point below dense; "
+        "`official`: largest ratio whose accuracy stays strictly above dense) and one "
+        "training-loss criterion (`train_loss_eps`: largest ratio before the training loss "
+        "first rises more than epsilon above its dense value). The test parts are 12-40 bags, "
+        "so one bag is 2.5-8 accuracy points; the training-loss limit uses the 46-160 "
+        "training bags and is the less coarse measurement. Pooling the test predictions of "
+        "all 5 folds was not done: it needs 4 more trainings, finishes and sweeps per row, "
+        "more than this table's CPU budget.",
+        "",
+        "**Scoring.** A row is censored for a criterion when the actual ratio is undefined or "
+        "at the largest swept ratio, or the prediction lies beyond the sweep or at it; "
+        "censored rows are counted, never scored as error 0. Means come with 95 % Student-t "
+        "intervals over the scored rows (seeds and datasets together).",
+        "",
+        "| dataset | model | L1 | seed | D | dense test acc | KKT / (lambda sqrt D): trained → "
+        "finished | epsilon (batch 8) | predicted | 90 % over probes | extension: "
+        "anisotropy-scaled | actual drop_1pt | actual official | actual train-loss "
+        "| first-order share, anisotropy | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    errs = []
     for r in rows:
         act = r["actual_ratio"]
-        pred_txt, err, err_txt = pred_and_error(r)
-        if err is not None:
-            errs.append(err)
-        iv = (r.get("uncertainty") or {}).get("interval_90") or [None, None]
         lines.append(
-            f"| {NAMES[r['_dataset']]} | {r['_model']} | {r['_l1']:g} | {r['_seed']} | {r['D']:,} "
-            f"| {r['dense']['test_acc']:.3f} | {r['epsilon']:.3g} | {pred_txt} "
-            f"[{fmt(iv[0])}, {fmt(iv[1])}] | {fmt(act.get('drop_1pt'))} "
-            f"| {fmt(act.get('official'))} | {fmt(act.get('train_loss_eps'))} | {err_txt} "
-            f"| {premise_text(r.get('premises'))} |"
+            f"| {NAMES[r['_dataset']]} | {r['_model']} | {r['_l1']:g} | {r['_seed']} "
+            f"| {r['D']:,} | {r['dense']['test_acc']:.3f} | {kkt_text(r)} | {r['epsilon']:.3g} "
+            f"| {theory(r)[1]} | {spread_text(r)} | {extension(r)[1]} "
+            f"| {fmt(act.get('drop_1pt'))} | {fmt(act.get('official'))} "
+            f"| {fmt(act.get('train_loss_eps'))} | {premise_text(r)} | {r['_wall_s']:.0f} |"
         )
-    lines += ["", "## Summary", ""]
-    if errs:
-        lines.append(
-            f"- mean |predicted - actual(drop_1pt)| = **{np.mean(errs):.3f}** over {len(errs)} rows "
-            f"(max {np.max(errs):.3f}). Where the root of rho = gw(R(rho)) lies beyond the "
-            "swept range the prediction is shown as a bound (≥ largest swept ratio) and its error "
-            "as the smallest error that bound allows; the mean includes those lower bounds."
-        )
-    for key in sorted({(r["_model"], r["_l1"]) for r in rows}):
-        es = [pred_and_error(r)[1] for r in rows if (r["_model"], r["_l1"]) == key]
-        es = [e for e in es if e is not None]
-        if es:
+    lines += [
+        "",
+        f"KKT column: the residual of CE + lambda ||theta||_1 over lambda sqrt(D) at the trained "
+        f"weights and after the finish (✓: reached {s['finish_tol']:g}; the premise check "
+        f"passes at <= {KKT_MAX_SHARE:g}). First-order share: |g.d| / (|g.d| + |d.Hd/2|) at "
+        "the predicted ratio; anisotropy: d.Hd / d.d over Tr(H)/D there. **Extension** "
+        "(not the paper's formula, shown next to it): rho = gw(sqrt(q) R(rho)) with q the "
+        "anisotropy, i.e. the spectrum scaled by how much sharper the pruning direction is "
+        "than an average direction.",
+        "",
+        "## Scores",
+        "",
+        "| criterion | predictor | scored / censored | mean abs error [95 % CI] "
+        "| mean kept-fraction error | censoring reasons (rows) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in CRITERIA:
+        for name, fn in (("paper's formula", theory), ("extension (anisotropy)", extension)):
+            sc = score(rows, c, fn)
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(sc["reasons"].items())) or "–"
             lines.append(
-                f"- {key[0]}, L1 {key[1]:g}: mean abs error {np.mean(es):.3f} over {len(es)} rows "
-                f"(max {np.max(es):.3f})."
+                f"| {CRITERION_TEXT[c]} | {name} | {len(sc['errors'])} / {sc['n_censored']} "
+                f"| {mean_ci(sc['errors'])} | {mean_ci(sc['kept'])} | {why} |"
             )
-    lines.append(
-        "- The test parts are small (Musk1: 19 bags, Elephant: 40, UCSB: 12), so one bag is "
-        "5-8 accuracy points and `drop_1pt` is set by the first misclassified bag: the measured "
-        "limit itself is coarse. Read the errors with that resolution in mind."
-    )
-    lines.append(
-        "- Where theory and measurement disagree: with the weak penalty (1e-4) the theory "
-        "over-predicts MMIL's limit (see the per-model means above) while ABMIL's is much closer. MMIL has "
-        "~50x more parameters, mostly attention weights; a likely (unverified) cause is that the "
-        "Gaussian-width bound treats every direction alike while the sweep's first errors "
-        "come from a few attention weights that matter. epsilon here is the spread of "
-        "single-bag losses, larger than the spread of mini-batch means the vision rule uses, "
-        "which also pushes the prediction up. With the strong penalty (1e-3) ABMIL and most MMIL "
-        "runs survive pruning to 93-99% and the theory agrees (root at or beyond the swept range); "
-        "the exception (UCSB, MMIL, seed 1) is a 12-bag test part where one bag flips early."
-    )
+    lines += ["", "Paper's formula against the extension on the same rows (both uncensored):", ""]
+    for c in CRITERIA:
+        pairs = [
+            (abs(theory(r)[0] - r["actual_ratio"][c]), abs(extension(r)[0] - r["actual_ratio"][c]))
+            for r in rows
+            if not censor_reasons(r, c, theory(r)[0]) and not censor_reasons(r, c, extension(r)[0])
+        ]
+        if pairs:
+            p, e = zip(*pairs, strict=True)
+            closer = sum(b < a for a, b in pairs)
+            lines.append(
+                f"- {CRITERION_TEXT[c]}: {len(pairs)} rows; paper {mean_ci(list(p))}, extension "
+                f"{mean_ci(list(e))}; the extension is closer in {closer} of {len(pairs)}."
+            )
+        else:
+            lines.append(f"- {CRITERION_TEXT[c]}: no row where both are uncensored.")
+    lines += ["", "By model and L1 strength (paper's formula):", ""]
+    for key in sorted({(r["_model"], r["_l1"]) for r in rows}):
+        sub = [r for r in rows if (r["_model"], r["_l1"]) == key]
+        parts = []
+        for c in CRITERIA:
+            sc = score(sub, c, theory)
+            parts.append(
+                f"{c} {mean_ci(sc['errors'])} ({len(sc['errors'])} scored, "
+                f"{sc['n_censored']} censored)"
+            )
+        lines.append(f"- {key[0]}, L1 {key[1]:g}: " + "; ".join(parts) + ".")
+    finished = [r for r in rows if r.get("finish")]
+    if finished:
+        conv = sum(bool(r["finish"]["converged"]) for r in finished)
+        passed = sum(bool(((r.get("premises") or {}).get("kkt") or {}).get("passed")) for r in rows)
+        lines += [
+            "",
+            f"Finish: {conv} of {len(finished)} rows reached {s['finish_tol']:g} x lambda "
+            f"sqrt(D); the KKT premise check (<= {KKT_MAX_SHARE:g} x) passes in {passed} of "
+            f"{len(rows)} rows.",
+        ]
+    lines += [
+        "",
+        "## Per-layer anisotropy",
+        "",
+        "Hypothesis: magnitude-selected attention weights are sharper than random directions. "
+        "For each layer group, the magnitude-pruning direction at the predicted ratio "
+        "restricted to that group, against Gaussian directions on a random support of the same "
+        f"size in the same group ({s['layer_random']} draws), on a random support among the "
+        f"group's non-zero weights ({s['layer_random']} draws; after the finish many weights "
+        "are exactly 0 and flat, so this control separates magnitude selection from mere "
+        "survival), and against Tr(H)/D (the average curvature the Gaussian width assumes). "
+        "Magnitude / random > 1: magnitude selection picks sharper coordinates than random "
+        "ones in that layer; random / mean > 1: the layer itself is sharper than average. "
+        "Rows whose prediction lies beyond the sweep have no direction and no entry.",
+        "",
+        *layer_summary(rows),
+        "",
+        *layer_lines(rows),
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -189,9 +409,10 @@ def main() -> None:
     ap.add_argument("--datasets", default="musk1,elephant,ucsb_breast_cancer")
     ap.add_argument("--models", default="mmil,abmil")
     ap.add_argument("--l1", default="1e-4,1e-3")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--out", default=str(REPO / "runs" / "mil-pruning"))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--out", default=str(REPO / "runs" / "mil-pruning-v2"))
     ap.add_argument("--table", default=str(REPO / "docs" / "results" / "mil_pruning_limit.md"))
+    ap.add_argument("--only-rows", type=int, default=None, help="stop after N rows (smoke)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     cells = [
@@ -202,16 +423,14 @@ def main() -> None:
         for m in a.models.split(",")
     ]
     rows = []
-    for d, m, l1, s in cells:
-        t0 = time.time()
-        r = run_row(Path(a.out), d, m, l1, s)
+    for d, m, l1, s in cells[: a.only_rows]:
+        r = run_row(Path(a.out), d, m, l1, s, SETTINGS)
         r.update({"_dataset": d, "_model": m, "_l1": l1, "_seed": s})
-        r["_bound"] = bound_of(row_dir(Path(a.out), d, m, l1, s), r)
         rows.append(r)
-        write_table(Path(a.table), rows, len(cells))
+        write_table(Path(a.table), rows, len(cells), SETTINGS, a.seeds)
         print(
-            f"{d} {m} l1={l1:g} seed={s}: predicted {fmt(r['predicted_ratio'])} actual "
-            f"{fmt(r['actual_ratio'].get('drop_1pt'))} ({time.time() - t0:.0f}s)",
+            f"{d} {m} l1={l1:g} seed={s}: KKT {kkt_text(r)}; predicted {theory(r)[1]} "
+            f"(extension {extension(r)[1]}); actual {r['actual_ratio']} ({r['_wall_s']:.0f}s)",
             flush=True,
         )
 

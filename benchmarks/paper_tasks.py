@@ -79,15 +79,15 @@ CNNS = ("alexnet", "vgg16", "resnet18", "resnet50")
 # --budget cpu: what 2 CPU cores allow in a few hours in all (stated in every row)
 CPU_REDUCTION: dict[str, dict] = {
     "fc5": dict(limit=dict(hessian_samples=5000), sparse_epoch=200, lanczos_iter=64),
-    "fc12": dict(epoch=40, sparse_epoch=40, lanczos_iter=48, limit=dict(hessian_samples=2000)),
-    "alexnet": dict(epoch=2, subset=1000, test_subset=300, sparse_epoch=16, lanczos_iter=12,
-                    limit=dict(hessian_samples=100, important_ratios=10)),
+    "fc12": dict(epoch=20, sparse_epoch=30, lanczos_iter=32, limit=dict(hessian_samples=1000)),
+    "alexnet": dict(epoch=1, subset=600, test_subset=300, sparse_epoch=10, lanczos_iter=8,
+                    limit=dict(hessian_samples=64, important_ratios=5)),
     "vgg16": dict(epoch=2, subset=1500, test_subset=300, sparse_epoch=16, lanczos_iter=12,
                   limit=dict(hessian_samples=150, important_ratios=10)),
     "resnet18": dict(epoch=2, subset=1000, test_subset=300, sparse_epoch=16, lanczos_iter=8,
                      limit=dict(hessian_samples=150, important_ratios=10)),
-    "resnet50": dict(epoch=1, subset=600, test_subset=300, sparse_epoch=12, lanczos_iter=8,
-                     limit=dict(hessian_samples=100, important_ratios=10)),
+    "resnet50": dict(epoch=1, subset=600, test_subset=300, sparse_epoch=10, lanczos_iter=8,
+                     limit=dict(hessian_samples=64, important_ratios=5)),
 }  # fmt: skip
 
 

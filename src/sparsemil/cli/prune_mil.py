@@ -33,6 +33,18 @@ def mil(
     ),
     negative: str = typer.Option("abs", "--negative", help="abs (official) or flat."),
     seed: int = typer.Option(0, "--seed", help="Seed of the SLQ probes."),
+    finish: str = typer.Option(
+        "none",
+        "--finish",
+        help="none, or proximal: first move w* to a stationary point of CE + lmbda ||w||_1 "
+        "(full-batch proximal gradient; the finished weights go to OUT/finished.safetensors).",
+    ),
+    finish_tol: float = typer.Option(
+        0.1, "--finish-tol", help="Finish until the KKT residual is <= this x lmbda sqrt(D)."
+    ),
+    finish_max_iter: int = typer.Option(
+        200, "--finish-max-iter", help="Most proximal-gradient steps of the finish."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Predicted (Gaussian width) against measured pruning limit of a MIL checkpoint."""
@@ -42,8 +54,10 @@ def mil(
     from sparsemil.limit.predict import LimitOptions
     from sparsemil.train.inference import load_predictor
 
-    options = LimitOptions(negative=negative)
-    options.validate("--negative")
+    options = LimitOptions(
+        negative=negative, finish=finish, finish_tol=finish_tol, finish_max_iter=finish_max_iter
+    )
+    options.validate("options")
     if not checkpoint.is_file():
         raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
     predictor = load_predictor(checkpoint, device)  # the one checkpoint loader
@@ -57,10 +71,17 @@ def mil(
         lanczos_num=lanczos_num, seed=seed, device=predictor.device, progress=progress,
         title=f"{meta['model']} ({checkpoint.name})",
         extra={"model": meta["model"], "checkpoint": str(checkpoint)},
-        lmbda=_trained_lmbda(meta),
-        epsilon_batch_size=int((meta.get("train_config") or {}).get("batch_size") or 1),
+        lmbda=_trained_lmbda(meta), epsilon_batch_size=_training_batch(meta),
+        checkpoint_meta=meta,
     )  # fmt: skip
     echo_limit(doc, out)
+
+
+def _training_batch(meta: dict) -> int:
+    """Bags per optimiser step in training (``batch_size`` x ``accumulate_grad_batches``):
+    the mini-batch of epsilon."""
+    cfg = meta.get("train_config") or {}
+    return int(cfg.get("batch_size") or 1) * max(int(cfg.get("accumulate_grad_batches") or 1), 1)
 
 
 def _trained_lmbda(meta: dict) -> float:

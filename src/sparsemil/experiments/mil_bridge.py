@@ -19,6 +19,18 @@ The same theory as for vision models (:mod:`sparsemil.limit.predict`), with MIL 
   batch size (``batch_size`` bags of the MIL config), over a seeded shuffle of the training
   bags at w* -- the vision rule at the batch the model was trained with (:func:`bag_epsilon`;
   batch 1 is the per-bag std). Never fitted to the measured ratio.
+- **Finish** (``limit.finish: proximal``): before anything is measured, the trained weights
+  are moved to a stationary point of ``CE + lmbda ||theta||_1`` (the theory's premise 1) by
+  deterministic full-batch proximal gradient over all training bags, eval mode, sequential
+  grouping (:func:`finish_model`, :func:`sparsemil.prune.proximal.proximal_finish`); the
+  sweep, epsilon, the Hessian and the prediction then all use the finished w*.
+  ``limit.json`` ``"finish"`` holds the KKT residual before and after against
+  ``lmbda sqrt(D)``; a finish that stops above its tolerance is a warning.
+- **Per-layer anisotropy** (``premises.layers``): the Rayleigh quotient of the
+  magnitude-pruning direction restricted to each layer group (MMIL: ``proj``, ``to_qkv``,
+  ``to_out``, ``classifier``; ABMIL: ``pool.fc1``, ``pool.fc2``, ``classifier``) against
+  random directions of the same support size in that layer and against ``Tr(H)/D``
+  (:func:`sparsemil.limit.premises.layer_anisotropy`).
 """
 
 from __future__ import annotations
@@ -36,22 +48,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsemil.curvature.hvp import HessianOperator
+from sparsemil.curvature.hvp import HessianOperator, hessian_parameters
 from sparsemil.errors import SparsemilError
 from sparsemil.experiments.vision.config import PruneConfig
 from sparsemil.limit.predict import (
     LimitOptions,
     LimitPrediction,
+    anisotropy_extension,
     chance_warning,
     diagnostic_trace_probes,
     important_flat_fraction,
     loss_epsilon,
     predict_limit,
 )
-from sparsemil.limit.premises import premise_checks
+from sparsemil.limit.premises import layer_groups, premise_checks
 from sparsemil.limit.report import write_limit
 from sparsemil.prune.l1 import l1_params
 from sparsemil.prune.magnitude import prunable_set
+from sparsemil.prune.proximal import proximal_finish
 from sparsemil.prune.result import SweepResult
 from sparsemil.prune.sweep import actual_ratios, pruning_sweep, sweep_ratios
 
@@ -260,6 +274,59 @@ def _to_device(bags: Sequence[MILBatch], device: str) -> list[MILBatch]:
     return [{k: v.to(device) for k, v in b.items()} for b in bags]
 
 
+FINISH_RULE = (
+    "deterministic full-batch proximal gradient (ISTA: soft-threshold on the penalised "
+    "parameters, plain gradient step on the others; Barzilai-Borwein trial step, backtracking "
+    "until the step is majorised and CE + lmbda ||theta||_1 does not rise) over all training "
+    "bags, eval mode, sequential grouping"
+)
+
+
+def finish_model(
+    model: nn.Module, bags: MILBags, lmbda: float | None, opts: LimitOptions
+) -> tuple[dict[str, Any], list[str]]:
+    """The proximal finishing phase of ``model`` on its training bags (in place): a
+    stationary point of ``mean per-bag CE + lmbda ||theta_S||_1``, S = the MIL trainer's
+    penalised set (:func:`sparsemil.prune.l1.l1_params`), over the Hessian's parameters.
+
+    Returns ``(limit.json "finish" object, warnings)``.
+
+    Raises:
+        SparsemilError: ``lmbda`` missing or 0 (nothing to be stationary for).
+    """
+    if not lmbda or lmbda <= 0:
+        raise SparsemilError(
+            "limit.finish: proximal needs the L1 strength the model was trained with (lmbda "
+            "> 0); the checkpoint records none -- use limit.finish: none"
+        )
+    was = model.training
+    model.eval()
+    with deterministic_grouping(model):
+        res = proximal_finish(
+            model,
+            bag_loss_fn,
+            bags.train,
+            float(lmbda),
+            params=hessian_parameters(model),  # the operator's coordinates (premise checks)
+            penalised=[p for _, p in l1_params(model)],
+            tol=opts.finish_tol,
+            max_iter=opts.finish_max_iter,
+        )
+    model.train(was)
+    doc = {"method": "proximal", "rule": FINISH_RULE, "bags": len(bags.train)}
+    doc.update(res.to_dict(traces=True))  # the residual and objective after every step
+    warnings = []
+    if not res.converged:
+        after = res.kkt_after
+        warnings.append(
+            f"finish: the proximal phase stopped ({res.stop_reason}) after {res.iterations} "
+            f"steps with KKT residual {after['residual']:.3g} = {after['ratio']:.2g} x lmbda "
+            f"sqrt(D), above its tolerance {res.tol:g} x (it started at "
+            f"{res.kkt_before['ratio']:.2g} x); raise limit.finish_max_iter"
+        )
+    return doc, warnings
+
+
 def mil_limit(
     model: nn.Module,
     bags: MILBags,
@@ -275,9 +342,11 @@ def mil_limit(
     title: str = "",
     lmbda: float | None = None,
     epsilon_batch_size: int = 1,
+    checkpoint_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Sweep + spectrum + prediction for a trained MIL ``model``; writes ``limit.json``,
-    ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json`` object.
+    """(Finish +) sweep + spectrum + prediction for a trained MIL ``model``; writes
+    ``limit.json``, ``sweep.csv`` and the plots into ``out_dir``. Returns the ``limit.json``
+    object.
 
     Args:
         model: a MIL model (torchmil contract); moved to ``device`` and put in eval mode.
@@ -286,7 +355,9 @@ def mil_limit(
         options: the ``limit:`` section; every key is honoured: ``hessian_samples`` (seeded
             subset of training bags), ``hvp_method``, ``negative``, ``important`` /
             ``important_ratios`` / ``important_tol``, ``density_bins``, ``official_grid``,
-            ``premises``, ``trace_probes``; not ``epsilon_batch_size``: a MIL model's epsilon
+            ``premises``, ``trace_probes``, ``finish`` / ``finish_tol`` / ``finish_max_iter``
+            (:func:`finish_model`: ``model``'s weights are changed in place),
+            ``layer_random``; not ``epsilon_batch_size``: a MIL model's epsilon
             uses its training batch size (``epsilon_batch_size`` below).
             ``hessian_batch_size`` must stay at its default: one bag is one Hessian batch
             (bags differ in size and are never padded). ``threads`` is applied by the caller.
@@ -296,20 +367,30 @@ def mil_limit(
             the std of the per-bag losses), see :func:`bag_epsilon`.
         lmbda: the L1 strength the model was trained with, for the premise checks
             (``limit.premises``; None: taken as 0 -- the checks then warn that the model is
-            outside the theory's premises).
+            outside the theory's premises). Required by ``limit.finish: proximal``.
+        checkpoint_meta: the checkpoint's metadata; with a finish, the finished weights are
+            written to ``out_dir/finished.safetensors`` with it.
 
     Raises:
-        SparsemilError: ``n_ratios < 2``, no ``nn.Linear`` weights, or a non-default
-            ``limit.hessian_batch_size``.
+        SparsemilError: ``n_ratios < 2``, no ``nn.Linear`` weights, a non-default
+            ``limit.hessian_batch_size``, or ``limit.finish: proximal`` without ``lmbda``.
     """
     opts = _checked_options(options, n_ratios)
     model, params, bags = _on_device(model, bags, device)
+    out = Path(out_dir)
+    timings: dict[str, float] = {}
+    finish, warnings = None, []
+    if opts.finish == "proximal":
+        t0 = time.perf_counter()
+        finish, warnings = finish_model(model, bags, lmbda, opts)
+        timings["finish_s"] = time.perf_counter() - t0
+        if checkpoint_meta is not None:
+            _save_finished(out / "finished.safetensors", model, checkpoint_meta, finish)
     evaluate = make_evaluator(bags)
     t0 = time.perf_counter()
     sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
-    timings = {"sweep_s": time.perf_counter() - t0}
+    timings["sweep_s"] = time.perf_counter() - t0
     eps = bag_epsilon(model, bags, epsilon_batch_size, seed)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sweep.to_csv(out / "sweep.csv")
     actual = actual_ratios(sweep, eps=eps)
@@ -323,6 +404,11 @@ def mil_limit(
     if opts.premises:
         t0 = time.perf_counter()
         with deterministic_grouping(model):
+            full_grad = None  # the Hessian's subset is not the training objective: use all bags
+            if len(hess_bags) < len(bags.train):
+                full_grad = HessianOperator(
+                    model, bag_loss_fn, bags.train, method="autograd", check=False
+                ).gradient()
             premises = premise_checks(
                 op,
                 params,
@@ -333,11 +419,25 @@ def mil_limit(
                 trace_probes=diagnostic_trace_probes(opts, lanczos_num * lanczos_iter),
                 seed=seed,
                 samples=len(hess_bags),
+                groups=_layer_groups(model) if opts.layer_random > 0 else None,
+                layer_random=opts.layer_random,
+                gradient=full_grad,
             )
+            premises["gradient_bags"] = len(bags.train)
         timings["diagnostics_s"] = time.perf_counter() - t0
     info = _mil_info(
         op, len(hess_bags), sweep, bags, opts, important, timings, slq_settings, device
     )
+    info["finish"] = finish
+    aniso = (premises or {}).get("anisotropy")
+    q = aniso.get("ratio") if aniso else None
+    info["extension_anisotropy"] = None
+    if q is not None and math.isfinite(q):
+        flat = important["fraction"] if important else 0.0
+        info["extension_anisotropy"] = anisotropy_extension(
+            result.spectrum, sweep.ratios, sweep.distance, eps, q, opts.negative, flat
+        )
+    info["epsilon_batch_size"] = int(epsilon_batch_size)
     y_eval = np.array([int(b["Y"].reshape(-1)[0]) for b in bags.eval])
     warning = chance_warning(sweep.dense.get("test_acc"), y_eval, "evaluation-bag")
     return write_limit(
@@ -349,9 +449,31 @@ def mil_limit(
         extra={**info, **(extra or {})},
         title=title,
         density_bins=opts.density_bins,
-        warnings=[warning] if warning else [],
+        warnings=[*warnings, *([warning] if warning else [])],
         premises=premises,
     )
+
+
+def _layer_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
+    """The prunable tensors by layer group (:func:`sparsemil.limit.premises.layer_group`)."""
+    pset = prunable_set(model)
+    return layer_groups(list(pset.names), list(pset.refs))
+
+
+def _save_finished(
+    path: Path, model: nn.Module, meta: dict[str, Any], finish: dict[str, Any]
+) -> None:
+    """The finished weights as a MIL checkpoint (the training metadata plus the finish)."""
+    from sparsemil.mil.checkpoint import save_mil_checkpoint
+
+    rebuild = ("model", "in_dim", "n_classes", "model_kwargs")
+    extra = {k: v for k, v in meta.items() if k not in rebuild}
+    extra["finish"] = {k: finish[k] for k in ("iterations", "converged", "stop_reason", "tol")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_mil_checkpoint(
+        path, model, meta["model"], dict(meta.get("model_kwargs") or {}), extra=extra,
+        in_dim=int(meta["in_dim"]), n_classes=int(meta["n_classes"]),
+    )  # fmt: skip
 
 
 def _checked_options(options: LimitOptions | None, n_ratios: int) -> LimitOptions:
@@ -523,7 +645,8 @@ def run_mil_limit(
         title=f"{mil_cfg.model} on {Path(str(mil_cfg.data)).stem} "
         f"(lmbda {mil_cfg.lmbda:g}, seed {mil_cfg.seed})",
         lmbda=mil_cfg.lmbda,
-        epsilon_batch_size=mil_cfg.batch_size,
+        epsilon_batch_size=mil_cfg.batch_size * max(int(mil_cfg.accumulate_grad_batches), 1),
+        checkpoint_meta=meta,
         extra={
             "model": mil_cfg.model,
             "lmbda": mil_cfg.lmbda,

@@ -41,6 +41,8 @@ from sparsemil.limit.width import (
 )
 
 DEFAULT_CRITERION = "drop_1pt"
+#: ``limit.finish`` values: no finishing phase, or the proximal-gradient finish
+FINISH = ("none", "proximal")
 
 
 @dataclass
@@ -66,6 +68,16 @@ class LimitOptions:
         trace_probes: Hutch++ products for the trace in the anisotropy check (None: 5 % of
             the SLQ products, between 3 and 24, so the diagnostics stay a small share of the
             spectrum's cost; :func:`diagnostic_trace_probes`).
+        finish: ``none`` or ``proximal``: before the sweep, continue training with
+            deterministic full-batch proximal gradient until w* is a stationary point of
+            ``CE + lmbda ||theta||_1`` (:func:`sparsemil.prune.proximal.proximal_finish`; MIL
+            bridge only).
+        finish_tol: stop the finish when the KKT residual is at most ``finish_tol`` x
+            ``lmbda sqrt(D)``.
+        finish_max_iter: most proximal-gradient steps of the finish (a finish that stops
+            above the tolerance is a warning in ``limit.json``).
+        layer_random: random directions per layer group in the per-layer anisotropy
+            (:func:`sparsemil.limit.premises.layer_anisotropy`; MIL bridge; 0: off).
     """
 
     hessian_samples: int | None = None
@@ -81,6 +93,10 @@ class LimitOptions:
     epsilon_batch_size: int = 128
     premises: bool = True
     trace_probes: int | None = None
+    finish: str = "none"
+    finish_tol: float = 0.1
+    finish_max_iter: int = 200
+    layer_random: int = 3
 
     def validate(self, where: str = "config [limit]") -> None:
         """Raise :class:`SparsemilError` naming the ``limit.<key>`` that is out of range."""
@@ -108,6 +124,14 @@ class LimitOptions:
             raise bad("epsilon_batch_size", "must be >= 1")
         if self.trace_probes is not None and self.trace_probes < 3:
             raise bad("trace_probes", "must be >= 3 (Hutch++) or null")
+        if self.finish not in FINISH:
+            raise bad("finish", f"must be one of {', '.join(FINISH)}")
+        if not self.finish_tol > 0:
+            raise bad("finish_tol", "must be > 0 (a share of lmbda sqrt(D))")
+        if self.finish_max_iter < 0:
+            raise bad("finish_max_iter", "must be >= 0")
+        if self.layer_random < 0:
+            raise bad("layer_random", "must be >= 0")
 
 
 def diagnostic_trace_probes(opts: LimitOptions, slq_products: int) -> int:
@@ -471,6 +495,44 @@ def trace_bracket(
         "nonpositive_mass": tb["nonpositive_mass"],
         "rule": "Jensen (lower) and chord 0..lambda_max (upper) on the convex "
         "c -> 2 eps / (2 eps + R^2 c)",
+    }
+
+
+def anisotropy_extension(
+    spectrum: SpectrumResult,
+    ratios: np.ndarray,
+    distance: np.ndarray,
+    eps: float,
+    q: float,
+    negative: str = "abs",
+    flat_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """EXTENSION, not the paper's formula: the prediction with the spectrum scaled by the
+    measured anisotropy ``q`` = Rayleigh quotient of the pruning direction at the paper's
+    predicted ratio over ``Tr(H)/D`` (:func:`sparsemil.limit.premises.premise_checks`).
+
+    The Gaussian width averages the curvature over random directions; when the magnitude-
+    pruning direction is ``q`` times as curved as an average one, the loss along it rises as
+    if every eigenvalue were ``q`` times larger. Since gw depends on ``R^2 lambda`` only, that
+    is ``rho = gw(sqrt(q) R(rho))``. ``q`` is measured once, at the paper's prediction (one
+    step, not iterated to a fixed point). Reported next to, never instead of, the paper's
+    prediction.
+    """
+    gw = _gw_function(spectrum, eps, negative, flat_fraction)
+    root = math.sqrt(max(float(q), 0.0))
+
+    def scaled(R: np.ndarray) -> np.ndarray:
+        return gw(root * np.asarray(R, dtype=np.float64))
+
+    r = np.asarray(ratios, np.float64)
+    dist = np.asarray(distance, np.float64)
+    pred = predicted_ratio(r, dist, scaled, method="bisect")
+    return {
+        "predicted_ratio": pred,
+        "predicted_bound": _predicted_bound(r, dist, scaled, pred),
+        "q": float(q),
+        "label": "extension (not the paper's formula): rho = gw(sqrt(q) R(rho)), q = "
+        "d.Hd / d.d over Tr(H)/D at the paper's predicted ratio",
     }
 
 

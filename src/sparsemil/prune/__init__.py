@@ -10,7 +10,9 @@ torch/numpy and :mod:`sparsemil.errors` / :mod:`sparsemil.io`:
   ``CRITERIA``), shared by both sweeps;
 - :mod:`~sparsemil.prune.sweep` -- ``pruning_sweep``, ``vision_sweep`` (re-exports the
   result names); :mod:`~sparsemil.prune.batched_sweep` on GPUs;
-- :mod:`~sparsemil.prune.export` -- checkpoints and ``save_sparse`` / ``load_sparse``.
+- :mod:`~sparsemil.prune.export` -- checkpoints and ``save_sparse`` / ``load_sparse``;
+- :mod:`~sparsemil.prune.proximal` -- ``proximal_finish`` (full-batch proximal gradient to a
+  stationary point of CE + lmbda ||theta||_1) and its ``kkt_residual``.
 
 ``sparsemil.prune.hvp`` and ``sparsemil.prune.limit`` are re-exports of
 :mod:`sparsemil.curvature.hvp` and :mod:`sparsemil.limit.predict` kept for old import paths.
@@ -38,6 +40,8 @@ _EXPORTS = {
     "save_checkpoint": "export",
     "save_sparse": "export",
     "load_sparse": "export",
+    "proximal_finish": "proximal",
+    "kkt_residual": "proximal",
 }
 
 __all__ = sorted(_EXPORTS)

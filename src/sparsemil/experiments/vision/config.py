@@ -173,6 +173,12 @@ class PruneConfig:
             "device",
             "must be auto, cpu, cuda, cuda:N or mps",
         )
+        _check(
+            where,
+            self.mil is not None or self.limit.finish == "none",
+            "limit.finish",
+            "'proximal' is implemented for the MIL bridge (a 'mil:' section) only; use 'none'",
+        )
         if self.model == "mlp":
             _check(
                 where, bool(self.widths), "widths", "the mlp model needs widths, e.g. [256, 128]"
