@@ -306,7 +306,7 @@ def write_table(path: Path, rows: list[dict], planned: int, settings: dict, seed
         "censored rows are counted, never scored as error 0. Means come with 95 % Student-t "
         "intervals over the scored rows (seeds and datasets together).",
         "",
-        "| dataset | model | L1 | seed | D | dense test acc | KKT / (lambda sqrt D): trained → "
+        "| dataset | model | L1 | seed | D | dense test acc | KKT / (lambda sqrt D_S), D_S = penalised weights: trained → "
         "finished | epsilon (batch 8) | predicted | 90 % over probes | extension: "
         "anisotropy-scaled | actual drop_1pt | actual official | actual train-loss "
         "| first-order share, anisotropy | wall s |",

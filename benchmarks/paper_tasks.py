@@ -105,28 +105,33 @@ def row_config(row: str, budget: str, device: str) -> dict:
     return cfg
 
 
-def reductions(row: str, budget: str) -> str:
-    """The departures from the official config of ``row``, in words (for the table)."""
-    if budget != "cpu":
-        return "none (official settings)"
-    red = CPU_REDUCTION[row]
-    official, _ = OFFICIAL[row]
+def reductions(row: str, ran: dict | None = None) -> str:
+    """The departures of the config a row ran with (``ran``, its ``config.json``; default:
+    today's ``--budget cpu`` config) from the official one, in words (for the table)."""
+    official = row_config(row, "full", "cpu")
+    ran = row_config(row, "cpu", "cpu") if ran is None else ran
     parts = []
-    for key, val in red.items():
+    for key, val in ran.items():
         if key == "limit":
-            parts += [f"{k}={v}" for k, v in val.items()]
-        else:
+            parts += [f"{k}={v}" for k, v in val.items() if official["limit"].get(k) != v]
+        elif key != "device" and official.get(key) != val:
             parts.append(f"{key} {official.get(key, 'all')}->{val}")
-    return ", ".join(parts)
+    return ", ".join(parts) or "none (official settings)"
 
 
 def run_row(row: str, budget: str, device: str, out: Path) -> Path:
     """One ``run_limit`` in a child process (resumable: an existing limit.json is kept)."""
     row_dir = out / row
+    cfg = row_config(row, budget, device)
     if (row_dir / "limit.json").is_file():
+        ran = json.loads((row_dir / "config.json").read_text())
+        if ran != json.loads(json.dumps(cfg)):
+            sys.exit(
+                f"paper_tasks: {row_dir} was run with another config than --budget {budget} "
+                f"gives now ({reductions(row, ran)}); fix: use another --out, or delete the row"
+            )
         return row_dir
     row_dir.mkdir(parents=True, exist_ok=True)
-    cfg = row_config(row, budget, device)
     (row_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     code = (
         "import json, sys, time; from pathlib import Path\n"
@@ -149,7 +154,7 @@ def _f(v, nd: int = 3) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
 
 
-def row_line(row: str, doc: dict, budget: str, wall: float | None) -> str:
+def row_line(row: str, doc: dict, ran: dict | None, wall: float | None) -> str:
     """One markdown row of the paper-task table."""
     act = doc["actual_ratio"]
     pred = doc["predicted_ratio"]
@@ -173,7 +178,7 @@ def row_line(row: str, doc: dict, budget: str, wall: float | None) -> str:
         f"| {_f(kkt.get('residual'), 3)} vs {_f(kkt.get('bound'), 3)} "
         f"| {_f(order.get('first_order_share'), 2)} | {_f(aniso.get('ratio'), 2)} "
         f"| {'–' if wall is None else f'{wall / 60:.0f} min'} "
-        f"| {reductions(row, budget)} | not retrieved |"
+        f"| {reductions(row, ran)} | not retrieved |"
     )
 
 
@@ -226,7 +231,9 @@ def collect(out: Path, order: list[str], budget: str) -> list[str]:
         doc = json.loads(f.read_text())
         wall_f = out / row / "wall.json"
         wall = json.loads(wall_f.read_text())["wall_s"] if wall_f.is_file() else None
-        rows.append(row_line(row, doc, budget, wall))
+        cfg_f = out / row / "config.json"
+        ran = json.loads(cfg_f.read_text()) if cfg_f.is_file() else row_config(row, budget, "cpu")
+        rows.append(row_line(row, doc, ran, wall))
     return rows
 
 

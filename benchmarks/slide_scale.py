@@ -304,10 +304,10 @@ def write_table(args: argparse.Namespace, dirs: dict[float, Path], results: list
 
 
 def best_epoch(r: dict) -> int | str:
-    """The epoch (0-based) whose checkpoint was tested (lowest validation loss)."""
+    """The epoch (1-based) whose checkpoint was tested (lowest validation loss)."""
     try:
         res = json.loads((Path(r["spec"]["run_dir"]) / "result.json").read_text())
-        return int(res["best_epoch"])
+        return int(res["best_epoch"]) + 1
     except (OSError, ValueError, KeyError):
         return "?"
 

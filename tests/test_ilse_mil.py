@@ -177,3 +177,37 @@ def test_musk1_smoke_beats_chance_and_resumes(tmp_path):
         )
     with pytest.raises(SparsemilError, match="unknown model 'abmil'"):
         run_ilse_benchmark(["musk1"], ["abmil"], tmp_path / "x", table, protocol)
+
+
+def test_reuse_refuses_a_result_of_another_recipe(tmp_path):
+    import dataclasses
+    import json
+
+    from sparsemil.errors import SparsemilError
+    from sparsemil.experiments import ilse_benchmark as ib
+
+    entry = ib.ENTRIES["ilse_attention"]
+    rec = {"registry_model": entry.model, "model_kwargs": entry.model_kwargs,
+           "recipe": dataclasses.asdict(entry.recipe), "num_test": entry.num_test}  # fmt: skip
+    path = tmp_path / "rep_0.json"
+    path.write_text(json.dumps(rec))
+    ib._check_entry(path, entry)  # the same settings: reused
+    path.write_text(json.dumps({**rec, "recipe": {**rec["recipe"], "lr": 1e-2}}))
+    with pytest.raises(SparsemilError, match="another recipe"):
+        ib._check_entry(path, entry)
+
+
+def test_paired_difference_uses_the_nadeau_bengio_corrected_se():
+    import math
+
+    from sparsemil.experiments import ilse_benchmark as ib
+
+    mm = [0.8, 0.9, 0.7, 0.85]
+    il = [0.9, 0.9, 0.8, 0.8]
+    rows = [{"dataset": "musk1", "model": "mmil", "fold_acc": {(0, i): a for i, a in enumerate(mm)}},
+            {"dataset": "musk1", "model": "ilse_attention",
+             "fold_acc": {(0, i): a for i, a in enumerate(il)}}]  # fmt: skip
+    d = np.array(mm) - np.array(il)
+    se = math.sqrt((1 / 4 + 1 / 9) * d.var(ddof=1))  # 10-fold: n_test / n_train = 1/9
+    line = ib._mmil_lines(rows, folds=10)[2]
+    assert f"difference {d.mean():+.3f} ± {se:.3f}" in line

@@ -58,6 +58,7 @@ def test_markdown_states_reductions_and_missing_rows(paper, tmp_path):
                         "order": {"first_order_share": 0.1}, "anisotropy": {"ratio": 1.2}}}  # fmt: skip
     (tmp_path / "fc5").mkdir()
     (tmp_path / "fc5" / "limit.json").write_text(json.dumps(doc))
+    (tmp_path / "fc5" / "config.json").write_text(json.dumps(paper.row_config("fc5", "cpu", "cpu")))
     out = tmp_path / "paper.md"
     paper.write_markdown(tmp_path, paper.collect(tmp_path, ["fc5", "vgg16"], "cpu"), "cpu", out)
     text = out.read_text()
@@ -65,3 +66,18 @@ def test_markdown_states_reductions_and_missing_rows(paper, tmp_path):
     assert "0.880 [0.860, 0.900]" in text and "0.020 / 0.040" in text
     assert "hessian_samples=5000" in text  # the CPU reduction is stated
     assert "| vgg16 | (not run yet) |" in text
+
+
+def test_reductions_come_from_the_config_a_row_ran_with(paper, tmp_path):
+    ran = paper.row_config("fc12", "cpu", "cpu")
+    assert "epoch 200->20" in paper.reductions("fc12", ran)
+    assert paper.reductions("fc12", paper.row_config("fc12", "full", "cuda")) == (
+        "none (official settings)"
+    )
+    # a finished row of another config is not silently reused
+    row = tmp_path / "fc12"
+    row.mkdir()
+    (row / "limit.json").write_text("{}")
+    (row / "config.json").write_text(json.dumps({**ran, "epoch": 7}))
+    with pytest.raises(SystemExit, match="another config"):
+        paper.run_row("fc12", "cpu", "cpu", tmp_path)

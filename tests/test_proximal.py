@@ -3,6 +3,8 @@ per-layer anisotropy of the pruning direction."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -218,13 +220,9 @@ def test_mil_limit_with_the_proximal_finish(tmp_path):
     # the premise checks see the finished weights and the gradient of all training bags (not
     # of the Hessian's subset of 6): the same KKT residual as the finish's
     assert doc["premises"]["kkt"]["residual"] == pytest.approx(fin["kkt_after"]["residual"])
-    if doc["premises"]["layers"] is not None:
-        assert set(doc["premises"]["layers"]["groups"]) <= {
-            "proj",
-            "to_qkv",
-            "to_out",
-            "classifier",
-        }
+    layers = doc["premises"]["layers"]
+    assert layers is not None, doc["premises"]
+    assert set(layers["groups"]) <= {"proj", "to_qkv", "to_out", "classifier"}
     with pytest.raises(SparsemilError, match="lmbda"):
         mil_limit(model, data, tmp_path / "b", options=opts, n_ratios=8, lanczos_iter=6,
                   progress=False)  # fmt: skip
@@ -240,3 +238,26 @@ def test_finish_options_are_checked():
         LimitOptions(finish="proximal", finish_tol=0.0).validate()
     with pytest.raises(SparsemilError, match="MIL bridge"):
         PruneConfig(limit=LimitOptions(finish="proximal")).validate()
+    # a MIL config trained without L1 is refused before any training (nothing to finish)
+    from sparsemil.train.config import MILTrainConfig
+
+    mil = MILTrainConfig(data="x.csv", lmbda=0.0)
+    with pytest.raises(SparsemilError, match="needs mil.lmbda > 0"):
+        PruneConfig(mil=mil, limit=LimitOptions(finish="proximal")).validate()
+    PruneConfig(mil=dataclasses.replace(mil, lmbda=1e-4),
+                limit=LimitOptions(finish="proximal")).validate()  # fmt: skip
+
+
+@pytest.mark.parametrize("q", [0.0, -2.0, float("nan")])
+def test_anisotropy_extension_predicts_nothing_without_positive_curvature(q):
+    from sparsemil.curvature.operator import DenseOperator
+    from sparsemil.curvature.slq import slq
+    from sparsemil.limit.predict import anisotropy_extension
+
+    h = np.diag(np.linspace(0.1, 2.0, 20))
+    spec = slq(DenseOperator(h), num_runs=2, num_steps=10, seed=0)
+    ratios = np.linspace(0.05, 0.95, 19)
+    ext = anisotropy_extension(spec, ratios, 0.1 * ratios, 0.01, q)
+    assert ext["predicted_ratio"] is None and "q =" in ext["reason"]
+    ok = anisotropy_extension(spec, ratios, 0.1 * ratios, 0.01, 1.0)
+    assert "reason" not in ok and ok["label"].startswith("extension")

@@ -58,7 +58,7 @@ def test_size_breakdown_best_epoch_and_kept_findings(ss, tmp_path):
     small = roc_auc_score([0, 1, 1], [0.2, 0.7, 0.1])
     large = roc_auc_score([0, 1, 1], [0.6, 0.4, 0.9])
     assert f"| ABMIL | {small:.3f} | {large:.3f} | 0.700 (2) | 0.800 (1) |" in text
-    assert "| 3 of 12 |" in text
+    assert "| 4 of 12 |" in text  # best_epoch 3 (0-based) is epoch 4 of 12
     # hand-written findings below the marker are kept when the tables are rewritten
     table.write_text(text + "\n" + ss.FINDINGS + "\n\nMMIL wins nowhere here.\n")
     ss.write_table(args, {0.05: tmp_path / "c"}, [{**res, "accuracy": 0.9}])

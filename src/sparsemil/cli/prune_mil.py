@@ -62,6 +62,11 @@ def mil(
         raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
     predictor = load_predictor(checkpoint, device)  # the one checkpoint loader
     model, meta = predictor.model, predictor.meta
+    if finish == "proximal" and not _trained_lmbda(meta) > 0:
+        raise SparsemilError(
+            f"checkpoint {checkpoint}: trained without L1 (train_config.lmbda is 0), so "
+            "--finish proximal has no CE + lmbda ||w||_1 to finish; use --finish none"
+        )
     bags = load_bridge_bags(
         meta, data=data, eval_split=eval_split, base=checkpoint.resolve().parent,
         data_dir=data_dir, format=format, labels=labels,

@@ -15,8 +15,9 @@ same protocol, so that the MMIL-vs-baseline comparison is like for like:
   training part held out for early stopping and model selection (the lowest validation loss
   is tested); features z-scored with the training part's statistics;
 * **MMIL** -- ``mmil`` with the classic-benchmark options
-  (:data:`sparsemil.experiments.mil_benchmark.BENCH_MODEL_KWARGS`) and the trainer's
-  one-bag-per-step recipe (AdamW, lr 2e-4, weight decay 1e-5, cosine), on the same splits,
+  (:data:`sparsemil.experiments.mil_benchmark.BENCH_MODEL_KWARGS`) and the Lightning
+  trainer's default optimiser settings for one bag per step (AdamW, lr 2e-4, weight decay
+  1e-5, cosine) -- run in this module's loop, not through the trainer -- on the same splits,
   batch 1, epochs, early stopping and model selection.
 
 :func:`run_ilse_benchmark` writes one result file per (dataset, model, repetition) under
@@ -361,6 +362,7 @@ def run_ilse_benchmark(
                     continue
                 path = out / d / m / f"rep_{rep}.json"
                 if path.is_file():
+                    _check_entry(path, ENTRIES[m])
                     continue
                 if d not in cache:
                     cache[d] = load_classic_benchmark(d)
@@ -373,6 +375,19 @@ def run_ilse_benchmark(
     rows = collect(out)
     write_ilse_table(table, rows, protocol)
     return rows
+
+
+def _check_entry(path: Path, entry: Entry) -> None:
+    """Refuse to reuse a result of the same model name run with another model or recipe."""
+    found = json.loads(path.read_text())
+    want = {"registry_model": entry.model, "model_kwargs": entry.model_kwargs,
+            "recipe": dataclasses.asdict(entry.recipe), "num_test": entry.num_test}  # fmt: skip
+    diff = [k for k, v in want.items() if json.loads(json.dumps(v)) != found.get(k)]
+    if diff:
+        raise SparsemilError(
+            f"{path} was run with another {', '.join(diff)} than {entry.name} has now; fix: "
+            "use another out folder (or restore the settings it was run with)"
+        )
 
 
 def _check_protocol(path: Path, protocol: Protocol) -> None:
@@ -496,8 +511,9 @@ def write_ilse_table(
         f"{protocol.patience} epochs without a lower validation loss and the epoch of lowest "
         "validation loss is tested. Features are z-scored with the training part's statistics. "
         f"Ilse rows: Adam, betas {r.betas}, lr {r.lr:g}, weight decay {r.weight_decay:g} "
-        "(L2 added to the gradient, `torch.optim.Adam`). MMIL row: the trainer's default "
-        f"recipe for one bag per step (docs/training.md), AdamW lr {mm.recipe.lr:g}, weight "
+        "(L2 added to the gradient, `torch.optim.Adam`). MMIL row: the Lightning trainer's "
+        f"default optimiser settings for one bag per step (docs/training.md), run in this "
+        f"benchmark's loop: AdamW lr {mm.recipe.lr:g}, weight "
         f"decay {mm.recipe.weight_decay:g}, cosine over {protocol.max_epochs} epochs (the "
         "classic-benchmark lr 1e-3 goes with 8 bags per step). Fewer "
         "repetitions than the protocol's are a CPU-time reduction, shown in `reps x folds`: by "
@@ -532,13 +548,18 @@ def write_ilse_table(
             f"{row['epochs_run']:.0f} / {row['best_epoch']:.0f} | {row['seconds_per_rep']:.0f} | "
             f"{pub_s} | {_inside(row)} |"
         )
-    lines += ["", *_mmil_lines(rows), ""]
+    lines += ["", *_mmil_lines(rows, protocol.folds), ""]
     atomic_write_text(table, "\n".join(lines))
 
 
-def _mmil_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """MMIL against the better Ilse model per dataset, paired fold by fold on the
-    (repetition, fold) test parts both have."""
+def _mmil_lines(rows: list[dict[str, Any]], folds: int = 10) -> list[str]:
+    """MMIL against each Ilse model per dataset, paired fold by fold on the (repetition,
+    fold) test parts both have.
+
+    The folds' training sets overlap, so their differences are not independent; the SE of
+    the mean difference uses Nadeau & Bengio's (2003) corrected resampled variance
+    ``(1/n + n_test/n_train) s^2`` with ``n_test/n_train = 1/(folds - 1)``.
+    """
     by = {(r["dataset"], r["model"]): r for r in rows}
     out = []
     for d, name in DATASET_NAMES.items():
@@ -553,7 +574,7 @@ def _mmil_lines(rows: list[dict[str, Any]]) -> list[str]:
             diff = np.array([mm["fold_acc"][k] - base["fold_acc"][k] for k in common])
             a = np.mean([mm["fold_acc"][k] for k in common])
             b = np.mean([base["fold_acc"][k] for k in common])
-            se = _sd(diff) / math.sqrt(diff.size)
+            se = math.sqrt((1.0 / diff.size + 1.0 / (folds - 1)) * _sd(diff) ** 2)
             verdict = (
                 "within 2 SE"
                 if abs(diff.mean()) <= 2 * se
@@ -562,8 +583,8 @@ def _mmil_lines(rows: list[dict[str, Any]]) -> list[str]:
             n_reps = len({k[0] for k in common})
             out.append(
                 f"- {name}: MMIL {a:.3f} vs {m} {b:.3f} on the same {diff.size} test folds "
-                f"({n_reps} repetition(s)): difference {diff.mean():+.3f} ± {se:.3f} (SE of the "
-                f"fold-paired difference) -> **{verdict}**"
+                f"({n_reps} repetition(s)): difference {diff.mean():+.3f} ± {se:.3f} (corrected SE of the "
+                f"fold-paired difference, Nadeau-Bengio) -> **{verdict}**"
             )
     if not out:
         return []

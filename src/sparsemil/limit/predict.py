@@ -518,8 +518,19 @@ def anisotropy_extension(
     step, not iterated to a fixed point). Reported next to, never instead of, the paper's
     prediction.
     """
+    label = (
+        "extension (not the paper's formula): rho = gw(sqrt(q) R(rho)), q = "
+        "d.Hd / d.d over Tr(H)/D at the paper's predicted ratio"
+    )
+    if not (math.isfinite(float(q)) and float(q) > 0):
+        # negative (or zero) curvature along the pruning direction: the scaled quadratic
+        # model predicts nothing; no number rather than gw(0)
+        return {"predicted_ratio": None, "predicted_bound": None, "q": float(q),
+                "label": label,
+                "reason": f"q = {float(q):.3g} <= 0: no positive curvature along the "
+                "pruning direction"}  # fmt: skip
     gw = _gw_function(spectrum, eps, negative, flat_fraction)
-    root = math.sqrt(max(float(q), 0.0))
+    root = math.sqrt(float(q))
 
     def scaled(R: np.ndarray) -> np.ndarray:
         return gw(root * np.asarray(R, dtype=np.float64))
@@ -531,8 +542,7 @@ def anisotropy_extension(
         "predicted_ratio": pred,
         "predicted_bound": _predicted_bound(r, dist, scaled, pred),
         "q": float(q),
-        "label": "extension (not the paper's formula): rho = gw(sqrt(q) R(rho)), q = "
-        "d.Hd / d.d over Tr(H)/D at the paper's predicted ratio",
+        "label": label,
     }
 
 

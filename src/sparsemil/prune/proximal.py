@@ -52,7 +52,8 @@ def kkt_residual(theta: Tensor, grad: Tensor, lmbda: float, penalised: Tensor) -
     non-zero penalised weights, the share of those whose gradient has the wrong sign (it should
     oppose ``sign(theta_i)``), ``||grad CE||``, and the scale ``lmbda sqrt(D_S)``: the norm of the
     penalty's own gradient, the largest a stationary CE gradient can be. A point where the CE
-    gradient vanishes (the L1 term ignored) has residual exactly ``lmbda sqrt(D_S)``, so the
+    gradient vanishes (the L1 term ignored) has residual ``lmbda sqrt(n)``, ``n`` its non-zero
+    penalised weights (``lmbda sqrt(D_S)`` when none is zero), so the
     check passes only below ``KKT_MAX_SHARE`` (one half) of that scale; ``ratio`` is
     ``residual / bound``.
     """

@@ -179,6 +179,13 @@ class PruneConfig:
             "limit.finish",
             "'proximal' is implemented for the MIL bridge (a 'mil:' section) only; use 'none'",
         )
+        _check(
+            where,
+            self.limit.finish == "none" or self.mil is None or self.mil.lmbda > 0,
+            "limit.finish",
+            "'proximal' finishes CE + lmbda ||w||_1 and needs mil.lmbda > 0; set an L1 "
+            "strength or use 'none'",
+        )
         if self.model == "mlp":
             _check(
                 where, bool(self.widths), "widths", "the mlp model needs widths, e.g. [256, 128]"
