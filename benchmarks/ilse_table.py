@@ -20,7 +20,14 @@ import torch
 
 from sparsemil.data.mil_benchmarks import CLASSIC_BENCHMARKS
 from sparsemil.errors import SparsemilError
-from sparsemil.experiments.ilse_benchmark import DEFAULT_REPS, ENTRIES, Protocol, run_ilse_benchmark
+from sparsemil.experiments.ilse_benchmark import (
+    DEFAULT_REPS,
+    ENTRIES,
+    Protocol,
+    collect,
+    run_ilse_benchmark,
+    write_ilse_table,
+)
 
 
 def _names(text: str) -> list[str]:
@@ -42,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ilse")
     p.add_argument("--table", default="docs/results/mil_ilse.md")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="rewrite --table from the results under --out; train nothing",
+    )  # fmt: skip
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     protocol = Protocol(
@@ -49,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=a.val_fraction,
     )  # fmt: skip
     t0 = time.time()
+    if a.report_only:
+        rows = collect(a.out)
+        if not rows:
+            print(f"error: --out {a.out}: no results to tabulate", file=sys.stderr)
+            return 2
+        write_ilse_table(a.table, rows, protocol)
+        print(f"[ilse] table: {a.table}")
+        return 0
     try:
         run_ilse_benchmark(
             _names(a.datasets), _names(a.models), a.out, a.table, protocol,
