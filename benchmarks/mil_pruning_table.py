@@ -265,6 +265,10 @@ def layer_summary(rows: list[dict]) -> list[str]:
     return out
 
 
+#: Everything below this line of the doc is hand-written analysis, kept on a rewrite.
+FINDINGS = "<!-- findings: hand-written, kept when the tables above are regenerated -->"
+
+
 def write_table(path: Path, rows: list[dict], planned: int, settings: dict, seeds: str) -> None:
     s = settings
     lines = [
@@ -401,6 +405,9 @@ def write_table(path: Path, rows: list[dict], planned: int, settings: dict, seed
         "",
         *layer_lines(rows),
     ]
+    old = Path(path).read_text() if Path(path).is_file() else ""
+    if FINDINGS in old:  # the hand-written analysis below the marker survives a rewrite
+        lines += ["", old[old.index(FINDINGS) :].rstrip("\n")]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

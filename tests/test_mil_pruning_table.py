@@ -68,3 +68,8 @@ def test_table_text(mt, tmp_path):
     assert "against a random support 40 (range 40-40; > 1 in 1 of 1 rows)" in text
     assert "among non-zero weights 2 (range" in text
     assert "the extension is closer in 1 of 1" in text  # |0.75 - 0.7| < |0.9 - 0.7|
+    # the hand-written analysis below the marker is kept when the tables are rewritten
+    path.write_text(text + "\n" + mt.FINDINGS + "\n\nWhat remains is anisotropy.\n")
+    mt.write_table(path, rows, 4, mt.SETTINGS, "0,1")
+    again = path.read_text()
+    assert again.count(mt.FINDINGS) == 1 and again.rstrip().endswith("What remains is anisotropy.")
