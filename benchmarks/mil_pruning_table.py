@@ -84,15 +84,24 @@ def row_config(d: str, m: str, l1: float, s: int, settings: dict) -> PruneConfig
     )  # fmt: skip
 
 
+def finished(out: Path, d: str, m: str, l1: float, s: int, settings: dict) -> bool:
+    """Whether the row has a ``limit.json`` written with ``settings`` (reused by run_row)."""
+    run = row_dir(out, d, m, l1, s)
+    try:
+        done = json.loads((run / "row.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("settings") == settings and (run / "limit.json").is_file()
+
+
 def run_row(out: Path, d: str, m: str, l1: float, s: int, settings: dict) -> dict:
     """The ``limit.json`` of one row (computed, or reused when ``row.json`` has the same
     settings); ``_wall_s`` is the row's wall time."""
     run = row_dir(out, d, m, l1, s)
     marker = run / "row.json"
-    if marker.is_file():
+    if finished(out, d, m, l1, s, settings):
         done = json.loads(marker.read_text())
-        if done.get("settings") == settings and (run / "limit.json").is_file():
-            return {**json.loads((run / "limit.json").read_text()), "_wall_s": done["wall_s"]}
+        return {**json.loads((run / "limit.json").read_text()), "_wall_s": done["wall_s"]}
     if run.exists() and any(run.iterdir()):
         raise SystemExit(
             f"{run}: holds a row written with other settings (or unfinished); pass a new --out "
@@ -420,6 +429,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "mil-pruning-v2"))
     ap.add_argument("--table", default=str(REPO / "docs" / "results" / "mil_pruning_limit.md"))
     ap.add_argument("--only-rows", type=int, default=None, help="stop after N rows (smoke)")
+    ap.add_argument(
+        "--report-only", action="store_true",
+        help="tabulate the finished rows under --out (same settings); train nothing",
+    )  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(1)
     cells = [
@@ -431,6 +444,8 @@ def main() -> None:
     ]
     rows = []
     for d, m, l1, s in cells[: a.only_rows]:
+        if a.report_only and not finished(Path(a.out), d, m, l1, s, SETTINGS):
+            continue
         r = run_row(Path(a.out), d, m, l1, s, SETTINGS)
         r.update({"_dataset": d, "_model": m, "_l1": l1, "_seed": s})
         rows.append(r)
