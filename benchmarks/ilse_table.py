@@ -13,6 +13,7 @@ rewritten after each. One torch thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -59,12 +60,29 @@ def main(argv: list[str] | None = None) -> int:
         repetitions=a.reps, folds=a.folds, max_epochs=a.max_epochs, patience=a.patience,
         val_fraction=a.val_fraction,
     )  # fmt: skip
+    bad = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
+           (("reps", 1), ("folds", 2), ("max_epochs", 1), ("patience", 1), ("mmil_reps", 1))
+           if getattr(a, k) < lo]  # fmt: skip
+    if not 0 < a.val_fraction < 1:
+        bad.append("--val-fraction must be in (0, 1)")
+    if not _names(a.datasets) or not _names(a.models):
+        bad.append("--datasets and --models need at least one name each")
+    if bad:
+        print(f"error: {'; '.join(bad)}", file=sys.stderr)
+        return 2
     t0 = time.time()
     if a.report_only:
         rows = collect(a.out)
         if not rows:
             print(f"error: --out {a.out}: no results to tabulate", file=sys.stderr)
             return 2
+        found = {json.dumps(r["protocol"], sort_keys=True) for r in rows}
+        if len(found) != 1:
+            print(f"error: --out {a.out} mixes protocols {sorted(found)}; tabulate one "
+                  "protocol per folder", file=sys.stderr)  # fmt: skip
+            return 2
+        # the protocol the results were run with, not the command-line defaults
+        protocol = Protocol(repetitions=a.reps, **json.loads(found.pop()))
         write_ilse_table(a.table, rows, protocol)
         print(f"[ilse] table: {a.table}")
         return 0

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -420,6 +421,36 @@ def write_table(path: Path, rows: list[dict], planned: int, settings: dict, seed
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def checked_cells(a: argparse.Namespace) -> list[tuple[str, str, float, int]]:
+    """The (dataset, model, l1, seed) cells of the command line, every name and number
+    checked before any training (a bad one: a one-line error, exit 2)."""
+    from sparsemil.mil.registry import MODELS
+
+    def names(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    bad = []
+    datasets, models = names(a.datasets), names(a.models)
+    bad += [f"--datasets: unknown {d!r} (use {', '.join(NAMES)})" for d in datasets
+            if d not in NAMES]  # fmt: skip
+    bad += [f"--models: unknown {m!r} (use {', '.join(MODELS)})" for m in models
+            if m not in MODELS]  # fmt: skip
+    try:
+        l1s = [float(x) for x in names(a.l1)]
+        seeds = [int(x) for x in names(a.seeds)]
+    except ValueError as exc:
+        bad.append(f"--l1 / --seeds: {exc}")
+        l1s, seeds = [], []
+    bad += [f"--l1: {v:g} must be > 0 (the proximal finish needs an L1 strength)"
+            for v in l1s if not v > 0]  # fmt: skip
+    if not (datasets and models and l1s and seeds):
+        bad.append("--datasets, --models, --l1 and --seeds need at least one value each")
+    if bad:
+        print(f"error: {'; '.join(bad)}", file=sys.stderr)
+        raise SystemExit(2)
+    return [(d, m, l1, s) for s in seeds for l1 in l1s for d in datasets for m in models]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="musk1,elephant,ucsb_breast_cancer")
@@ -435,13 +466,11 @@ def main() -> None:
     )  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(1)
-    cells = [
-        (d, m, float(l1), int(s))
-        for s in a.seeds.split(",")
-        for l1 in a.l1.split(",")
-        for d in a.datasets.split(",")
-        for m in a.models.split(",")
-    ]
+    cells = checked_cells(a)
+    if a.report_only and not any(finished(Path(a.out), *c, SETTINGS) for c in cells):
+        print(f"error: --out {a.out} holds no finished rows with these settings; nothing to "
+              "tabulate, the table is left as it is", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     rows = []
     for d, m, l1, s in cells[: a.only_rows]:
         if a.report_only and not finished(Path(a.out), d, m, l1, s, SETTINGS):

@@ -248,9 +248,15 @@ def main() -> None:
     args = ap.parse_args()
     order = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in order if r not in OFFICIAL]
-    if unknown:
-        sys.exit(f"paper_tasks: unknown rows {unknown}; choose from {', '.join(OFFICIAL)}")
+    if unknown or not order:
+        print(f"paper_tasks: --rows: unknown rows {unknown or '(none given)'}; choose from "
+              f"{', '.join(OFFICIAL)}", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     out = Path(args.out)
+    if args.report_only and not any((out / r / "limit.json").is_file() for r in order):
+        print(f"paper_tasks: --out {out} holds no finished rows ({', '.join(order)}); nothing "
+              "to tabulate, the doc is left as it is", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     if not args.report_only:
         for row in order:
             t0 = time.time()

@@ -148,6 +148,22 @@ def test_checkpoint_data_paths_work_from_any_folder(tmp_path, monkeypatch, capsy
     assert rc == 0, err
     doc = json.loads((tmp_path / "limit" / "limit.json").read_text())
     assert doc["device"] == "cpu" and doc["n_eval_bags"] == 4
+    # bad flags are refused before any bag is read or file written (one line, exit 2);
+    # the checkpoint was trained without L1, so there is nothing for a proximal finish
+    (tmp_path / "afile").write_text("x")
+    for flags, msg in (
+        (["--lanczos-num", "0"], "--lanczos-num 0: must be >= 1"),
+        (["--n-ratios", "1"], "--n-ratios 1: must be >= 2"),
+        (["--finish-tol", "0.9"], "finish_tol"),
+        (["--out", "afile"], "is a file"),
+        (["--finish", "proximal"], "trained without L1"),
+    ):
+        args = ["prune", "mil", "--checkpoint", "ud/runs/m/model.safetensors", "--out",
+                "bad", "--no-progress", *flags]  # fmt: skip
+        assert main(args) == 2, flags
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
 
 
 def test_diverging_mil_training_stops_with_one_line(tmp_path, capsys):

@@ -211,3 +211,20 @@ def test_paired_difference_uses_the_nadeau_bengio_corrected_se():
     se = math.sqrt((1 / 4 + 1 / 9) * d.var(ddof=1))  # 10-fold: n_test / n_train = 1/9
     line = ib._mmil_lines(rows, folds=10)[2]
     assert f"difference {d.mean():+.3f} ± {se:.3f}" in line
+
+
+def test_table_script_refuses_bad_options_and_empty_results(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ilse_table.py"
+    spec = importlib.util.spec_from_file_location("ilse_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = tmp_path / "t.md"
+    table.write_text("kept")
+    for argv in (["--reps", "0"], ["--datasets", ","], ["--max-epochs", "0"],
+                 ["--report-only", "--out", str(tmp_path / "none")]):  # fmt: skip
+        assert mod.main([*argv, "--table", str(table)]) == 2, argv
+        assert capsys.readouterr().err.startswith("error: ")
+    assert table.read_text() == "kept"

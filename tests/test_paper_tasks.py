@@ -81,3 +81,14 @@ def test_reductions_come_from_the_config_a_row_ran_with(paper, tmp_path):
     (row / "config.json").write_text(json.dumps({**ran, "epoch": 7}))
     with pytest.raises(SystemExit, match="another config"):
         paper.run_row("fc12", "cpu", "cpu", tmp_path)
+
+
+def test_report_only_without_results_leaves_the_doc(paper, tmp_path, monkeypatch):
+    doc = tmp_path / "doc.md"
+    doc.write_text("kept")
+    for argv in (["--report-only", "--out", str(tmp_path / "none")], ["--rows", "bogus"]):
+        monkeypatch.setattr("sys.argv", ["paper_tasks.py", *argv, "--doc", str(doc)])
+        with pytest.raises(SystemExit) as exc:
+            paper.main()
+        assert exc.value.code == 2
+    assert doc.read_text() == "kept"

@@ -58,6 +58,12 @@ def mil(
         negative=negative, finish=finish, finish_tol=finish_tol, finish_max_iter=finish_max_iter
     )
     options.validate("options")
+    for flag, value, low in (("--n-ratios", n_ratios, 2), ("--lanczos-iter", lanczos_iter, 2),
+                             ("--lanczos-num", lanczos_num, 1)):  # fmt: skip
+        if value < low:  # checked before any bag is read or file written
+            raise SparsemilError(f"{flag} {value}: must be >= {low}")
+    if out.exists() and not out.is_dir():
+        raise SparsemilError(f"--out {out}: is a file, not a folder; pass a folder path")
     if not checkpoint.is_file():
         raise SparsemilError(f"checkpoint {checkpoint}: no such file; pass a model.safetensors")
     predictor = load_predictor(checkpoint, device)  # the one checkpoint loader

@@ -39,6 +39,7 @@ from sparsemil.limit.width import (
     predicted_ratio,
     trace_bounds,
 )
+from sparsemil.prune.proximal import KKT_MAX_SHARE
 
 DEFAULT_CRITERION = "drop_1pt"
 #: ``limit.finish`` values: no finishing phase, or the proximal-gradient finish
@@ -126,8 +127,12 @@ class LimitOptions:
             raise bad("trace_probes", "must be >= 3 (Hutch++) or null")
         if self.finish not in FINISH:
             raise bad("finish", f"must be one of {', '.join(FINISH)}")
-        if not self.finish_tol > 0:
-            raise bad("finish_tol", "must be > 0 (a share of lmbda sqrt(D))")
+        if not 0 < self.finish_tol <= KKT_MAX_SHARE:
+            raise bad(
+                "finish_tol",
+                f"must be in (0, {KKT_MAX_SHARE:g}] (a share of lmbda sqrt(D); above "
+                f"{KKT_MAX_SHARE:g} a 'converged' finish would still fail the KKT premise)",
+            )
         if self.finish_max_iter < 0:
             raise bad("finish_max_iter", "must be >= 0")
         if self.layer_random < 0:
