@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: Everything below this line of the doc is hand-written analysis, kept on a rewrite.
+FINDINGS = "<!-- findings: hand-written, kept when the table above is regenerated -->"
 DOC = REPO / "docs" / "results" / "paper_tasks.md"
 
 _FC = dict(
@@ -215,6 +217,9 @@ def write_markdown(out: Path, rows: list[str], budget: str, doc_path: Path = DOC
         *rows,
         "",
     ]
+    old = doc_path.read_text() if doc_path.is_file() else ""
+    if FINDINGS in old:  # the hand-written analysis below the marker survives a rewrite
+        lines += [old[old.index(FINDINGS) :].rstrip("\n"), ""]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = doc_path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))

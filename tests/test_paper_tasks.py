@@ -66,6 +66,11 @@ def test_markdown_states_reductions_and_missing_rows(paper, tmp_path):
     assert "0.880 [0.860, 0.900]" in text and "0.020 / 0.040" in text
     assert "hessian_samples=5000" in text  # the CPU reduction is stated
     assert "| vgg16 | (not run yet) |" in text
+    # hand-written analysis below the marker is kept when the table is regenerated
+    out.write_text(text + paper.FINDINGS + "\nFC5 is the row to read.\n")
+    paper.write_markdown(tmp_path, paper.collect(tmp_path, ["fc5", "vgg16"], "cpu"), "cpu", out)
+    again = out.read_text()
+    assert again.count(paper.FINDINGS) == 1 and "FC5 is the row to read." in again
 
 
 def test_reductions_come_from_the_config_a_row_ran_with(paper, tmp_path):
