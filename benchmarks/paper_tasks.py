@@ -133,18 +133,28 @@ def run_row(row: str, budget: str, device: str, out: Path) -> Path:
                 f"gives now ({reductions(row, ran)}); fix: use another --out, or delete the row"
             )
         return row_dir
+    if (row_dir / "model.safetensors").is_file():  # trained earlier: resume the limit step
+        ran = json.loads((row_dir / "config.json").read_text())
+        if ran != json.loads(json.dumps(cfg)):
+            sys.exit(f"paper_tasks: {row_dir} holds a model trained with another config; fix: "
+                     "use another --out, or delete the row")  # fmt: skip
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     code = (
         "import json, sys, time; from pathlib import Path\n"
         "from sparsemil.experiments.vision.config import config_from_dict\n"
-        "from sparsemil.experiments.vision.run import run_limit\n"
+        "from sparsemil.experiments.vision.run import resume_limit, run_limit\n"
         "d = Path(sys.argv[1]); t0 = time.time()\n"
         "cfg = config_from_dict(json.loads((d / 'config.json').read_text()), where='paper row')\n"
-        "doc = run_limit(cfg, d, progress=False, log=print)\n"
-        "(d / 'wall.json').write_text(json.dumps({'wall_s': time.time() - t0}))\n"
+        "if (d / 'model.safetensors').is_file() and (d / 'history.json').is_file():\n"
+        "    doc = resume_limit(cfg, d, progress=False, log=print)  # trained; limit step died\n"
+        "else:\n"
+        "    doc = run_limit(cfg, d, progress=False, log=print)\n"
+        "w = d / 'wall.json'; resumed = 'resumed' in doc\n"
+        "train = json.loads((d / 'history.json').read_text()).get('seconds', 0) if resumed else 0\n"
+        "w.write_text(json.dumps({'wall_s': train + time.time() - t0, 'resumed': resumed}))\n"
     )
-    with open(row_dir / "log.txt", "w") as log:
+    with open(row_dir / "log.txt", "a") as log:
         subprocess.run(
             [sys.executable, "-c", code, str(row_dir)], stdout=log, stderr=subprocess.STDOUT,
             check=False,

@@ -239,3 +239,23 @@ def test_run_with_the_important_eigenvalue_correction(tmp_path) -> None:
     imp = doc["important"]
     assert imp["num_samples"] == doc["hessian"]["samples"] == doc["n_train"]
     assert len(imp["row_l1_norms"]) == 5 and doc["flat_fraction"] == imp["fraction"]
+
+
+def test_resume_limit_reuses_the_trained_model(tmp_path):
+    """A run whose limit step died (e.g. killed for memory) resumes from its saved model:
+    the same prediction and measured limits as the uninterrupted run, no new training."""
+    from sparsemil.experiments.vision.config import config_from_dict
+    from sparsemil.experiments.vision.run import resume_limit, run_limit
+
+    cfg = config_from_dict({"model": "mlp", "widths": [32], "dataset": "digits",
+                            "batch_size": 64, "epoch": 2, "lr": 0.05, "lmbda": 5e-4,
+                            "sparse_epoch": 20, "lanczos_iter": 8, "seed": 0})  # fmt: skip
+    out = tmp_path / "run"
+    first = run_limit(cfg, out, progress=False)
+    (out / "limit.json").unlink()
+    again = resume_limit(cfg, out, progress=False)
+    assert again["resumed"] and json.loads((out / "limit.json").read_text())["resumed"]
+    assert again["predicted_ratio"] == pytest.approx(first["predicted_ratio"], rel=1e-9)
+    assert again["actual_ratio"] == first["actual_ratio"]
+    with pytest.raises(SparsemilError, match="no model.safetensors"):
+        resume_limit(cfg, tmp_path / "empty", progress=False)

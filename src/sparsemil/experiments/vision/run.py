@@ -32,6 +32,7 @@ accuracy (:func:`sparsemil.limit.predict.chance_warning`).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -111,6 +112,48 @@ def run_limit(
         timings={"train_s": train_s},
         title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
     )
+
+
+def resume_limit(
+    cfg: Any,
+    out_dir: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Steps 2-5 of :func:`run_limit` for a run whose training finished (``model.safetensors``
+    and ``history.json`` in ``out_dir``) but whose limit step did not (killed, out of memory):
+    the saved model, not a new training. ``limit.json`` then records ``"resumed": true``.
+
+    Raises:
+        SparsemilError: no trained model in ``out_dir``, or one of another input shape.
+    """
+    out = Path(out_dir)
+    ckpt, hist_f = out / "model.safetensors", out / "history.json"
+    if not (ckpt.is_file() and hist_f.is_file()):
+        raise SparsemilError(f"{out}: no model.safetensors + history.json to resume from")
+    model, meta = load_checkpoint(ckpt, device=cfg.resolved_device())
+    data = config_dataset(cfg)
+    if tuple(meta["in_shape"]) != data.in_shape:
+        raise SparsemilError(
+            f"{ckpt}: input shape {meta['in_shape']} does not match {data.name} "
+            f"{list(data.in_shape)}"
+        )
+    hist = json.loads(hist_f.read_text())
+    (log or (lambda _m: None))(f"resumed {cfg.model} from {ckpt} (trained earlier)")
+    doc = model_limit(
+        model.eval(),
+        data,
+        cfg,
+        out,
+        lmbda=cfg.lmbda if cfg.l1 and cfg.regularizer == "L1" else 0.0,
+        progress=progress,
+        log=log,
+        timings={"train_s": float(hist.get("seconds", 0.0))},
+        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
+    )
+    doc["resumed"] = True
+    atomic_write_json(out / "limit.json", doc)
+    return doc
 
 
 def model_limit(
