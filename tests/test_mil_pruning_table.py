@@ -1,18 +1,13 @@
 """The MIL pruning table's scoring and writer (benchmarks/mil_pruning_table.py), by hand."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from torch_helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def mt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mil_pruning_table.py"
-    spec = importlib.util.spec_from_file_location("mil_pruning_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("mil_pruning_table")
 
 
 def _row(pred, actual, bound=None, ext=None, model="mmil", seed=0):

@@ -3,25 +3,20 @@ are kept where no reduction is stated, and the markdown lists what each row redu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from sparsemil.experiments.vision.config import config_from_dict
+from torch_helpers import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def paper():
-    spec = importlib.util.spec_from_file_location(
-        "paper_tasks", REPO / "benchmarks" / "paper_tasks.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("paper_tasks")
 
 
 @pytest.mark.parametrize("budget", ["cpu", "full"])

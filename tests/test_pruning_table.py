@@ -1,19 +1,14 @@
 """Scoring of benchmarks/pruning_table.py (baselines, censoring, intervals) by hand."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from torch_helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def pt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pruning_table.py"
-    spec = importlib.util.spec_from_file_location("pruning_table", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("pruning_table")
 
 
 def _rec(config, lmbda, seed, theory, trace, d1, off=None, tl=None, bound=None, rho_max=0.99):

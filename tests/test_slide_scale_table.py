@@ -5,24 +5,20 @@ is shown, and the hand-written findings below the marker survive a rewrite."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from torch_helpers import benchmark_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ss():
-    spec = importlib.util.spec_from_file_location(
-        "slide_scale", REPO / "benchmarks" / "slide_scale.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("slide_scale")
 
 
 def _cohort(d: Path) -> None:

@@ -44,3 +44,15 @@ def summed_hessian_rows(model: torch.nn.Module, batches, idx):
         Hb = torch.autograd.functional.hessian(loss, theta, vectorize=True).numpy()
         rows += np.abs(Hb[idx]).sum(axis=1)
     return rows
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

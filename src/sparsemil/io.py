@@ -185,3 +185,16 @@ def read_safetensors_meta(path: str | os.PathLike[str], meta_key: str) -> dict[s
         return json.loads(raw)
     except json.JSONDecodeError as err:
         raise SparsemilError(f"checkpoint {path}: metadata is not valid JSON ({err})") from None
+
+
+def shared_roots() -> list[Path]:
+    """Where the project's shared reference folder may be, in order: ``$SPARSEMIL_SHARED``,
+    ``../shared`` next to the working folder, ``../shared`` next to this source checkout
+    (``data/mil``: Fox and Tiger; ``data/wsi``: the demo slide)."""
+    roots = []
+    env = os.environ.get("SPARSEMIL_SHARED")
+    if env:
+        roots.append(Path(env))
+    roots.append(Path.cwd().parent / "shared")
+    roots.append(Path(__file__).resolve().parents[2].parent / "shared")
+    return roots

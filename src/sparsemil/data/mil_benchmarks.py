@@ -21,6 +21,7 @@ import numpy as np
 from sparsemil.data.bags import Bag
 from sparsemil.data.readers import read_mil_csv
 from sparsemil.errors import SparsemilError
+from sparsemil.io import shared_roots
 
 MIL_BENCHMARKS = ("musk1", "musk2", "elephant", "ucsb_breast_cancer")
 """The benchmark names accepted by :func:`mil_csv_path`."""
@@ -70,16 +71,6 @@ CLASSIC_BENCHMARKS = ("musk1", "musk2", "fox", "tiger", "elephant")
 (:func:`load_classic_benchmark`)."""
 
 
-def _shared_roots() -> list[Path]:
-    roots = []
-    env = os.environ.get("SPARSEMIL_SHARED")
-    if env:
-        roots.append(Path(env))
-    roots.append(Path.cwd().parent / "shared")
-    roots.append(Path(__file__).resolve().parents[3].parent / "shared")
-    return roots
-
-
 def mil_mat_path(name: str) -> Path:
     """Path of ``fox.mat`` / ``tiger.mat`` in ``<shared>/data/mil`` (``$SPARSEMIL_SHARED``,
     else ``../shared`` next to the working folder or next to this checkout)."""
@@ -88,7 +79,7 @@ def mil_mat_path(name: str) -> Path:
         raise SparsemilError(
             f"unknown .mat MIL benchmark {name!r}; fix: use one of {', '.join(MAT_BENCHMARKS)}"
         )
-    tried = [root / "data" / "mil" / f"{key}.mat" for root in _shared_roots()]
+    tried = [root / "data" / "mil" / f"{key}.mat" for root in shared_roots()]
     for path in tried:
         if path.is_file():
             return path

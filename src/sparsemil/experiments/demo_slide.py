@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from sparsemil.errors import SparsemilError
+from sparsemil.io import shared_roots
 
 SLIDE_NAME = "CMU-1-Small-Region.svs"
 
@@ -58,13 +58,7 @@ def find_demo_slide() -> Path | None:
     """``CMU-1-Small-Region.svs`` in ``$SPARSEMIL_SHARED/data/wsi``, else in
     ``../shared/data/wsi`` next to the working folder or next to this source checkout;
     ``None`` when none exists."""
-    roots = []
-    env = os.environ.get("SPARSEMIL_SHARED")
-    if env:
-        roots.append(Path(env))
-    roots.append(Path.cwd().parent / "shared")
-    roots.append(Path(__file__).resolve().parents[3].parent / "shared")
-    for root in roots:
+    for root in shared_roots():
         path = root / "data" / "wsi" / SLIDE_NAME
         if path.is_file():
             return path

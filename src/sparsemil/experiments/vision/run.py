@@ -101,6 +101,19 @@ def run_limit(
     train_s = time.perf_counter() - t0
     say(f"trained {cfg.model} on {data.name}: test acc {hist['test_acc'][-1]:.4f}")
     _save_trained(cfg, model, data, hist, out, device)
+    return _config_limit(cfg, model, data, out, train_s, progress, log)
+
+
+def _config_limit(
+    cfg: PruneConfig,
+    model: nn.Module,
+    data: Any,
+    out: Path,
+    train_s: float,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """:func:`model_limit` of a model trained from ``cfg`` (its L1 strength, its title)."""
     return model_limit(
         model,
         data,
@@ -140,16 +153,8 @@ def resume_limit(
         )
     hist = json.loads(hist_f.read_text())
     (log or (lambda _m: None))(f"resumed {cfg.model} from {ckpt} (trained earlier)")
-    doc = model_limit(
-        model.eval(),
-        data,
-        cfg,
-        out,
-        lmbda=cfg.lmbda if cfg.l1 and cfg.regularizer == "L1" else 0.0,
-        progress=progress,
-        log=log,
-        timings={"train_s": float(hist.get("seconds", 0.0))},
-        title=f"{cfg.model} on {data.name}, l1 {cfg.lmbda:g}, seed {cfg.seed}",
+    doc = _config_limit(
+        cfg, model.eval(), data, out, float(hist.get("seconds", 0.0)), progress, log
     )
     doc["resumed"] = True
     atomic_write_json(out / "limit.json", doc)
