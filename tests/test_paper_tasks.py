@@ -83,12 +83,15 @@ def test_reductions_come_from_the_config_a_row_ran_with(paper, tmp_path):
         paper.run_row("fc12", "cpu", "cpu", tmp_path)
 
 
-def test_report_only_without_results_leaves_the_doc(paper, tmp_path, monkeypatch):
+def test_report_only_without_results_leaves_the_doc(paper, tmp_path, monkeypatch, capsys):
     doc = tmp_path / "doc.md"
     doc.write_text("kept")
-    for argv in (["--report-only", "--out", str(tmp_path / "none")], ["--rows", "bogus"]):
+    for argv, msg in (
+        (["--report-only", "--out", str(tmp_path / "none")], "holds no finished rows"),
+        (["--rows", "bogus"], "unknown rows ['bogus']"),
+    ):
         monkeypatch.setattr("sys.argv", ["paper_tasks.py", *argv, "--doc", str(doc)])
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(SystemExit, match="^2$"):  # exit status 2
             paper.main()
-        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err
     assert doc.read_text() == "kept"
