@@ -32,7 +32,7 @@ from sparsemil.experiments.mil_benchmark import NAMES, bench_config
 from sparsemil.experiments.mil_bridge import run_mil_limit
 from sparsemil.experiments.vision.config import PruneConfig
 from sparsemil.io import atomic_write_json, atomic_write_text
-from sparsemil.limit.predict import LimitOptions
+from sparsemil.limit.predict import LimitOptions, actual_censoring
 from sparsemil.limit.premises import KKT_MAX_SHARE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,13 +147,10 @@ def censor_reasons(r: dict, criterion: str, pred: float | None) -> list[str]:
     """Why a row cannot be scored on ``criterion``: the actual ratio undefined or at the
     largest swept ratio (only known to be >= rho_max), the prediction undefined, beyond the
     sweep or at rho_max. Censored rows are counted, never scored as error 0."""
-    top = (SETTINGS["n_ratios"] - 1) / SETTINGS["n_ratios"] - _AT_END_TOL
-    out = []
-    a = r["actual_ratio"].get(criterion)
-    if a is None:
-        out.append("actual undefined")
-    elif a >= top:
-        out.append("actual at rho_max")
+    rho_max = (SETTINGS["n_ratios"] - 1) / SETTINGS["n_ratios"]
+    top = rho_max - _AT_END_TOL
+    why = actual_censoring(r["actual_ratio"].get(criterion), rho_max, _AT_END_TOL)
+    out = [why] if why else []
     if pred is None:
         out.append("prediction beyond the sweep / undefined")
     elif pred >= top:

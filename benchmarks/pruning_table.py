@@ -273,13 +273,11 @@ def censor_reasons(rec: dict, criterion: str) -> list[str]:
     crossed the threshold: the limit is only known to be >= rho_max); a prediction undefined,
     beyond the sweep (``predicted_bound``) or at the largest swept ratio.
     """
+    from sparsemil.limit.predict import actual_censoring
+
     top = rec["rho_max"] - _AT_END_TOL
-    out = []
-    a = rec["actual"].get(criterion)
-    if a is None:
-        out.append("actual undefined")
-    elif a >= top:
-        out.append("actual at rho_max")
+    why = actual_censoring(rec["actual"].get(criterion), rec["rho_max"], _AT_END_TOL)
+    out = [why] if why else []
     for name, v in predictions(rec, criterion).items():
         label = PREDICTOR_NAMES[name]
         if v is None:
@@ -372,20 +370,14 @@ def score(records: list[dict], criterion: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- markdown
-def _ci_text(m: dict, nd: int = 3) -> str:
+def _ci_text(m: dict, nd: int = 3, signed: bool = False) -> str:
+    """``mean [lo, hi]`` (``+``-signed for differences), ``n/a`` without a mean."""
     if m["mean"] is None:
         return "n/a"
+    f = f"{'+' if signed else ''}.{nd}f"
     if m["lo"] is None:
-        return f"{m['mean']:.{nd}f}"
-    return f"{m['mean']:.{nd}f} [{m['lo']:.{nd}f}, {m['hi']:.{nd}f}]"
-
-
-def _signed_ci_text(m: dict, nd: int = 3) -> str:
-    if m["mean"] is None:
-        return "n/a"
-    if m["lo"] is None:
-        return f"{m['mean']:+.{nd}f}"
-    return f"{m['mean']:+.{nd}f} [{m['lo']:+.{nd}f}, {m['hi']:+.{nd}f}]"
+        return format(m["mean"], f)
+    return f"{format(m['mean'], f)} [{format(m['lo'], f)}, {format(m['hi'], f)}]"
 
 
 def _row_seconds(doc: dict) -> float:
@@ -485,7 +477,7 @@ def _summary_lines(scores: dict[str, dict]) -> list[str]:
                 "not separated": "is **not separated** from",
             }[v]
             parts.append(
-                f"{word} the {PREDICTOR_NAMES[b]} baseline (theory - baseline {_signed_ci_text(d)})"
+                f"{word} the {PREDICTOR_NAMES[b]} baseline (theory - baseline {_ci_text(d, signed=True)})"
             )
         out.append(
             f"- `{c}` ({sc['n_scored']} scored rows, {sc['n_censored']} censored): mean abs "
@@ -566,7 +558,7 @@ def write_markdown(
     ]
     for c, sc in scores.items():
         for p in PREDICTORS:
-            diff = "" if p == "theory" else _signed_ci_text(sc["diff_abs"][p])
+            diff = "" if p == "theory" else _ci_text(sc["diff_abs"][p], signed=True)
             ver = "" if p == "theory" else sc["verdict_abs"][p]
             table.append(
                 f"| {c} | {PREDICTOR_NAMES[p]} | {sc['n_scored']} | {_ci_text(sc['abs'][p])} "

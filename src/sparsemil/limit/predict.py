@@ -252,6 +252,17 @@ def censored_abs_error(
     return max(0.0, r - actual) if bound["side"] == ">=" else max(0.0, actual - r)
 
 
+def actual_censoring(actual: float | None, rho_max: float, tol: float = 1e-9) -> str | None:
+    """Why a measured limit cannot be scored (``None``: it can): undefined, or at the largest
+    swept ratio ``rho_max`` (the accuracy or loss never crossed the threshold, so the limit is
+    only known to be ``>= rho_max``). Censored limits are counted, never scored as error 0."""
+    if actual is None:
+        return "actual undefined"
+    if actual >= rho_max - tol:
+        return "actual at rho_max"
+    return None
+
+
 def threshold_indices(
     op: PerBatchCurvatureOperator, prunable: list[tuple[nn.Module, str]], num_ratios: int
 ) -> tuple[np.ndarray, np.ndarray]:
