@@ -432,3 +432,53 @@ def test_batch_size_needs_a_batch_dimension_or_weights(digits):
     for bad in ([float("nan"), 1.0], ["a", "b"]):
         with pytest.raises(SparsemilError, match="weights"):
             HessianOperator(model, loss, odd, weights=bad)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    from sparsemil.curvature.hvp import _PeakMemory
+
+    with _PeakMemory(torch.device("cpu")) as mem:
+        big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB of float32, touched
+        del big
+    assert mem.peak > 200 * 2**20  # freed before the block ends, still counted
+
+
+def test_auto_does_not_try_a_trace_that_would_not_fit(digits, monkeypatch):
+    """An out-of-memory kill cannot be fallen back from, so a traced trial whose estimated
+    peak (TRACE_PEAK_FACTOR x the autograd product's) exceeds half of the free memory is
+    never started; the product is the autograd one."""
+    import sparsemil.curvature.hvp as hvp
+
+    class _OneGiB(hvp._PeakMemory):
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            self.peak = 2**30
+
+    monkeypatch.setattr(hvp, "_PeakMemory", _OneGiB)
+    monkeypatch.setattr(hvp, "_memory_available", lambda device: 4 * 2**30)
+    traced = []
+    for name in ("_hvp_linearize", "_hvp_func"):
+        orig = getattr(HessianOperator, name)
+        monkeypatch.setattr(
+            HessianOperator,
+            name,
+            lambda self, *a, _o=orig, _n=name: traced.append(_n) or _o(self, *a),
+        )
+    x, y = digits
+    op = HessianOperator(_net(), ce, [(x[:200], y[:200]), (x[200:], y[200:])], method="auto")
+    v = torch.randn(op.dim, 2)
+    hv = op @ v
+    ref = HessianOperator(_net(), ce, [(x[:200], y[:200]), (x[200:], y[200:])], method="autograd")
+    assert op.backend == "autograd" and traced == []
+    assert op.backend_choice["linearize"].startswith("not tried: its trial would need ~6.0 GiB")
+    assert op.backend_choice["func"].startswith("not tried: its trial would need ~3.0 GiB")
+    torch.testing.assert_close(hv, ref @ v, rtol=1e-5, atol=1e-7)
+
+
+def test_finite_check_survives_an_overflowing_sum():
+    from sparsemil.curvature.hvp import _all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum is inf
+    assert _all_finite(big)
+    assert not _all_finite(torch.tensor([1.0, float("nan"), -1.0]))
+    assert not _all_finite(torch.tensor([float("inf"), float("-inf")]))

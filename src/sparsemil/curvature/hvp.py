@@ -40,7 +40,9 @@ pays off only for small nets, where per-call overhead dominates). ``"auto"`` (th
 the first product with ``autograd``, ``linearize`` (traced, then cached) and ``func``, and keeps
 the first traced backend that agrees with ``autograd`` (rtol 1e-4) *and* whose saving over the
 ``expected_products`` pays for tracing every batch, else ``autograd`` (on a large CNN tracing
-can cost more than the whole spectrum; ``backend_choice`` records the timings): models with data-dependent
+can cost more than the whole spectrum; ``backend_choice`` records the timings). A traced
+backend is not even tried when its trial would not fit in half of the available memory
+(:data:`TRACE_PEAK_FACTOR` times the measured ``autograd`` peak). Models with data-dependent
 control flow or ``.item()`` calls cannot be traced, and a traced masked softmax can give NaN
 tangents for some vectors. A non-finite product is an error, never a spectrum.
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -67,6 +70,12 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 METHODS = ("auto", "linearize", "func", "autograd")
+
+#: ``auto``: a traced backend's trial peak memory, as a multiple of the ``autograd`` product's
+#: peak on the same batch, allowed for before the trial is started. Measured on this
+#: project's CNNs (CPU, 3x32x32 inputs, one vector): ``linearize`` 3.0x (VGG16, 32 samples)
+#: to 4.8x (ResNet18, 48 samples), ``func`` 1.7x (ResNet18, 16 samples); with a margin.
+TRACE_PEAK_FACTOR = {"linearize": 6, "func": 3}
 #: Relative tolerance of the determinism / symmetry check at construction.
 CHECK_RTOL = 1e-3
 
@@ -205,6 +214,13 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (a NaN or Inf makes the sum
+    non-finite); the entry-wise test runs only when the sum itself is not finite, which
+    finite entries can also give by overflow."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _memory_in_use(device: torch.device) -> int:
     """Bytes in use now: the CUDA allocator's on a GPU, the process's resident set on CPU
     (0 where neither can be read)."""
@@ -215,6 +231,45 @@ def _memory_in_use(device: torch.device) -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class _PeakMemory:
+    """Peak extra bytes in use while a ``with`` block runs, over the level at entry.
+
+    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the resident set
+    (``/proc/self/statm``), polled every 2 ms by a thread that lives only inside the block.
+    ``peak`` is 0 where memory cannot be read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        self._start = _memory_in_use(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._top = self._start
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._top = max(self._top, _memory_in_use(self.device))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            top = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            top = max(self._top, _memory_in_use(self.device))
+        self.peak = max(top - self._start, 0)
 
 
 def _memory_available(device: torch.device) -> int:
@@ -416,7 +471,7 @@ class HessianOperator(LinearOperatorBase):
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             if not live:
                 return torch.zeros_like(V)
-            rows = []
+            out = torch.empty_like(V)
             for i in range(V.shape[0]):
                 tangent = self.split(V[i])
                 hv = torch.autograd.grad(
@@ -430,8 +485,8 @@ class HessianOperator(LinearOperatorBase):
                     torch.zeros_like(p) if h is None else h
                     for h, p in zip(hv, self.params, strict=True)
                 ]
-                rows.append(self._flatten(parts, None).detach())
-        return torch.stack(rows)
+                torch.cat([t.detach().reshape(-1) for t in parts], out=out[i])
+        return out
 
     def _hvp_batch(self, index: int, V: Tensor) -> Tensor:
         """(k, D) -> H_b V (k, D) for batch ``index``, in the parameter dtype."""
@@ -454,11 +509,13 @@ class HessianOperator(LinearOperatorBase):
             self._resolved = "autograd"  # a traced backend failed on a later batch
             self._linear_cache.clear()
             out = impl["autograd"](index, V)
-        if not bool(torch.isfinite(out).all()) and self.method == "auto":
+        finite = _all_finite(out)
+        if not finite and self.method == "auto":
             self._resolved = "autograd"  # a traced backend failed on a later vector
             self._linear_cache.clear()
             out = impl["autograd"](index, V)
-        if not bool(torch.isfinite(out).all()):
+            finite = _all_finite(out)
+        if not finite:
             raise SparsemilError(
                 f"Hessian-vector product ({self._resolved} backend) is not finite; the loss "
                 "or its gradient is NaN/Inf at these weights, or the backend cannot trace "
@@ -475,17 +532,35 @@ class HessianOperator(LinearOperatorBase):
         backend is kept when it agrees (rtol 1e-4), its saving per product over
         ``expected_products`` products pays for tracing every other batch, and (``linearize``)
         the cache of every batch's linearisation -- measured on this batch -- fits in half of
-        the memory available; else ``autograd``. (On ResNet18 with 64 CIFAR-sized samples the
+        the memory available; else ``autograd``. Before any trial, its peak is estimated as
+        :data:`TRACE_PEAK_FACTOR` times the ``autograd`` product's measured peak; a trial that
+        would not fit in half of the available memory is skipped (an out-of-memory kill
+        cannot be caught and fallen back from). (On ResNet18 with 64 CIFAR-sized samples the
         cache holds ~4.6 GB, against 1.6 GB for the whole ``autograd`` process.) The timings
         and the reason go to :attr:`backend_choice`.
         """
         k = max(int(V.shape[0]), 1)
-        t0 = _clock(self.device)
-        reference = impl["autograd"](index, V)
-        t_ref = (_clock(self.device) - t0) / k
-        choice: dict[str, Any] = {"autograd_s_per_vector": t_ref}
+        with _PeakMemory(self.device) as ref_mem:
+            t0 = _clock(self.device)
+            reference = impl["autograd"](index, V)
+            t_ref = (_clock(self.device) - t0) / k
+        choice: dict[str, Any] = {
+            "autograd_s_per_vector": t_ref,
+            "autograd_peak_bytes": ref_mem.peak,
+        }
         others = max(len(self.batches) - 1, 0)
         for name in ("linearize", "func"):
+            # a trial that does not fit must not be started: the OS kills a process that
+            # runs out of memory, with no exception to fall back from
+            need = TRACE_PEAK_FACTOR[name] * ref_mem.peak
+            free = _memory_available(self.device)
+            if need > 0.5 * free:
+                choice[name] = (
+                    f"not tried: its trial would need ~{need / 2**30:.1f} GiB "
+                    f"({TRACE_PEAK_FACTOR[name]}x autograd's peak), "
+                    f"{free / 2**30:.1f} GiB available"
+                )
+                continue
             try:
                 mem0 = _memory_in_use(self.device)
                 t0 = _clock(self.device)
@@ -623,10 +698,14 @@ class HessianOperator(LinearOperatorBase):
     def _local_matmat(self, V: Tensor) -> Tensor:
         """(k, D) in the parameter dtype -> sum_b w_b H_b V (k, D) in float64."""
         total = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
+        # one float64 buffer for every batch: with many small batches (one bag each) fresh
+        # (k, D) temporaries, or a mixed-dtype add_, cost as much as the products themselves
+        buf = total if V.dtype == torch.float64 else torch.empty_like(total)
         for index, w in enumerate(self.weights):
             if w == 0.0:
                 continue
-            total += w * self._hvp_batch(index, V).to(torch.float64)
+            hv = self._hvp_batch(index, V)
+            total.add_(hv if buf is total else buf.copy_(hv), alpha=w)
         return total
 
     def _reduce(self, out: Tensor) -> Tensor:
