@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +90,8 @@ def test_deterministic_and_matvec_equals_matmat(digits):
     assert op.num_products == 11
 
 
-def test_eval_mode_batchnorm_excluded_and_mode_restored(digits):
+@pytest.mark.parametrize("method", ["auto", "autograd", "linearize"])
+def test_eval_mode_batchnorm_excluded_and_mode_restored(digits, method):
     x, y = digits
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -98,14 +101,14 @@ def test_eval_mode_batchnorm_excluded_and_mode_restored(digits):
     model(x)  # populate running stats
     names = [n for n, _ in hessian_parameters(model)]
     assert names == ["0.weight", "0.bias", "4.weight", "4.bias"]
-    op = HessianOperator(model, ce, [(x, y)])
+    op = HessianOperator(model, ce, [(x, y)], method=method)
     v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # dropout would make repeated products differ; eval mode makes them equal
     assert torch.equal(op.matvec(v), op.matvec(v))
     assert model.training
     # the eval-mode network's Hessian, computed independently
     model.eval()
-    md = nn.Sequential(*[m for m in model]).double()
+    md = copy.deepcopy(model).double()  # a copy: .double() on shared modules would convert model
     params = dict(hessian_parameters(md))
     fixed = {k: v for k, v in md.state_dict().items() if k not in params}
 
