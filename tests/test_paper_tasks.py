@@ -95,3 +95,21 @@ def test_report_only_without_results_leaves_the_doc(paper, tmp_path, monkeypatch
             paper.main()
         assert msg in capsys.readouterr().err
     assert doc.read_text() == "kept"
+
+
+def test_a_limit_at_the_top_of_the_sweep_is_censored_not_scored(paper, tmp_path):
+    """AlexNet's CPU row: 10 ratios (0.0 ... 0.9) and the accuracy never fell, so its limit is
+    only known to be >= 0.9; an error of 0.413 against it would be a made-up number."""
+    doc = {"actual_ratio": {"official": 0.9, "drop_1pt": 0.9}, "predicted_ratio": 0.487,
+           "D": 46787978, "epoch": 1, "dense": {"test_acc": 0.09},
+           "abs_error_by_criterion": {"official": 0.413, "drop_1pt": 0.413},
+           "kept_fraction_rel_error": {"official": 4.13, "drop_1pt": 4.13}}  # fmt: skip
+    ran = paper.row_config("alexnet", "cpu", "cpu")
+    assert ran["sparse_epoch"] == 10
+    line = paper.row_line("alexnet", doc, ran, None)
+    assert "| >= 0.900 (censored) | >= 0.900 (censored) | censored / censored " in line
+    assert "0.413" not in line and "4.13" not in line
+    # one ratio below the top is a measured limit and is scored
+    doc["actual_ratio"] = {"official": 0.8, "drop_1pt": 0.8}
+    line = paper.row_line("alexnet", doc, ran, None)
+    assert "| 0.800 | 0.800 | 0.413 / 0.413 | 4.13 / 4.13 " in line
