@@ -193,12 +193,15 @@ def row_line(row: str, doc: dict, ran: dict | None, wall: float | None) -> str:
     n_ratios = int((ran or {}).get("sparse_epoch") or 0)
     shown = {c: _f(act.get(c)) for c in ("official", "drop_1pt")}
     if n_ratios > 0:
+        rho_max = (n_ratios - 1) / n_ratios
         for c in shown:
-            why = actual_censoring(act.get(c), (n_ratios - 1) / n_ratios)
+            why = actual_censoring(act.get(c), rho_max)
             if why == "actual at rho_max":
                 shown[c] = f">= {_f(act.get(c))} (censored)"
+            if pred is None or pred >= rho_max - 1e-9:  # beyond the sweep, or at its top
+                why = why or "prediction censored"
             if why:
-                errs[c] = kept[c] = "censored"
+                errs[c] = kept[c] = "undefined" if why == "actual undefined" else "censored"
     _, paper_data = OFFICIAL[row]
     return (
         f"| {row} | Fashion-MNIST ({paper_data} in the paper) | {doc['D']:,} "

@@ -113,3 +113,7 @@ def test_a_limit_at_the_top_of_the_sweep_is_censored_not_scored(paper, tmp_path)
     doc["actual_ratio"] = {"official": 0.8, "drop_1pt": 0.8}
     line = paper.row_line("alexnet", doc, ran, None)
     assert "| 0.800 | 0.800 | 0.413 / 0.413 | 4.13 / 4.13 " in line
+    # a prediction at the top of the sweep (or beyond it: None) is not scored either
+    for pred in (0.9, None):
+        doc["predicted_ratio"] = pred
+        assert "| 0.800 | 0.800 | censored / censored " in paper.row_line("alexnet", doc, ran, None)
