@@ -202,10 +202,13 @@ def row_line(row: str, doc: dict, ran: dict | None, wall: float | None) -> str:
                 why = why or "prediction censored"
             if why:
                 errs[c] = kept[c] = "undefined" if why == "actual undefined" else "censored"
+    # the limit step's own verdict: a dense model at chance has no limit worth predicting
+    at_chance = any(w.startswith("chance-level") for w in doc.get("warnings") or [])
+    chance = " (chance: not meaningful)" if at_chance else ""
     _, paper_data = OFFICIAL[row]
     return (
         f"| {row} | Fashion-MNIST ({paper_data} in the paper) | {doc['D']:,} "
-        f"| {doc.get('epoch')} | {_f(doc['dense'].get('test_acc'))} "
+        f"| {doc.get('epoch')} | {_f(doc['dense'].get('test_acc'))}{chance} "
         f"| {_f(pred)} [{_f(iv[0])}, {_f(iv[1])}] | [{_f(b.get('lower'))}, {_f(b.get('upper'))}] "
         f"| {shown['official']} | {shown['drop_1pt']} "
         f"| {_cell(errs.get('official'))} / {_cell(errs.get('drop_1pt'))} "

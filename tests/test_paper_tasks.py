@@ -109,6 +109,9 @@ def test_a_limit_at_the_top_of_the_sweep_is_censored_not_scored(paper, tmp_path)
     line = paper.row_line("alexnet", doc, ran, None)
     assert "| >= 0.900 (censored) | >= 0.900 (censored) | censored / censored " in line
     assert "0.413" not in line and "4.13" not in line
+    assert "| 1 | 0.090 |" in line  # no warning recorded: no verdict invented
+    doc["warnings"] = ["chance-level accuracy: the dense model's test accuracy 0.0900 ..."]
+    assert "| 1 | 0.090 (chance: not meaningful) |" in paper.row_line("alexnet", doc, ran, None)
     # one ratio below the top is a measured limit and is scored
     doc["actual_ratio"] = {"official": 0.8, "drop_1pt": 0.8}
     line = paper.row_line("alexnet", doc, ran, None)
