@@ -226,6 +226,13 @@ def test_mil_limit_with_the_proximal_finish(tmp_path):
     with pytest.raises(SparsemilError, match="lmbda"):
         mil_limit(model, data, tmp_path / "b", options=opts, n_ratios=8, lanczos_iter=6,
                   progress=False)  # fmt: skip
+    # a rerun without the finish into the same folder leaves no stale finished weights
+    stale = tmp_path / "finished.safetensors"
+    stale.write_bytes(b"earlier run")
+    mil_limit(model, data, tmp_path, options=LimitOptions(hessian_samples=6, layer_random=0),
+              n_ratios=8, lanczos_iter=6, lanczos_num=2, progress=False)  # fmt: skip
+    assert not stale.exists()
+    assert json.loads((tmp_path / "limit.json").read_text()).get("finish") is None
 
 
 def test_finish_options_are_checked():

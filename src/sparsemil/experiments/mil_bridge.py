@@ -386,6 +386,8 @@ def mil_limit(
         timings["finish_s"] = time.perf_counter() - t0
         if checkpoint_meta is not None:
             _save_finished(out / "finished.safetensors", model, checkpoint_meta, finish)
+    else:  # an earlier run's finished weights would pass for this run's
+        (out / "finished.safetensors").unlink(missing_ok=True)
     evaluate = make_evaluator(bags)
     t0 = time.perf_counter()
     sweep = pruning_sweep(model, evaluate, sweep_ratios(n_ratios), params=params, progress=progress)
