@@ -518,10 +518,10 @@ def write_ilse_table(
         "classic-benchmark lr 1e-3 goes with 8 bags per step; disclosure: that lr was tried "
         "first on Musk1 repetition 0, 0.767, and its test accuracy was seen before the switch, "
         "so the MMIL row is not free of a look at test folds). Fewer "
-        "repetitions than the protocol's are a CPU-time reduction, shown in `reps x folds`: by "
-        f"default MMIL (about ten times an Ilse model's time per step) runs the first "
-        f"{DEFAULT_REPS['mmil']} repetition(s) and is compared with the Ilse rows on those "
-        "same test folds (below).",
+        "repetitions than the protocol's are a CPU-time reduction, shown in `reps x folds`: MMIL "
+        "(about ten times an Ilse model's time per step) runs the first repetitions only "
+        f"(`--mmil-reps`, default {DEFAULT_REPS['mmil']}) and is compared with the Ilse rows on "
+        "those same test folds (below).",
         "",
         "**Spreads.** `SE (all folds)` = sample std of all reps x folds test accuracies / "
         "sqrt(their number); `SE (per CV)` = sample std of one repetition's fold accuracies / "
