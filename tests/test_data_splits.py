@@ -321,3 +321,15 @@ def test_dataset_and_split_csvs_as_data(tmp_path: Path, musk1_bags: list[Bag]):
         load_bag_source(lab, "clam", data_dir=tmp_path / "nowhere")
     with pytest.raises(SparsemilError, match=r"labels .*ds\.csv is not used with format clam"):
         load_bag_source(lab, "clam", data_dir=d, labels=lab)
+
+
+def test_a_class_with_one_bag_gets_a_fix_that_can_work():
+    """A lone bag of a class cannot be stratified at any number of folds: the fix is the data,
+    not 'set folds to 2 or fewer' when folds is already 2."""
+    y = np.array([0, 0, 1, 1, 2])
+    with pytest.raises(
+        SparsemilError,
+        match=r"class 2 has only 1 bag, fewer than the 2 folds; fix: add bags of class 2",
+    ) as e:
+        stratified_kfold(y, n_splits=2, seed=0)
+    assert "set 'folds'" not in str(e.value)

@@ -166,3 +166,24 @@ def test_small_h5_folder_values_checked_up_front(tmp_path: Path, musk1_bags: lis
     ):
         load_bag_source(d, labels=lab)
     assert len(load_bag_source(d, labels=lab, deep=False)) == 2  # shapes only
+
+
+def test_a_gap_in_integer_labels_is_refused_not_a_silent_k_class_model(
+    tmp_path: Path, mil_csv_dir: Path
+):
+    """A newcomer's typo: one bag labelled 5 in a binary CSV used to give a 6-class model with
+    four empty classes (exit 0). Labels must be 0..K-1 unless n_classes says otherwise."""
+    lines = (mil_csv_dir / "musk1.csv").read_text().splitlines()
+    cells = [ln.split(",") for ln in lines]
+    first = cells[0][1]  # columns: label, bag id, features; the first bag gets label 5
+    p = tmp_path / "typo.csv"
+    p.write_text(
+        "\n".join(",".join(["5", *c[1:]]) if c[1] == first else ln
+                  for c, ln in zip(cells, lines, strict=True)) + "\n"
+    )  # fmt: skip
+    with pytest.raises(
+        SparsemilError,
+        match=r"typo\.csv: labels go up to 5 but no bag has label 2, 3, 4; .*--n-classes 6",
+    ):
+        load_bag_source(p)
+    assert load_bag_source(p, n_classes=6).n_classes == 6  # said explicitly: accepted

@@ -44,7 +44,11 @@ O_FOLDS_CSV = typer.Option(
 O_DATA_DIR = typer.Option(
     None, "--data-dir", help="Folder of per-slide .h5/.pt feature files (clam/split formats)."
 )
-O_NCLS = typer.Option(None, "--n-classes", help="Number of bag classes (default 2).")
+O_NCLS = typer.Option(
+    None,
+    "--n-classes",
+    help="Number of bag classes (default: from the labels -- max label + 1, at least 2, or the number of class names).",
+)
 O_MODEL = typer.Option(None, "--model", "-m", help=MODELS_HELP)
 O_MKW = typer.Option(
     None, "--model-kwargs", help="Model options as JSON, e.g. '{\"embed_dim\": 128}'."

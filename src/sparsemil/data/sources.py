@@ -466,6 +466,17 @@ def load_bag_source(
     if n_classes is None:
         names = read.class_names
         top = max((int(b.label) for b in read.bags), default=0)
+        if not names:
+            # integer labels must be 0..K-1: a gap (labels 0, 1, 5) is far more often a typo
+            # than classes without a single bag, and would silently train a K = 6 model
+            missing = sorted(set(range(top + 1)) - {int(b.label) for b in read.bags})
+            if missing and top >= 2:
+                shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+                raise SparsemilError(
+                    f"{path}: labels go up to {top} but no bag has label {shown}; classes are "
+                    f"0..K-1, so fix the labels, or set n_classes (--n-classes {top + 1}) if "
+                    "those classes exist and just have no bags here"
+                )
         n_classes = max(2, len(names) if names else top + 1)
     if deep is None:
         deep = _h5_bytes(read.bags) <= DEEP_CHECK_BYTES

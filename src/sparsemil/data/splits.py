@@ -716,13 +716,17 @@ def stratified_kfold(
             f"all {y.size} bags have label {classes[0]}; stratified splits need at least two "
             f"classes; fix: check the labels"
         )
-    small = counts < n_splits
-    if small.any():
-        c, k = int(classes[small][0]), int(counts[small][0])
+    if counts.min() < n_splits:
+        c, k = int(classes[counts.argmin()]), int(counts.min())
+        fix = (
+            f"set 'folds' to {k} or fewer, or add bags of class {c}"
+            if k >= 2
+            else f"add bags of class {c} (stratified CV needs at least 2 per class) or check its "
+            "label"
+        )
         raise SparsemilError(
             f"class {c} has only {k} bag{'s' if k != 1 else ''}, fewer than the {n_splits} "
-            f"folds; fix: set 'folds' to {max(2, int(counts.min()))} or fewer, or add bags of "
-            f"class {c}"
+            f"folds; fix: {fix}"
         )
     g = None if groups is None else np.asarray(groups)
     if g is not None:
