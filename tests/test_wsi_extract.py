@@ -202,3 +202,21 @@ def test_readers_of_the_data_package_read_our_h5(cmu_h5):
     with h5py.File(cmu_h5) as f:
         np.testing.assert_array_equal(bag.features, f["features"][()])
         np.testing.assert_array_equal(bag.coords, f["coords"][()])
+
+
+def test_one_bad_slide_file_is_refused_before_anything_is_written(tmp_path):
+    """`wsi extract --slide notes.svs` (a text file): one-line refusal (the CLI's exit 2), no
+    empty output folders -- not a failed batch of one."""
+    from sparsemil.errors import SparsemilError
+    from sparsemil.wsi.extract import ExtractConfig, run_extract
+
+    fake = tmp_path / "notes.svs"
+    fake.write_text("not a slide\n")
+    out = tmp_path / "feats_out"
+    with pytest.raises(
+        SparsemilError, match=r"notes\.svs: not a slide file: it is a text file .*; fix: "
+    ):
+        run_extract(
+            fake, out, ExtractConfig(), encoder="resnet50_trunc", weights=None, log=lambda *a: None
+        )
+    assert not out.exists()

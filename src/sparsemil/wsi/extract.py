@@ -518,6 +518,10 @@ def run_extract(
         )
         return []
     pending = [s for s in slides if not output_paths(s, Path(out_dir))[0].exists()]
+    if pending and Path(slide).is_file():
+        # one slide given: bad input is a one-line refusal (exit 2) before anything is
+        # loaded or written, not a failed batch of one that leaves empty folders behind
+        open_slide(pending[0]).close()
     backbone = build_backbone(encoder, weights, input_size=cfg.input_size) if pending else None
     results = extract_batch(slides, out_dir, backbone, cfg, log=log)
     log(summarize(results), False)

@@ -230,11 +230,12 @@ def _describe_format_failure(path: Path) -> str:
     if kind:
         return (
             f"{path}: not a slide file: it is {kind} (OpenSlide reads "
-            f"{', '.join(SLIDE_EXTENSIONS)}, DICOM)"
+            f"{', '.join(SLIDE_EXTENSIONS)}, DICOM); fix: pass the whole-slide image itself"
         )
     return (
         f"{path}: not a slide file: its content is no format OpenSlide reads "
-        f"({', '.join(SLIDE_EXTENSIONS)}, DICOM)"
+        f"({', '.join(SLIDE_EXTENSIONS)}, DICOM); fix: pass a whole-slide image, or check "
+        "that the file was copied completely"
     )
 
 
