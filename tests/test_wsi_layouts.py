@@ -70,4 +70,6 @@ def test_extract_reports_the_layout(tmp_path: Path, capsys):
     rc = main(["wsi", "extract", "--slide", str(p), "--out", str(tmp_path / "o"), "--backbone"]
               + ["tiny", "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 1 and "TIFF image stored in strips (not tiled)" in err and "Traceback" not in err
+    # one slide that OpenSlide cannot open is bad input: exit 2, one line, nothing written
+    assert rc == 2 and "TIFF image stored in strips (not tiled)" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
